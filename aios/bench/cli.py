@@ -1,0 +1,30 @@
+"""`aios bench ...`: benchmark commands that print figures (tests never assert on speed)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_bench_parser(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="measure the kernel (prints figures; --json for machines)")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+
+    p = kinds.add_parser("syscall", help="no-op kernel.ping round trips from N concurrent agent processes, "
+                                         "against a bare pyzmq client->broker->worker echo baseline")
+    p.add_argument("--run-dir", help="benchmark a running kernel (default: start one in a temporary run directory)")
+    p.add_argument("--agents", type=int, default=32, help="concurrent agent processes (default 32)")
+    p.add_argument("--calls", type=int, default=500, help="calls per agent (default 500)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=lambda a: __import__("aios.bench.syscall", fromlist=["run"]).run(a))
+
+    p = kinds.add_parser("llm", help="mixed short/long LLM workload under each scheduling policy vs direct calls")
+    p.add_argument("--backend", choices=["llamacpp", "sim"], default="llamacpp",
+                   help="llamacpp: the real default model; sim: a labelled simulated backend (fixed s/token)")
+    p.add_argument("--policies", default="fifo,rr,las", help="comma-separated policies to compare")
+    p.add_argument("--short", type=int, default=None, help="agents with short requests")
+    p.add_argument("--long", type=int, default=None, help="agents with long requests")
+    p.add_argument("--short-tokens", type=int, default=16)
+    p.add_argument("--long-tokens", type=int, default=256)
+    p.add_argument("--slice", type=int, default=32, help="time slice in tokens for preemptive policies")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=lambda a: __import__("aios.bench.llm", fromlist=["run"]).run(a))

@@ -1,0 +1,18 @@
+"""Logging with the component name in every line, so merged logs stay readable."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(component: str, level: str | None = None) -> logging.Logger:
+    level = level or os.environ.get("AIOS_LOG_LEVEL", "INFO")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s [{component}:%(process)d] %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return logging.getLogger(f"aios.{component}")

@@ -1,0 +1,143 @@
+"""The run directory: everything one kernel keeps on disk.
+
+    <run dir>/            mode 0700
+        key               HMAC key, mode 0600
+        config.json       the resolved configuration every process reads
+        supervisor.pid    pid of the supervisor
+        processes.json    the supervisor's process table (name, pid, state, restarts)
+        logs/             one log file per process
+        ipc/              ipc endpoints (or a short /tmp directory, see below)
+        snapshots/        spilled LLM contexts
+        storage.db        SQLite database
+
+Unix socket paths are limited to about 107 bytes. When the run directory is
+too deep for that, the ipc endpoints move to a short private directory under
+/tmp named after a hash of the run directory, so the mapping stays stable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aios.config import Config, config_from_json, config_to_json
+from aios.protocol import new_key
+
+IPC_PATH_LIMIT = 100
+
+
+def default_run_dir() -> Path:
+    env = os.environ.get("AIOS_RUN_DIR")
+    if env:
+        return Path(env).expanduser()
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.access(runtime, os.W_OK):
+        return Path(runtime) / "aios"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "aios" / "run"
+
+
+class RunDir:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path).expanduser().absolute() if path else default_run_dir().absolute()
+
+    # --- well-known files -------------------------------------------------
+    @property
+    def key_file(self) -> Path:
+        return self.path / "key"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path / "supervisor.pid"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "processes.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.path / "snapshots"
+
+    @property
+    def ipc_dir(self) -> Path:
+        local = self.path / "ipc"
+        if len(str(local / "frontend.ipc")) <= IPC_PATH_LIMIT:
+            return local
+        digest = hashlib.sha256(str(self.path).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"aios-{digest}"
+
+    # --- lifecycle ----------------------------------------------------------
+    def create(self, config: Config) -> None:
+        """Create the directory tree with private modes, a fresh key and the config."""
+        for d in (self.path, self.log_dir, self.ipc_dir, self.snapshot_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, new_key())
+        finally:
+            os.close(fd)
+        os.chmod(self.key_file, 0o600)
+        write_atomic(self.config_file, config_to_json(config))
+
+    def exists(self) -> bool:
+        return self.key_file.exists() and self.config_file.exists()
+
+    def load_key(self) -> bytes:
+        try:
+            return self.key_file.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no AIOS kernel key in {self.path} (is a kernel running there? start one with bin/aios-start)"
+            ) from None
+
+    def load_config(self) -> Config:
+        return config_from_json(self.config_file.read_text())
+
+    # --- endpoints ----------------------------------------------------------
+    def frontend_endpoint(self, config: Config, bind: bool = False) -> str:
+        k = config.kernel
+        if k.transport == "tcp":
+            return f"tcp://{'*' if bind and k.host in ('0.0.0.0', '*') else k.host}:{k.frontend_port}"
+        return f"ipc://{self.ipc_dir / 'frontend.ipc'}"
+
+    def backend_endpoint(self, config: Config, bind: bool = False) -> str:
+        k = config.kernel
+        if k.transport == "tcp":
+            return f"tcp://{'*' if bind and k.host in ('0.0.0.0', '*') else k.host}:{k.backend_port}"
+        return f"ipc://{self.ipc_dir / 'backend.ipc'}"
+
+    def ipc_files(self) -> list[Path]:
+        d = self.ipc_dir
+        return sorted(d.glob("*.ipc")) if d.exists() else []
+
+    # --- supervisor state ---------------------------------------------------
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via rename so readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

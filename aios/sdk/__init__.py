@@ -1,0 +1,16 @@
+"""The Agent SDK: what agent programs import to make system calls to AIOS."""
+from aios.sdk.client import AsyncClient, Client, Reply, connect, connect_async
+from aios.sdk.errors import (
+    AIOSError,
+    InvalidArgument,
+    KernelError,
+    KernelNotRunning,
+    KernelTimeout,
+    NotFound,
+    PermissionDenied,
+)
+
+__all__ = [
+    "AIOSError", "AsyncClient", "Client", "InvalidArgument", "KernelError", "KernelNotRunning",
+    "KernelTimeout", "NotFound", "PermissionDenied", "Reply", "connect", "connect_async",
+]

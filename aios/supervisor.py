@@ -1,0 +1,350 @@
+"""The supervisor: starts, watches, restarts and stops every kernel process.
+
+Process states follow supervisord's: STARTING (spawned, not yet READY),
+RUNNING (said READY: the scheduler answers ping, a manager is registered
+with the scheduler under its current pid), BACKOFF (crashed, waiting to
+restart), FATAL (crashed too often too fast; given up), STOPPING, STOPPED.
+
+- Each child runs in its own process group (so a stop can SIGKILL the group)
+  and gets PR_SET_PDEATHSIG plus a parent watchdog, so children exit when the
+  supervisor dies, even by SIGKILL.
+- A crash restarts the process after an exponential backoff; a process that
+  keeps dying within `fast_crash_s` of starting becomes FATAL.
+- A manager that is alive but silent (the scheduler dropped it for missed
+  heartbeats and it did not come back) is killed and restarted.
+- Shutdown goes in reverse start order: ask (SIGINT), then SIGTERM, then
+  SIGKILL to the process group; then the ipc files and the pid file go.
+- The process table is written to `processes.json` at every change; that is
+  what `aios status` and the scheduler's `kernel.status` show.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from aios.config import Config
+from aios.procutil import SUPERVISOR_PID_ENV, pid_alive, set_parent_death_signal
+from aios.rundir import RunDir, write_atomic
+
+log = logging.getLogger("aios.supervisor")
+
+
+class State(str, enum.Enum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    FATAL = "FATAL"
+
+
+@dataclass(eq=False)
+class Proc:
+    name: str
+    argv: list[str]
+    state: State = State.STOPPED
+    popen: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    fast_crashes: int = 0
+    next_start: float = 0.0
+    unseen_since: float | None = None
+    message: str = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def row(self) -> dict[str, Any]:
+        return {"name": self.name, "pid": self.pid if self.state not in (State.STOPPED, State.FATAL, State.BACKOFF) else None,
+                "state": self.state.value, "restarts": self.restarts, "message": self.message}
+
+
+class StartupError(Exception):
+    """The kernel could not be brought up; the message says which process and why."""
+
+
+class Supervisor:
+    def __init__(self, run_dir: RunDir, config: Config) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.cfg = config.supervisor
+        py = sys.executable
+        rd = str(run_dir.path)
+        self.procs = [Proc("scheduler", [py, "-m", "aios.scheduler.broker", "--run-dir", rd])]
+        self.procs += [Proc(n, [py, "-m", "aios.managers.runner", "--run-dir", rd, "--name", n])
+                       for n in config.manager_names()]
+        self.stopping = False
+        self._client: Any = None
+        self._last_probe = 0.0
+
+    # ------------------------------------------------------------ public
+    def prepare(self) -> None:
+        """Create the run directory; refuse if a live kernel already uses it."""
+        pid = self.run_dir.read_pid()
+        if pid and pid != os.getpid() and pid_alive(pid):
+            raise StartupError(f"a kernel is already running in {self.run_dir.path} (supervisor pid {pid}); "
+                               f"stop it with: aios stop --run-dir {self.run_dir.path}")
+        for stale in self.run_dir.ipc_files():
+            stale.unlink(missing_ok=True)
+        self.run_dir.create(self.config)
+        write_atomic(self.run_dir.pid_file, f"{os.getpid()}\n")
+        self.write_state()
+
+    def start_all(self, progress: Callable[[str], None] = lambda s: None) -> None:
+        """Start every process and wait until each said READY (raise StartupError if not)."""
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        for proc in self.procs:
+            self.spawn(proc)
+            if proc.name == "scheduler":
+                self._wait_ready([proc], deadline, progress)
+        managers = self.procs[1:]
+        if managers:
+            progress(f"waiting for {', '.join(p.name for p in managers)} to load")
+            self._wait_ready(managers, deadline, progress)
+
+    def run_forever(self) -> None:
+        """Watch the tree until asked to stop, then stop it."""
+        while not self.stopping:
+            self.watch_once()
+            time.sleep(0.1)
+        self.stop_all()
+
+    def request_stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    # ----------------------------------------------------------- spawning
+    def spawn(self, proc: Proc) -> None:
+        env = dict(os.environ)
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        logfile = open(self.run_dir.log_dir / f"{proc.name}.log", "ab")
+        try:
+            proc.popen = subprocess.Popen(
+                proc.argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=set_parent_death_signal, close_fds=True,
+            )
+        finally:
+            logfile.close()
+        proc.state = State.STARTING
+        proc.started_at = time.monotonic()
+        proc.unseen_since = None
+        proc.message = ""
+        log.info("started %s (pid %d)", proc.name, proc.popen.pid)
+        self.write_state()
+
+    def _wait_ready(self, procs: list[Proc], deadline: float, progress: Callable[[str], None]) -> None:
+        while True:
+            for proc in procs:
+                if proc.state == State.STARTING and proc.popen is not None and proc.popen.poll() is not None:
+                    tail = self.log_tail(proc.name)
+                    proc.state = State.FATAL
+                    proc.message = f"exited with code {proc.popen.returncode} before it was ready"
+                    self.write_state()
+                    raise StartupError(f"{proc.name} {proc.message}; last log lines:\n{tail}")
+            self.probe(force=True)
+            if all(p.state == State.RUNNING for p in procs):
+                return
+            if time.monotonic() > deadline:
+                waiting = [p.name for p in procs if p.state != State.RUNNING]
+                raise StartupError(f"not ready within {self.cfg.start_timeout_s:.0f}s: {waiting}; "
+                                   f"see logs in {self.run_dir.log_dir}")
+            time.sleep(0.05)
+
+    # ----------------------------------------------------------- readiness
+    def _kernel(self) -> Any:
+        if self._client is None:
+            from aios.sdk.client import Client
+            self._client = Client(self.run_dir, agent="supervisor", timeout=1.0, retry_interval=0.25)
+        return self._client
+
+    def probe(self, force: bool = False) -> None:
+        """Ask the scheduler who is READY; promote STARTING processes and catch hung managers."""
+        now = time.monotonic()
+        if not force and now - self._last_probe < 0.5:
+            return
+        self._last_probe = now
+        from aios.sdk.errors import AIOSError
+        sched = self.procs[0]
+        if sched.popen is None or sched.popen.poll() is not None:
+            return
+        try:
+            status = self._kernel().request("kernel", "status", timeout=1.0).result
+        except AIOSError:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+            return
+        changed = False
+        if sched.state == State.STARTING:
+            sched.state, changed = State.RUNNING, True
+        registered = {(m["name"], m["pid"]) for m in status.get("managers", [])}
+        sched_age = now - sched.started_at
+        expiry = self.config.kernel.heartbeat_interval_s * self.config.kernel.heartbeat_liveness
+        for proc in self.procs[1:]:
+            if proc.popen is None or proc.state not in (State.STARTING, State.RUNNING):
+                continue
+            if (proc.name, proc.popen.pid) in registered:
+                proc.unseen_since = None
+                if proc.state == State.STARTING:
+                    proc.state, changed = State.RUNNING, True
+            elif proc.state == State.RUNNING:
+                proc.unseen_since = proc.unseen_since or now
+                if now - proc.unseen_since > 2 * expiry and sched_age > 2 * expiry:
+                    log.warning("%s is alive but not registered with the scheduler; killing it to restart", proc.name)
+                    self._signal_group(proc, signal.SIGKILL)
+        if changed:
+            self.write_state()
+
+    # ------------------------------------------------------------ watching
+    def watch_once(self) -> None:
+        now = time.monotonic()
+        for proc in self.procs:
+            if proc.state in (State.STARTING, State.RUNNING) and proc.popen is not None:
+                code = proc.popen.poll()
+                if code is not None:
+                    self._crashed(proc, code, now)
+            elif proc.state == State.BACKOFF and now >= proc.next_start:
+                proc.restarts += 1
+                self.spawn(proc)
+        self.probe()
+
+    def _crashed(self, proc: Proc, code: int, now: float) -> None:
+        ran = now - proc.started_at
+        proc.fast_crashes = proc.fast_crashes + 1 if ran < self.cfg.fast_crash_s else 1
+        if proc.fast_crashes > self.cfg.max_fast_crashes:
+            proc.state = State.FATAL
+            proc.message = f"crashed {proc.fast_crashes} times within {self.cfg.fast_crash_s}s of starting; gave up"
+            log.error("%s is FATAL: %s", proc.name, proc.message)
+        else:
+            delay = min(self.cfg.backoff_initial_s * 2 ** (proc.fast_crashes - 1), self.cfg.backoff_max_s)
+            proc.state = State.BACKOFF
+            proc.next_start = now + delay
+            proc.message = f"exited with code {code} after {ran:.1f}s; restarting in {delay:.2f}s"
+            log.warning("%s %s", proc.name, proc.message)
+        self.write_state()
+
+    # ------------------------------------------------------------ stopping
+    def stop_all(self) -> None:
+        """Reverse start order: ask, then SIGTERM, then SIGKILL the process group."""
+        self.stopping = True
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        for proc in reversed(self.procs):
+            self._stop(proc)
+        for f in self.run_dir.ipc_files():
+            f.unlink(missing_ok=True)
+        self.write_state()
+        if self.run_dir.read_pid() == os.getpid():
+            self.run_dir.pid_file.unlink(missing_ok=True)
+        log.info("stopped")
+
+    def _stop(self, proc: Proc) -> None:
+        p = proc.popen
+        if p is None or p.poll() is not None:
+            proc.state = State.STOPPED if proc.state != State.FATAL else proc.state
+            self._signal_group(proc, signal.SIGKILL)  # any grandchildren it left behind
+            return
+        proc.state = State.STOPPING
+        self.write_state()
+        budget = self.cfg.stop_timeout_s
+        for sig, share in ((signal.SIGINT, 0.5), (signal.SIGTERM, 0.5)):
+            try:
+                p.send_signal(sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(timeout=budget * share)
+                break
+            except subprocess.TimeoutExpired:
+                log.warning("%s ignored %s", proc.name, sig.name)
+        if p.poll() is None:
+            log.warning("killing %s's process group", proc.name)
+            self._signal_group(proc, signal.SIGKILL)
+            p.wait(timeout=5)
+        else:
+            self._signal_group(proc, signal.SIGKILL)
+        proc.state = State.STOPPED
+        proc.message = ""
+
+    @staticmethod
+    def _signal_group(proc: Proc, sig: int) -> None:
+        if proc.popen is None:
+            return
+        try:
+            os.killpg(proc.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # --------------------------------------------------------------- state
+    def write_state(self) -> None:
+        write_atomic(self.run_dir.state_file, json.dumps({
+            "supervisor": {"pid": os.getpid(), "stopping": self.stopping},
+            "processes": [p.row() for p in self.procs],
+        }, indent=2))
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            text = (self.run_dir.log_dir / f"{name}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+def resolve_manager_services(config: Config) -> Config:
+    """Import each configured manager class once, up front, so a bad target fails at start
+    with a clear message and the scheduler learns each manager's service name."""
+    from aios.managers.base import load_manager_class
+    sys.path.insert(0, os.getcwd())
+    for m in config.managers:
+        cls = load_manager_class(m.target)
+        m.service = cls.service
+    return config
+
+
+def run_supervisor(run_dir: RunDir, config: Config, ready_fd: int | None = None, quiet: bool = False) -> int:
+    """Bring the kernel up, report readiness, supervise until told to stop."""
+    sup = Supervisor(run_dir, config)
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    signal.signal(signal.SIGHUP, sup.request_stop)
+
+    def progress(line: str) -> None:
+        if not quiet:
+            print(f"[aios-start] {line}", flush=True)
+
+    def report(ok: bool, text: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, json.dumps({"ok": ok, "message": text}).encode() + b"\n")
+            os.close(ready_fd)
+
+    try:
+        sup.prepare()
+        progress(f"run directory {run_dir.path}")
+        sup.start_all(progress)
+    except Exception as exc:
+        msg = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+        log.error("startup failed: %s", msg)
+        sup.stop_all()
+        report(False, msg)
+        if not quiet:
+            print(f"[aios-start] startup failed: {msg}", file=sys.stderr, flush=True)
+        return 1
+    if sup.stopping:
+        sup.stop_all()
+        report(False, "stopped during startup")
+        return 1
+    pids = ", ".join(f"{p.name}={p.pid}" for p in sup.procs)
+    progress(f"kernel ready ({pids})")
+    report(True, f"kernel ready in {run_dir.path}")
+    sup.run_forever()
+    return 0

@@ -1,0 +1,61 @@
+"""A small manager for process-tree tests, declared with the manager base like any real one.
+
+It exercises what the scheduler must get right before the real managers land:
+dispatch (echo), backpressure and capacity (sleep), and partial replies (count).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aios.managers.base import Manager, OpError, RequestContext, op
+
+
+class EchoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(max_length=1_000_000)
+
+
+class SleepArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds: float = Field(ge=0, le=60)
+    tag: str = ""
+
+
+class CountArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(ge=0, le=1000)
+
+
+class EchoManager(Manager):
+    service = "echo"
+    capacity = 2
+
+    @op(EchoArgs, idempotent=True)
+    def echo(self, args: EchoArgs, ctx: RequestContext) -> dict:
+        return {"text": args.text, "agent": ctx.agent, "pid": os.getpid()}
+
+    @op(SleepArgs, idempotent=True)
+    def sleep(self, args: SleepArgs, ctx: RequestContext) -> dict:
+        end = time.monotonic() + args.seconds
+        while time.monotonic() < end and not ctx.cancelled.is_set():
+            time.sleep(0.01)
+        return {"slept": args.seconds, "tag": args.tag, "pid": os.getpid(), "attempt": ctx.attempt}
+
+    @op(SleepArgs)
+    def sleep_once(self, args: SleepArgs, ctx: RequestContext) -> dict:
+        """Like sleep, but not safe to repeat: a crash must fail it, not re-run it."""
+        time.sleep(args.seconds)
+        return {"slept": args.seconds}
+
+    @op(CountArgs)
+    def count(self, args: CountArgs, ctx: RequestContext) -> dict:
+        for i in range(args.n):
+            ctx.partial({"i": i})
+        return {"n": args.n}
+
+    @op(EchoArgs)
+    def fail(self, args: EchoArgs, ctx: RequestContext) -> dict:
+        raise OpError("NOT_FOUND", f"nothing called {args.text!r}")

@@ -202,11 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=stop_main)
     from aios.bench.cli import add_bench_parser
     add_bench_parser(sub)
-    try:
-        from aios.demo import add_demo_parser
-        add_demo_parser(sub)
-    except ImportError:
-        pass
+    from aios.demo import add_demo_parser
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

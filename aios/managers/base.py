@@ -157,7 +157,11 @@ class Manager:
         """Release resources on the way out."""
 
     def on_cancel(self, ctx: RequestContext) -> None:
-        """A request was cancelled (agent gone, deadline): `ctx.cancelled` is already set."""
+        """A running request was cancelled (agent gone, deadline): `ctx.cancelled` is already set."""
+
+    def on_forget(self, key: str) -> None:
+        """A request that is not running here was cancelled: drop anything kept for it
+        (e.g. a preempted generation's saved context). `key` is `RequestContext.key`."""
 
     # -------------------------------------------------------------- loop
     def serve(self) -> None:
@@ -263,6 +267,8 @@ class Manager:
             if ctx is not None:
                 ctx.cancelled.set()
                 self.on_cancel(ctx)
+            else:
+                self.on_forget(key)
 
     def _on_request(self, h: dict[str, Any], msg: Any) -> None:
         deadline = h.get("deadline")

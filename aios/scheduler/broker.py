@@ -284,8 +284,7 @@ class Broker:
             q = self.queues.get(req.service)
             if q is not None:
                 q.remove(req)
-            if req.manager is not None:
-                self._send_manager_cancel(req)
+            self._send_manager_cancel(req)
         log.info("agent connection %r gone; its pending requests were cancelled", client[:8])
 
     # --------------------------------------------------------------- dispatch
@@ -335,7 +334,7 @@ class Broker:
             "service": req.service,
             "op": req.op,
             "target": req.target,
-            "attempt": req.attempts,
+            "attempt": req.failures + 1,
             "resume": req.affinity is not None,
             "slice": q.slice_tokens(req) if req.preemptible else None,
             "deadline": (req.deadline - now) if req.deadline is not None else None,
@@ -470,7 +469,8 @@ class Broker:
                 req.affinity = None  # its saved context died with the manager
             if (req.client, req.id) not in self.pending:
                 continue
-            if req.idempotent and req.attempts < MAX_ATTEMPTS:
+            req.failures += 1
+            if req.idempotent and req.failures < MAX_ATTEMPTS:
                 self.stats[req.service].requeued += 1
                 if req.streamed:
                     # the retry starts over: tell the agent to drop what it was streamed
@@ -489,22 +489,24 @@ class Broker:
         self.dispatch(mgr.service)
 
     def _send_manager_cancel(self, req: Request) -> None:
-        mgr = self.managers.get(req.manager) if req.manager else None
-        if mgr is None:
-            return
-        mgr.inflight.pop(req.id + "\0" + req.client.hex(), None)
-        mgr.credit = min(mgr.credit + 1, mgr.capacity)
-        self._send(self.backend, self.codec.encode(
-            {"kind": Kind.CANCEL.value, "id": req.id, "client": req.client}, None, [mgr.identity]))
+        """Tell the manager running the request (or holding its saved context) to let go of it."""
+        target = req.manager or req.affinity
+        mgr = self.managers.get(target) if target else None
+        if mgr is not None:
+            if req.manager is not None:
+                mgr.inflight.pop(req.id + "\0" + req.client.hex(), None)
+                mgr.credit = min(mgr.credit + 1, mgr.capacity)
+            self._send(self.backend, self.codec.encode(
+                {"kind": Kind.CANCEL.value, "id": req.id, "client": req.client}, None, [mgr.identity]))
         req.manager = None
+        req.affinity = None
 
     def _finish_error(self, req: Request, code: ErrorCode, message: str) -> None:
         self.pending.pop((req.client, req.id), None)
         q = self.queues.get(req.service)
         if q is not None:
             q.remove(req)
-        if req.manager is not None:
-            self._send_manager_cancel(req)
+        self._send_manager_cancel(req)
         req.finished = time.monotonic()
         self.stats[req.service].errors += 1
         header = {"kind": Kind.REPLY.value, "id": req.id, "status": Status.ERROR.value, "timing": req.timing()}

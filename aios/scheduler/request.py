@@ -33,7 +33,8 @@ class Request:
     dispatched_at: float | None = None
     manager: bytes | None = None      # routing id of the manager running it now
     affinity: bytes | None = None     # manager holding its saved context, if any
-    attempts: int = 0
+    attempts: int = 0                 # dispatches to a manager (resumed slices included)
+    failures: int = 0                 # runs lost because their manager died
     preemptions: int = 0
     run_s: float = 0.0
     tokens: int = 0

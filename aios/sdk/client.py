@@ -154,6 +154,19 @@ class Client:
             if result is not None:
                 return result
 
+    def chat(self, messages: list[dict[str, Any]] | str, *, model: str | None = None, op: str = "chat",
+             on_token: Callable[[str], None] | None = None, timeout: float | None = None, **options: Any) -> Reply:
+        """`llm.chat` (or `op="json"` / `op="tools"`): the kernel's model answers `messages`.
+
+        A plain string is one user message. `on_token` streams the answer's
+        text as it is generated. Options: temperature, max_tokens, stop, seed,
+        json_schema, tools. The result is {message, finish_reason, usage, ...};
+        `Reply.timing` says how long the call waited and ran.
+        """
+        args = _chat_args(messages, model, on_token is not None, options)
+        return self.request("llm", op, args, target=model, timeout=timeout, idempotent=True,
+                            on_partial=_token_sink(on_token))
+
     def close(self) -> None:
         self._sock.close(0)
 
@@ -162,6 +175,27 @@ class Client:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _chat_args(messages: list[dict[str, Any]] | str, model: str | None, stream: bool,
+               options: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    args = {"messages": messages, "stream": stream, **options}
+    if model is not None:
+        args["model"] = model
+    return args
+
+
+def _token_sink(on_token: Callable[[str], None] | None) -> PartialHandler | None:
+    if on_token is None:
+        return None
+
+    def handle(body: Any) -> None:
+        if isinstance(body, dict) and isinstance(body.get("delta"), str):
+            on_token(body["delta"])
+
+    return handle
 
 
 def _match(codec: Codec, frames: list[bytes], rid: str, partials: list[Any],
@@ -228,6 +262,14 @@ class AsyncClient:
                     raise
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 8.0)
+
+    async def chat(self, messages: list[dict[str, Any]] | str, *, model: str | None = None, op: str = "chat",
+                   on_token: Callable[[str], None] | None = None, timeout: float | None = None,
+                   **options: Any) -> Reply:
+        """Async `llm.chat`; see `Client.chat`."""
+        args = _chat_args(messages, model, on_token is not None, options)
+        return await self.request("llm", op, args, target=model, timeout=timeout, idempotent=True,
+                                  on_partial=_token_sink(on_token))
 
     async def _attempt(self, service: str, op: str, args: dict[str, Any], deadline: float, idempotent: bool,
                        target: str | None, on_partial: PartialHandler | None) -> Reply:

@@ -70,6 +70,9 @@ class ChatArgs(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=8)
     seed: int = 0
     stream: bool = False
+    # Generate exactly max_tokens: end-of-text and stop sequences do not end the completion.
+    # A benchmarking knob (fixed-length workloads), like llama.cpp server's ignore_eos.
+    ignore_eos: bool = False
     # Output modes. `json_schema` constrains the completion to JSON valid for the schema;
     # `tools` lets the model answer with tool calls instead of text.
     json_schema: dict[str, Any] | None = None

@@ -1,0 +1,186 @@
+"""An LLM core: one manager process serving one LLM instance.
+
+The core runs one generation at a time (capacity 1: a llama.cpp context on
+two cores gains nothing from batching, and one resident sequence makes
+suspend/resume a plain copy of its KV state). The scheduler's policy decides
+which request runs next and, for preemptive policies, grants a slice of
+tokens; when the slice runs out before the generation is done, the core
+suspends it into the context store and yields the request back to the
+scheduler, which re-queues it and later brings it back here (affinity), where
+it resumes exactly.
+
+Ops (all preemptible, and safe to repeat, so a core that dies mid-generation
+has its request retried on the restarted core):
+- `chat`: messages -> message, with temperature, max_tokens, stop, stream.
+- `json`: like chat, output constrained to JSON valid for `json_schema`.
+- `tools`: like chat, the model answers with OpenAI-style tool calls.
+- `info`: the model names, backend and context-store figures.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from aios.config import Config, LLMCoreConfig
+from aios.managers.base import Manager, OpError, RequestContext, Yield, op
+from aios.managers.llm.backends.sim import SimBackend
+from aios.managers.llm.context import ContextStore
+from aios.managers.llm.types import Backend, BackendError, ChatArgs, ChatResult, Generation, ToolSpec
+from aios.protocol import ErrorCode
+from aios.rundir import RunDir
+
+#: how many tokens run between checks for cancellation
+CANCEL_CHECK_TOKENS = 16
+
+
+class JsonArgs(ChatArgs):
+    json_schema: dict[str, Any]
+
+
+class ToolArgs(ChatArgs):
+    tools: list[ToolSpec] = Field(min_length=1)
+
+
+class InfoArgs(BaseModel):
+    pass
+
+
+def make_backend(core: LLMCoreConfig) -> Backend:
+    """Build the configured backend (imports are lazy: a remote core never loads llama.cpp)."""
+    if core.backend == "llamacpp":
+        from aios.managers.llm.backends.llamacpp import LlamaCppBackend
+        kwargs: dict[str, Any] = {"model_path": core.model_path, "n_ctx": core.n_ctx, "n_threads": core.n_threads}
+        if core.model:
+            kwargs["name"] = core.model
+        return LlamaCppBackend(**kwargs)
+    if core.backend == "openai":
+        from aios.managers.llm.backends.openai_backend import OpenAIBackend
+        assert core.base_url and core.model
+        return OpenAIBackend(base_url=core.base_url, model=core.model, api_key_env=core.api_key_env,
+                             mode=core.mode)
+    if core.backend == "ollama":
+        from aios.managers.llm.backends.ollama_backend import OllamaBackend
+        assert core.model
+        return OllamaBackend(host=core.base_url or "http://127.0.0.1:11434", model=core.model)
+    return SimBackend(seconds_per_token=core.sim_seconds_per_token, name=core.model or "sim", n_ctx=core.n_ctx)
+
+
+class LLMCore(Manager):
+    service = "llm"
+    capacity = 1
+
+    def __init__(self, name: str, run_dir: RunDir, config: Config, core: LLMCoreConfig) -> None:
+        super().__init__(name, run_dir, config)
+        self.core = core
+        self.backend: Backend | None = None
+        mb = 1024 * 1024
+        self.contexts = ContextStore(int(config.context.ram_budget_mb * mb), int(config.context.disk_budget_mb * mb),
+                                     run_dir.snapshot_dir / name)
+        self.switch_s = 0.0      # time spent suspending and resuming
+        self.generate_s = 0.0    # time spent generating
+
+    def setup(self) -> None:
+        t0 = time.monotonic()
+        self.backend = make_backend(self.core)
+        self.models = list(self.backend.models)
+        self.default_model = self.core.default or self.core is self.config.llm[0]
+        self.log.info("%s backend ready in %.2fs, models %s", self.core.backend, time.monotonic() - t0, self.models)
+
+    def teardown(self) -> None:
+        self.contexts.clear()
+        if self.backend is not None:
+            self.backend.close()
+
+    # ---------------------------------------------------------------- ops
+    @op(ChatArgs, idempotent=True, preemptible=True)
+    def chat(self, args: ChatArgs, ctx: RequestContext) -> Any:
+        return self._generate(args, ctx)
+
+    @op(JsonArgs, name="json", idempotent=True, preemptible=True)
+    def json_op(self, args: JsonArgs, ctx: RequestContext) -> Any:
+        return self._generate(args, ctx)
+
+    @op(ToolArgs, idempotent=True, preemptible=True)
+    def tools(self, args: ToolArgs, ctx: RequestContext) -> Any:
+        return self._generate(args, ctx)
+
+    @op(InfoArgs, idempotent=True)
+    def info(self, args: InfoArgs, ctx: RequestContext) -> dict[str, Any]:
+        return {"core": self.name, "backend": self.core.backend, "models": self.models,
+                "context": self.contexts.stats(),
+                "switch_s": round(self.switch_s, 6), "generate_s": round(self.generate_s, 6)}
+
+    def on_forget(self, key: str) -> None:
+        # The backend and the store belong to the (single) worker thread: queue the drop there.
+        self.pool.submit(self._forget, key)
+
+    def _forget(self, key: str) -> None:
+        gen = self.contexts.drop(key)
+        if gen is not None and self.backend is not None:
+            self.backend.drop(gen)
+
+    # ------------------------------------------------------------ driving
+    def _generate(self, args: ChatArgs, ctx: RequestContext) -> Any:
+        backend = self.backend
+        assert backend is not None
+        if args.model is not None and args.model not in self.models:
+            raise OpError(ErrorCode.UNKNOWN_MODEL, f"core {self.name} serves {self.models}, not {args.model!r}")
+        t0 = time.perf_counter()
+        gen = self.contexts.take(ctx.key)
+        if gen is None:
+            if ctx.resume and args.stream:
+                ctx.partial({"reset": True})  # its saved context is gone: the agent gets a fresh stream
+            gen = self._call(backend.start, args)
+        self.switch_s += time.perf_counter() - t0
+
+        def on_text(piece: str) -> None:
+            if args.stream and piece:
+                ctx.partial({"delta": piece})
+
+        before = gen.usage.completion_tokens
+        budget = ctx.slice
+        try:
+            t1 = time.perf_counter()
+            while not gen.done and not ctx.cancelled.is_set():
+                step = CANCEL_CHECK_TOKENS if budget is None else min(CANCEL_CHECK_TOKENS, budget)
+                if step <= 0:
+                    break
+                self._call(backend.advance, gen, step, on_text)
+                if budget is not None:
+                    budget -= step
+            self.generate_s += time.perf_counter() - t1
+        except BaseException:
+            backend.drop(gen)
+            raise
+        ctx.tokens = gen.usage.completion_tokens - before
+        if ctx.cancelled.is_set():
+            backend.drop(gen)
+            raise OpError(ErrorCode.CANCELLED, "cancelled")
+        if gen.done:
+            result: ChatResult = self._call(backend.finish, gen)
+            return result
+        return self._preempt(gen, ctx)
+
+    def _preempt(self, gen: Generation, ctx: RequestContext) -> Any:
+        """Slice used up: save the generation and hand the request back to the scheduler."""
+        backend = self.backend
+        assert backend is not None
+        t0 = time.perf_counter()
+        self._call(backend.suspend, gen)
+        stored = self.contexts.put(ctx.key, gen)
+        self.switch_s += time.perf_counter() - t0
+        if stored:
+            return Yield(affinity=True)
+        # No budget can hold it: finish it now rather than exceed the budget.
+        self.log.warning("context budget full; running %s to completion without preemption", ctx.id)
+        self._call(backend.advance, gen, None, lambda piece: ctx.partial({"delta": piece}) if gen.args.stream and piece else None)
+        return self._call(backend.finish, gen)
+
+    @staticmethod
+    def _call(fn: Any, *a: Any) -> Any:
+        try:
+            return fn(*a)
+        except BackendError as exc:
+            raise OpError(exc.code, exc.message) from None

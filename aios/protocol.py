@@ -20,7 +20,6 @@ import enum
 import hashlib
 import hmac
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +103,8 @@ def new_key() -> bytes:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, the same as uuid.uuid4().hex without building a UUID object
+    return os.urandom(16).hex()
 
 
 def pack(obj: Any) -> bytes:
@@ -124,7 +124,19 @@ def unpack(data: bytes) -> Any:
         max_bin_len=n,
         max_array_len=n,
         max_map_len=n,
+        # msgpack decodes ext type -1 (timestamps) itself, bypassing ext_hook: refuse every
+        # ext with a payload here; the zero-length ones still reach _refuse_ext
+        max_ext_len=0,
+        # strict_map_key still lets bytes keys through; only str keys are allowed
+        object_pairs_hook=_str_keys_only,
     )
+
+
+def _str_keys_only(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    for key, _ in pairs:
+        if type(key) is not str:
+            raise ValueError(f"map keys must be strings, not {type(key).__name__}")
+    return dict(pairs)
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -160,9 +172,14 @@ class Codec:
         if len(key) < 16:
             raise ValueError("signing key must be at least 16 bytes")
         self._key = key
+        # HMAC state after the key and VERSION, copied for each frame and never updated itself,
+        # so threads may share it. Kept as the OpenSSL HMAC object inside hmac.HMAC when there
+        # is one (same copy/update/digest API): that skips a Python layer whose digest() copies.
+        mac = hmac.new(key, VERSION, hashlib.sha256)
+        self._mac = getattr(mac, "_hmac", None) or mac
 
     def sign(self, header_raw: bytes, body_raw: bytes) -> bytes:
-        mac = hmac.new(self._key, VERSION, hashlib.sha256)
+        mac = self._mac.copy()
         mac.update(header_raw)
         mac.update(body_raw)
         return mac.digest()

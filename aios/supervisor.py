@@ -241,6 +241,12 @@ class Supervisor:
             self._client = None
         for proc in reversed(self.procs):
             self._stop(proc)
+        owner = self.run_dir.read_pid()
+        if owner is not None and owner != os.getpid():
+            # prepare() refused to start because another live kernel owns this run directory:
+            # its endpoints and process table are not ours to remove
+            log.info("stopped (run directory belongs to supervisor %d)", owner)
+            return
         for f in self.run_dir.ipc_files():
             f.unlink(missing_ok=True)
         self.write_state()

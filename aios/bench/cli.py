@@ -14,6 +14,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--run-dir", help="benchmark a running kernel (default: start one in a temporary run directory)")
     p.add_argument("--agents", type=int, default=32, help="concurrent agent processes (default 32)")
     p.add_argument("--calls", type=int, default=500, help="calls per agent (default 500)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleave kernel and baseline over this many rounds, splitting --calls (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=lambda a: __import__("aios.bench.syscall", fromlist=["run"]).run(a))
 

@@ -352,6 +352,8 @@ def load_manager_class(target: str) -> type[Manager]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import manager module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself is broken: say so in one line, not a traceback
+        raise ValueError(f"manager module {module_name!r} failed to import: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Manager)):
         raise ValueError(f"{target!r} is not a aios.managers.base.Manager subclass")

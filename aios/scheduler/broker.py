@@ -42,12 +42,16 @@ from aios.protocol import (
 from aios.rundir import RunDir
 from aios.scheduler.policies import Policy, make_policy
 from aios.scheduler.request import Request
+from aios.zmqio import NOBLOCK, recv_multipart, send_multipart
 
 log = logging.getLogger("aios.scheduler")
 
 KERNEL = "kernel"
 MAX_ATTEMPTS = 3
 POLL_MS = 100
+# hot-path constants: an enum member's .value costs a Python call on every access
+_REQUEST, _REPLY, _OK = Kind.REQUEST.value, Kind.REPLY.value, Status.OK.value
+_PONG = pack({"pong": True})
 
 
 @dataclass(slots=True, eq=False)
@@ -150,7 +154,10 @@ class Broker:
         log.info("ready: frontend %s, backend %s, policy %s", self.frontend.LAST_ENDPOINT.decode(),
                  self.backend.LAST_ENDPOINT.decode(), self.config.scheduler.policy)
         while not self.stopping:
-            timeout = max(0.0, next_tick - time.monotonic()) * 1000
+            wake = next_tick
+            if self.deadlines:  # wake exactly at the next deadline, not at the next tick
+                wake = min(wake, self.deadlines[0][0])
+            timeout = max(0.0, wake - time.monotonic()) * 1000
             events = dict(poller.poll(min(timeout, POLL_MS)))
             if self.backend in events:
                 self._drain(self.backend, self.on_backend)
@@ -160,13 +167,15 @@ class Broker:
             if now >= next_tick:
                 self.tick(now)
                 next_tick = now + min(self.hb_interval / 4, 0.25)
+            else:
+                self.expire_deadlines(now)
         self.close()
 
     def _drain(self, sock: zmq.Socket, handler: Any, limit: int = 256) -> None:
         """Take what is waiting (bounded, so one side cannot starve the other)."""
         for _ in range(limit):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_multipart(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -184,7 +193,7 @@ class Broker:
     # ---------------------------------------------------------------- sending
     def _send(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_multipart(sock, frames, NOBLOCK)
             return True
         except zmq.Again:
             log.warning("send queue full; dropped a message to %r", frames[0][:16])
@@ -220,7 +229,7 @@ class Broker:
     def on_request(self, client: bytes, msg: Message) -> None:
         h = msg.header
         rid = h.get("id")
-        if h.get("kind", Kind.REQUEST.value) != Kind.REQUEST.value:
+        if h.get("kind", _REQUEST) != _REQUEST:
             return self.reply_error(client, rid, ErrorCode.BAD_FRAME, f"agents may only send requests, not {h.get('kind')!r}")
         service, op, agent = h.get("service"), h.get("op"), h.get("agent", "anonymous")
         for name, value in (("id", rid), ("service", service), ("op", op), ("agent", agent)):
@@ -279,13 +288,17 @@ class Broker:
 
     def _client_gone(self, client: bytes) -> None:
         """An agent disconnected: drop its queued work and cancel what is running."""
+        services: set[str] = set()
         for key in [k for k in self.pending if k[0] == client]:
             req = self.pending.pop(key)
+            services.add(req.service)
             q = self.queues.get(req.service)
             if q is not None:
                 q.remove(req)
             self._send_manager_cancel(req)
         log.info("agent connection %r gone; its pending requests were cancelled", client[:8])
+        for service in services:  # cancelling returned credit: hand it to whoever waits
+            self.dispatch(service)
 
     # --------------------------------------------------------------- dispatch
     def dispatch(self, service: str) -> None:
@@ -528,6 +541,15 @@ class Broker:
             elif now - mgr.last_sent >= self.hb_interval:
                 mgr.last_sent = now
                 self._send(self.backend, self.codec.encode({"kind": Kind.HEARTBEAT.value}, None, [mgr.identity]))
+        self.expire_deadlines(now)
+
+    def expire_deadlines(self, now: float) -> None:
+        """Answer DEADLINE_EXCEEDED for every pending request whose deadline has passed."""
+        if len(self.deadlines) > 2 * len(self.pending) + 1024:
+            # entries of finished requests wait for their deadline; drop them in bulk so the
+            # heap (and the request bodies it holds) stays proportional to the pending work
+            self.deadlines = [e for e in self.deadlines if self.pending.get((e[2].client, e[2].id)) is e[2]]
+            heapq.heapify(self.deadlines)
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, req = heapq.heappop(self.deadlines)
             if self.pending.get((req.client, req.id)) is req:
@@ -538,9 +560,10 @@ class Broker:
 
     # ------------------------------------------------------------ kernel ops
     def on_kernel(self, client: bytes, rid: str, op: str, msg: Message) -> None:
-        header = {"kind": Kind.REPLY.value, "id": rid, "status": Status.OK.value}
-        if op == "ping":
-            body: Any = {"pong": True}
+        header = {"kind": _REPLY, "id": rid, "status": _OK}
+        if op == "ping":  # the body is a constant: packed once
+            self._send(self.frontend, self.codec.encode_raw(pack(header), _PONG, [client]))
+            return
         elif op == "status":
             body = self.status()
         elif op == "shutdown":

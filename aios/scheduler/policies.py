@@ -113,14 +113,18 @@ class _HeapPolicy(Policy):
         return found
 
     def remove(self, req: Request) -> bool:
-        return self._live.pop(id(req), None) is not None
+        found = self._live.pop(id(req), None) is not None
+        if found:
+            self._compact()  # a queue nobody pops (no manager) must not keep dead entries forever
+        return found
 
     def __len__(self) -> int:
         return len(self._live)
 
     def __iter__(self) -> Iterator[Request]:
         live = self._live
-        return iter(sorted((e for e in self._heap if live.get(id(e[2])) == e[0]), key=lambda e: (e[0], e[1])))
+        entries = sorted((e for e in self._heap if live.get(id(e[2])) == e[0]), key=lambda e: (e[0], e[1]))
+        return iter([e[2] for e in entries])
 
     def _compact(self) -> None:
         if len(self._heap) > 2 * len(self._live) + 64:

@@ -29,12 +29,16 @@ from aios.config import Config
 from aios.protocol import Codec, Kind, ProtocolError, Status, new_request_id
 from aios.rundir import RunDir
 from aios.sdk.errors import AIOSError, KernelNotRunning, KernelTimeout, error_from_body
+from aios.zmqio import recv_multipart, send_multipart
 
 log = logging.getLogger("aios.sdk")
 
 #: ops known to be safe to repeat without the caller saying so
 IDEMPOTENT_OPS = {("kernel", "ping"), ("kernel", "status")}
 DEFAULT_TIMEOUT_S = 120.0
+#: after the call's own deadline, how long to wait for the kernel's DEADLINE_EXCEEDED verdict
+#: (the kernel's clock for a request starts when it arrives, a little after ours)
+DEADLINE_GRACE_S = 0.25
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Client:
         self.run_dir = self._endpoint.run_dir
         self._ctx = zmq.Context.instance()
         self._sock = self._open()
+        self._rcvtimeo = -1  # the socket's RCVTIMEO in ms, set by _wait only when it changes
 
     def _open(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -135,8 +140,11 @@ class Client:
                 raise KernelTimeout("TIMEOUT", f"{service}.{op}: no answer from the kernel at "
                                     f"{self.run_dir.path} within the timeout")
             header["deadline"] = remaining
-            self._sock.send_multipart(self._endpoint.codec.encode(header, args), copy=False)
-            wait_until = time.monotonic() + (min(resend_every, remaining) if idempotent else remaining)
+            send_multipart(self._sock, self._endpoint.codec.encode(header, args))
+            wait = min(resend_every, remaining) if idempotent else remaining
+            if wait >= remaining:
+                wait += DEADLINE_GRACE_S
+            wait_until = time.monotonic() + wait
             reply = self._wait(rid, wait_until, partials, on_partial)
             if reply is not None:
                 return reply
@@ -147,9 +155,18 @@ class Client:
     def _wait(self, rid: str, until: float, partials: list[Any], on_partial: PartialHandler | None) -> Reply | None:
         while True:
             remaining_ms = int((until - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
+            if remaining_ms <= 0:
                 return None
-            frames = self._sock.recv_multipart()
+            # A blocking receive with a timeout: half the system calls of zmq_poll + receive.
+            # (RCVTIMEO is a C int: wait at most an hour at a time; the loop goes on after.)
+            remaining_ms = min(remaining_ms, 3_600_000)
+            if remaining_ms != self._rcvtimeo:
+                self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
+                self._rcvtimeo = remaining_ms
+            try:
+                frames = recv_multipart(self._sock)
+            except zmq.Again:
+                continue  # timed out: the check above ends the wait
             result = _match(self._endpoint.codec, frames, rid, partials, on_partial)
             if result is not None:
                 return result
@@ -291,6 +308,8 @@ class AsyncClient:
                 header["deadline"] = remaining
                 await self._sock.send_multipart(self._endpoint.codec.encode(header, args))
                 wait = min(resend_every, remaining) if idempotent else remaining
+                if wait >= remaining:
+                    wait += DEADLINE_GRACE_S
                 until = time.monotonic() + wait
                 while True:
                     left = until - time.monotonic()

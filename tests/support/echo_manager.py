@@ -39,10 +39,13 @@ class EchoManager(Manager):
 
     @op(SleepArgs, idempotent=True)
     def sleep(self, args: SleepArgs, ctx: RequestContext) -> dict:
-        end = time.monotonic() + args.seconds
+        started = time.monotonic()
+        end = started + args.seconds
         while time.monotonic() < end and not ctx.cancelled.is_set():
             time.sleep(0.01)
-        return {"slept": args.seconds, "tag": args.tag, "pid": os.getpid(), "attempt": ctx.attempt}
+        # started/ended are CLOCK_MONOTONIC, comparable across processes on one host
+        return {"slept": args.seconds, "tag": args.tag, "pid": os.getpid(), "attempt": ctx.attempt,
+                "started": started, "ended": time.monotonic()}
 
     @op(SleepArgs)
     def sleep_once(self, args: SleepArgs, ctx: RequestContext) -> dict:
@@ -55,6 +58,17 @@ class EchoManager(Manager):
         for i in range(args.n):
             ctx.partial({"i": i})
         return {"n": args.n}
+
+    @op(SleepArgs)
+    def drip(self, args: SleepArgs, ctx: RequestContext) -> dict:
+        """Stream a partial every 10 ms for `seconds` (stops early when cancelled)."""
+        end = time.monotonic() + args.seconds
+        i = 0
+        while time.monotonic() < end and not ctx.cancelled.is_set():
+            ctx.partial({"i": i})
+            i += 1
+            time.sleep(0.01)
+        return {"n": i, "cancelled": ctx.cancelled.is_set()}
 
     @op(EchoArgs)
     def fail(self, args: EchoArgs, ctx: RequestContext) -> dict:

@@ -16,6 +16,13 @@ How a suspended generation is resumed depends on what the server can do:
   deterministic server the resumed output equals the uninterrupted output
   (up to the server re-tokenizing the boundary; tests check this end to end).
   This is the exact mode and the one to use for base models.
+  "Deterministic server" is a real condition. For llama_cpp.server it takes
+  two settings, both measured here: run it with ``--n_batch 1`` (otherwise the
+  prefilled text is evaluated as a batch, whose float results differ in the
+  last bits from token-by-token decoding, and greedy decoding of a small
+  model flips on near-ties), and send ``extra_body={"repeat_penalty": 1.0}``
+  (its default 1.1 penalty remembers only the tokens *it* sampled, so after a
+  prefill it penalizes differently). With both, resumed == uninterrupted.
 * ``mode="chat"`` (``/v1/chat/completions``): the server owns the chat template.
   Resume appends a final ``assistant`` message holding the partial text
   ("assistant prefill"). Servers whose template leaves a trailing assistant
@@ -311,6 +318,15 @@ class StreamEvent:
     completion_tokens: int | None = None
 
 
+def _has_truncated_call(calls: Sequence[dict[str, Any]]) -> bool:
+    for c in calls:
+        try:
+            json.loads(c.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            return True
+    return False
+
+
 def merge_tool_delta(acc: list[dict[str, Any]], d: ToolDelta) -> None:
     if d.complete:
         acc.append({"id": d.id, "name": d.name or "", "arguments": d.arguments or "{}"})
@@ -451,6 +467,7 @@ class RemoteBackend(Backend):
         text = "" if replay else g.text
         calls: list[dict[str, Any]] = [] if replay else [dict(c) for c in g.tool_calls]
         chunks = 0
+        events_seen = 0
         finish: str | None = None
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
@@ -465,14 +482,15 @@ class RemoteBackend(Backend):
             events, close = self._open(g, n_request, prefill)
             g.requests += 1
             for ev in events:
+                events_seen += 1
                 if ev.prompt_tokens is not None:
                     prompt_tokens = ev.prompt_tokens
                 if ev.completion_tokens is not None:
                     completion_tokens = ev.completion_tokens
                 for d in ev.tool_calls:
                     merge_tool_delta(calls, d)
-                if ev.tool_calls and not ev.text:
-                    chunks += 1
+                if not ev.text and any(d.arguments or d.complete for d in ev.tool_calls):
+                    chunks += 1  # a token of tool-call arguments (empty closing fragments are not tokens)
                 if ev.text:
                     chunks += 1
                     start = len(text)
@@ -504,7 +522,14 @@ class RemoteBackend(Backend):
                     self.log.debug("closing stream failed", exc_info=True)
 
         if failure is None and finish is None and not client_stop:
-            failure = BackendError("UNAVAILABLE", f"stream from {self.url} ended before the generation finished")
+            if events_seen == 0:
+                # An accepted request whose stream is empty failed on the server deterministically
+                # (llama_cpp.server does this when the prompt exceeds its context window), so
+                # retrying would loop: not retryable.
+                failure = BackendError("BACKEND_ERROR", f"{self.url} accepted the request but streamed nothing "
+                                       "(prompt too long for the server's context? see the server's log)")
+            else:
+                failure = BackendError("UNAVAILABLE", f"stream from {self.url} ended before the generation finished")
 
         # Commit what this request produced (also after a failure, so a retry resumes from it).
         if replay and failure is not None and len(text) < len(old_text):
@@ -533,6 +558,10 @@ class RemoteBackend(Backend):
             self.log.info("generation failed: %s %s", failure.code, failure.message)
             raise failure
 
+        if finish not in (None, "length") and chunks >= n_request and _has_truncated_call(g.tool_calls):
+            # llama_cpp.server reports "tool_calls" even when max_tokens cut the arguments off;
+            # a call whose JSON is unfinished exactly at the token budget was cut by the budget.
+            finish = "length"
         if client_stop:
             g.finish_reason = "stop"
         elif finish == "length":
@@ -540,8 +569,8 @@ class RemoteBackend(Backend):
                 g.finish_reason = "length"
             elif completion_tokens is not None and completion_tokens < n_request:
                 g.finish_reason = "length"  # the server ran out of context before our budget
-            elif chunks == 0:
-                g.finish_reason = "length"  # no progress: never loop on a server that cannot go on
+            elif completion_tokens is None and chunks == 0:
+                g.finish_reason = "length"  # no visible progress: never loop on a server that cannot go on
             # else: the slice is used up; the generation continues on the next advance()
         else:
             g.finish_reason = "tool_calls" if g.tool_calls else "stop"

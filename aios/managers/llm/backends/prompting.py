@@ -74,45 +74,34 @@ def render_alpaca(
     return "".join(out)
 
 
-def _describe_params(params: dict[str, Any]) -> str:
-    """A compact, model-friendly description of a tool's argument schema."""
+def _signature(params: dict[str, Any]) -> str:
+    """`a: number, b: number`: a tool's arguments the way a model has seen functions written."""
     props = params.get("properties") or {}
-    required = set(params.get("required") or [])
-    if not props:
-        return "{}"
-    items = []
+    parts = []
     for name, sub in props.items():
-        typ = sub.get("type", "any") if isinstance(sub, dict) else "any"
-        if isinstance(sub, dict) and "enum" in sub:
-            typ = " | ".join(json.dumps(v) for v in sub["enum"])
-        desc = sub.get("description", "") if isinstance(sub, dict) else ""
-        req = ", required" if name in required else ""
-        items.append(f'"{name}": {typ}{req}' + (f" ({desc})" if desc else ""))
-    return "{" + ", ".join(items) + "}"
+        typ = "any"
+        if isinstance(sub, dict):
+            typ = " | ".join(json.dumps(v) for v in sub["enum"]) if "enum" in sub else str(sub.get("type", "any"))
+        parts.append(f"{name}: {typ}")
+    return ", ".join(parts)
 
 
 def tools_preamble(tools: Sequence[ToolSpec]) -> str:
-    """Describe the tools and show one worked example.
+    """Describe the tools as function signatures and ask for one JSON call.
 
-    Few-shot because the base model cannot follow an abstract format description;
-    the example uses an invented tool so that it never leaks fake arguments into a
-    real call (the grammar then restricts the name to the real tools anyway).
+    Chosen by measurement on the base Gemma 270M (six queries, three tools):
+    signatures `name(arg: type): description` picked the right tool 5/6 times,
+    JSON-schema listings 3/6, and adding a worked example with an invented tool
+    made it worse (4/6), so there is no example.  The grammar guarantees the
+    shape; this text only has to steer the choice of tool and arguments.
     """
-    lines = [
-        "You can use tools. To use a tool, the response is a single JSON object of the form "
-        '{"name": <tool name>, "arguments": {<argument name>: <value>, ...}}.',
-        "",
-        "Available tools:",
-    ]
+    lines = ["You have access to the following tools:"]
     for t in tools:
         f = t.function
-        desc = f" - {f.description.strip()}" if f.description.strip() else ""
-        lines.append(f"- {f.name}{desc}. Arguments: {_describe_params(f.parameters)}")
+        lines.append(f"{f.name}({_signature(f.parameters)}): {f.description.strip()}")
     lines += [
         "",
-        "Example (with an example tool named lookup_word):",
-        f"{INSTRUCTION_HEADER}\nWhat does the word 'ephemeral' mean?\n",
-        f'{RESPONSE_HEADER}\n{{"name": "lookup_word", "arguments": {{"word": "ephemeral"}}}}',
+        'Answer with the tool call that best fits the instruction, as JSON: {"name": tool name, "arguments": {...}}.',
         "",
         "",
     ]

@@ -1,0 +1,299 @@
+"""Fixtures for real-process kernel tests.
+
+`kernel` is a factory: `k = kernel()` writes a TOML config into a fresh short
+run directory under /tmp, starts `bin/aios-start --detach` in a subprocess and
+returns a `Kernel` handle. At teardown every kernel the test started is
+stopped with `bin/aios stop`, and the test fails if any process that ever
+belonged to it (supervisor, scheduler, managers, including restarted
+incarnations) is still alive, or if an ipc endpoint file was left behind.
+
+No fixed sleeps: tests synchronise with `wait_until(predicate, ...)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psutil
+import pytest
+
+from aios.rundir import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+AIOS_START = REPO / "bin" / "aios-start"
+AIOS = REPO / "bin" / "aios"
+
+ECHO_TARGET = "tests.support.echo_manager:EchoManager"
+
+
+# --------------------------------------------------------------------- helpers
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+               message: str | Callable[[], str] = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; return that value.
+
+    Exceptions raised by the predicate count as "not yet" (the last one is
+    reported if time runs out).
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - a predicate may race with a restarting process
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            what = message() if callable(message) else message
+            extra = f" (last error: {last_exc!r})" if last_exc is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Enough TOML for kernel configs: scalars, tables, arrays of tables, inline maps."""
+    lines: list[str] = []
+    for key, value in data.items():
+        if not isinstance(value, (dict, list)) or (isinstance(value, list) and not value):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and value:
+            for item in value:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def processes_of(run_dir: RunDir) -> list[psutil.Process]:
+    """Every live process whose command line names this run directory."""
+    needle = str(run_dir.path)
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = p.info["cmdline"] or []
+            if any(needle == arg or arg.startswith(needle + os.sep) for arg in cmd):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ---------------------------------------------------------------------- kernel
+class Kernel:
+    """A handle on one kernel started with bin/aios-start --detach."""
+
+    def __init__(self, run_dir: Path, config_path: Path) -> None:
+        self.run_dir = RunDir(run_dir)
+        self.config_path = config_path
+        self.seen_pids: set[int] = set()
+        self.start_result: subprocess.CompletedProcess[str] | None = None
+        self._clients: list[Any] = []
+
+    # ------------------------------------------------------------ commands
+    def start(self, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, str(AIOS_START), "--config", str(self.config_path),
+             "--run-dir", str(self.run_dir.path), "--detach"],
+            capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        )
+        self.start_result = result
+        if check:
+            assert result.returncode == 0, f"aios-start failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            self.remember_pids()
+        return result
+
+    def aios(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(AIOS), *args, "--run-dir", str(self.run_dir.path)],
+                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+    def stop(self) -> subprocess.CompletedProcess[str]:
+        self.remember_pids()
+        for c in self._clients:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._clients.clear()
+        return self.aios("stop")
+
+    def status(self) -> dict[str, Any]:
+        """`aios status --json`, parsed."""
+        result = self.aios("status", "--json")
+        data = json.loads(result.stdout)
+        assert (result.returncode == 0) == data["running"], result
+        for p in data["processes"]:
+            if p.get("pid"):
+                self.seen_pids.add(p["pid"])
+        return data
+
+    # --------------------------------------------------------------- state
+    @property
+    def supervisor_pid(self) -> int | None:
+        return self.run_dir.read_pid()
+
+    def processes(self) -> dict[str, dict[str, Any]]:
+        """The supervisor's process table (processes.json), by name."""
+        state = self.run_dir.read_state() or {}
+        rows = {p["name"]: p for p in state.get("processes", [])}
+        for p in rows.values():
+            if p.get("pid"):
+                self.seen_pids.add(p["pid"])
+        return rows
+
+    def pid(self, name: str) -> int | None:
+        return self.processes()[name].get("pid")
+
+    def state(self, name: str) -> str:
+        return self.processes()[name]["state"]
+
+    def remember_pids(self) -> None:
+        pid = self.supervisor_pid
+        if pid:
+            self.seen_pids.add(pid)
+        self.processes()
+        for p in processes_of(self.run_dir):
+            self.seen_pids.add(p.pid)
+
+    def wait_running(self, name: str, other_than: int | None = None, timeout: float = 15.0) -> int:
+        """Wait until `name` is RUNNING (with a pid other than `other_than`); return its pid."""
+        def ready() -> int | None:
+            row = self.processes().get(name, {})
+            pid = row.get("pid")
+            if row.get("state") == "RUNNING" and pid and pid != other_than:
+                return pid
+            return None
+        return wait_until(ready, timeout, message=lambda: f"{name} RUNNING: {self.processes().get(name)}")
+
+    def kernel_status(self) -> dict[str, Any]:
+        with self.client("test-status", timeout=5.0) as c:
+            return c.call("kernel", "status")
+
+    def manager_info(self, name: str) -> dict[str, Any] | None:
+        return next((m for m in self.kernel_status()["managers"] if m["name"] == name), None)
+
+    def client(self, agent: str = "test-agent", **options: Any) -> Any:
+        from aios import sdk
+        c = sdk.connect(self.run_dir, agent=agent, **options)
+        self._clients.append(c)
+        return c
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.run_dir.log_dir / f"{name}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class KernelFactory:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.kernels: list[Kernel] = []
+        self.run_dirs: list[Path] = []
+
+    def __call__(self, *, echo: bool = True, capacity: int | None = None, managers: list[dict[str, Any]] = (),
+                 kernel: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
+                 supervisor: dict[str, Any] | None = None, start: bool = True,
+                 llm: list[dict[str, Any]] | None = None, context: dict[str, Any] | None = None) -> Kernel:
+        mgrs: list[dict[str, Any]] = []
+        if echo:
+            m: dict[str, Any] = {"name": "echo", "target": ECHO_TARGET}
+            if capacity is not None:
+                m["capacity"] = capacity
+            mgrs.append(m)
+        mgrs += list(managers)
+        cfg: dict[str, Any] = {"llm": list(llm or []), "managers": mgrs}
+        if context:
+            cfg["context"] = context
+        # tests run without a model and want fast failure detection
+        cfg["supervisor"] = {"start_timeout_s": 30.0, "stop_timeout_s": 3.0, **(supervisor or {})}
+        if kernel:
+            cfg["kernel"] = kernel
+        if scheduler:
+            cfg["scheduler"] = scheduler
+        run_dir = Path(tempfile.mkdtemp(prefix="aios-", dir="/tmp"))
+        self.run_dirs.append(run_dir)
+        config_path = self.base / f"aios-{len(self.run_dirs)}.toml"
+        config_path.write_text(to_toml(cfg))
+        k = Kernel(run_dir, config_path)
+        self.kernels.append(k)
+        if start:
+            k.start()
+        return k
+
+    def close(self) -> None:
+        problems: list[str] = []
+        for k in self.kernels:
+            k.stop()
+            try:
+                wait_until(lambda: not any(pid_running(p) for p in k.seen_pids) and not processes_of(k.run_dir),
+                           timeout=10.0, message="kernel processes to exit")
+            except AssertionError:
+                alive = sorted({p for p in k.seen_pids if pid_running(p)} | {p.pid for p in processes_of(k.run_dir)})
+                problems.append(f"{k.run_dir.path}: processes survived `aios stop`: {alive}")
+                for pid in alive:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            if k.run_dir.ipc_files():
+                problems.append(f"{k.run_dir.path}: ipc files left behind: {k.run_dir.ipc_files()}")
+        for d in self.run_dirs:
+            ipc = RunDir(d).ipc_dir
+            shutil.rmtree(d, ignore_errors=True)
+            if ipc != RunDir(d).path / "ipc":
+                shutil.rmtree(ipc, ignore_errors=True)
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[KernelFactory]:
+    """Factory: `k = kernel(capacity=2, managers=[...], supervisor={...})` starts a kernel."""
+    factory = KernelFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_kernel_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelFactory]:
+    """A factory whose kernels live for a whole test module (for tests that share one kernel)."""
+    factory = KernelFactory(tmp_path_factory.mktemp("kernels"))
+    try:
+        yield factory
+    finally:
+        factory.close()

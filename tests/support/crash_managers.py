@@ -1,0 +1,45 @@
+"""Managers that fail on purpose, for supervisor tests."""
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel
+
+from aios.managers.base import Manager, RequestContext, op
+
+
+class NoArgs(BaseModel):
+    pass
+
+
+class SetupCrashManager(Manager):
+    """Dies in setup, before it ever says READY."""
+
+    service = "crashy"
+
+    def setup(self) -> None:
+        raise RuntimeError("setup exploded on purpose")
+
+
+class FlakyManager(Manager):
+    """Starts fine once; every later incarnation crashes in setup.
+
+    `crash` kills the process (os._exit) so the supervisor restarts it, and
+    the restarts then keep failing fast until the supervisor gives up (FATAL).
+    """
+
+    service = "flaky"
+
+    def setup(self) -> None:
+        marker = self.run_dir.path / f"{self.name}.started"
+        if marker.exists():
+            raise RuntimeError("flaky manager: crashing in setup on every restart")
+        marker.write_text(str(os.getpid()))
+
+    @op(NoArgs)
+    def crash(self, args: NoArgs, ctx: RequestContext) -> dict:
+        os._exit(1)
+
+    @op(NoArgs, idempotent=True)
+    def ping(self, args: NoArgs, ctx: RequestContext) -> dict:
+        return {"pid": os.getpid()}

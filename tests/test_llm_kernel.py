@@ -1,0 +1,237 @@
+"""The `llm` syscalls through the real kernel, on the real default model (Gemma 3 270M).
+
+Kernels here run the llama.cpp core with few tokens at temperature 0. The
+exact-resume tests compare a FIFO kernel (never preempts) with round-robin
+kernels whose 4-token slices interleave two generations on one model
+context, so every resume is a real restore of saved state.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from aios import sdk
+from tests.conftest import KernelFactory, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+CORE = {"name": "llm-0", "backend": "llamacpp"}
+LONG_PROMPT = "Write a long story about a dragon who lives in a library."
+OTHER_PROMPT = "Describe the ocean in many sentences."
+
+
+def chat_args(prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.0, **extra}
+
+
+@pytest.fixture(scope="module")
+def fifo(module_kernel_factory: KernelFactory) -> Any:
+    return module_kernel_factory(echo=False, llm=[CORE], scheduler={"policy": "fifo"})
+
+
+@pytest.fixture(scope="module")
+def rr(module_kernel_factory: KernelFactory) -> Any:
+    return module_kernel_factory(echo=False, llm=[CORE], scheduler={"policy": "rr", "time_slice_tokens": 4})
+
+
+@pytest.fixture(scope="module")
+def reference(fifo: Any) -> dict[str, str]:
+    """Uninterrupted outputs of the prompts the preemption tests use."""
+    c = fifo.client("reference")
+    out = {}
+    for prompt in (LONG_PROMPT, OTHER_PROMPT):
+        out[prompt] = c.request("llm", "chat", chat_args(prompt, 40, stop=[], ignore_eos=True)).result[
+            "message"]["content"]
+    assert all(len(v) > 20 for v in out.values()), out
+    return out
+
+
+def run_concurrently(k: Any, prompts: list[str], max_tokens: int, **extra: Any) -> dict[str, sdk.Reply]:
+    replies: dict[str, sdk.Reply] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int, prompt: str) -> None:
+        try:
+            c = k.client(f"agent-{i}")
+            replies[prompt] = c.request("llm", "chat", chat_args(prompt, max_tokens, **extra))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not errors, errors
+    return replies
+
+
+def test_chat_returns_real_text_with_usage(fifo: Any) -> None:
+    reply = fifo.client("qa").chat("What is the capital of France?", max_tokens=16)
+    result = reply.result
+    assert "Paris" in result["message"]["content"]
+    assert result["message"]["role"] == "assistant"
+    assert result["usage"]["prompt_tokens"] > 5
+    assert 0 < result["usage"]["completion_tokens"] <= 16
+    assert result["model"]
+    assert reply.timing["turnaround_s"] >= reply.timing["run_s"] > 0
+
+
+def test_streamed_tokens_add_up_to_the_answer(fifo: Any) -> None:
+    pieces: list[str] = []
+    reply = fifo.client("streamer").chat("What is the capital of France?", max_tokens=16, on_token=pieces.append)
+    assert len(pieces) >= 2
+    assert "".join(pieces).strip() == reply.result["message"]["content"].strip()
+
+
+def test_exact_resume_with_four_token_slices(rr: Any, reference: dict[str, str]) -> None:
+    replies = run_concurrently(rr, [LONG_PROMPT, OTHER_PROMPT], 40, stop=[], ignore_eos=True)
+    for prompt, reply in replies.items():
+        assert reply.result["usage"]["completion_tokens"] == 40
+        assert reply.timing["preemptions"] >= 5, reply.timing
+        assert reply.result["message"]["content"] == reference[prompt]
+    info = rr.client("probe").call("llm", "info")
+    assert info["context"]["snapshots"] == 0, "snapshots must be dropped when their requests complete"
+
+
+def test_exact_resume_when_snapshots_spill_to_disk(module_kernel_factory: KernelFactory,
+                                                   reference: dict[str, str]) -> None:
+    k = module_kernel_factory(echo=False, llm=[CORE], scheduler={"policy": "rr", "time_slice_tokens": 4},
+                              context={"ram_budget_mb": 0.0})
+    replies = run_concurrently(k, [LONG_PROMPT, OTHER_PROMPT], 40, stop=[], ignore_eos=True)
+    for prompt, reply in replies.items():
+        assert reply.result["message"]["content"] == reference[prompt]
+    ctx = k.client("probe").call("llm", "info")["context"]
+    assert ctx["spills"] > 0 and ctx["ram_bytes"] == 0 and ctx["snapshots"] == 0
+    assert ctx["peak_ram_bytes"] <= ctx["ram_budget_bytes"]
+
+
+def _finish_order(k: Any) -> list[str]:
+    """Submit a long request, then (once it runs) a short one; return the order they finish in."""
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def call(agent: str, args: dict[str, Any]) -> None:
+        k.client(agent).request("llm", "chat", args)
+        with lock:
+            order.append(agent)
+
+    long_t = threading.Thread(target=call, args=("long", chat_args(LONG_PROMPT, 160, stop=[], ignore_eos=True)))
+    long_t.start()
+    wait_until(lambda: (k.manager_info("llm-0") or {}).get("busy") == 1, timeout=30, interval=0.01,
+               message="the long request to start")
+    short_t = threading.Thread(target=call, args=("short", chat_args("Name a color.", 6, stop=[], ignore_eos=True)))
+    short_t.start()
+    long_t.join(240)
+    short_t.join(240)
+    return order
+
+
+def test_round_robin_lets_a_later_short_request_finish_first(rr: Any) -> None:
+    assert _finish_order(rr) == ["short", "long"]
+
+
+def test_fifo_runs_the_earlier_long_request_first(fifo: Any) -> None:
+    assert _finish_order(fifo) == ["long", "short"]
+
+
+def test_json_output_follows_the_schema(fifo: Any) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    reply = fifo.client("json").chat("What is the capital of France? Answer in JSON.", op="json",
+                                     json_schema=schema, max_tokens=32)
+    parsed = reply.result["parsed"]
+    assert isinstance(parsed, dict) and isinstance(parsed["city"], str)
+
+
+def test_tool_call_output_names_a_given_tool(fifo: Any) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Get the weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    reply = fifo.client("tools").chat("What is the weather in Paris?", op="tools", tools=tools, max_tokens=48)
+    calls = reply.result["tool_calls"]
+    assert reply.result["finish_reason"] == "tool_calls"
+    assert calls and calls[0]["function"]["name"] == "get_weather"
+    import json
+    assert isinstance(json.loads(calls[0]["function"]["arguments"])["city"], str)
+
+
+@pytest.mark.parametrize("args, code", [
+    ({"messages": []}, "INVALID_ARGUMENT"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "no-such-model"}, "UNKNOWN_MODEL"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000}, "INVALID_ARGUMENT"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "INVALID_ARGUMENT"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "INVALID_ARGUMENT"),
+])
+def test_bad_chat_requests_get_clear_errors(fifo: Any, args: dict[str, Any], code: str) -> None:
+    c = fifo.client("bad")
+    with pytest.raises(sdk.InvalidArgument) as err:
+        c.request("llm", "chat", args, target=args.get("model"))
+    assert err.value.code == code
+    assert err.value.message
+    assert "Paris" in c.chat("What is the capital of France?", max_tokens=12).result["message"]["content"]
+
+
+def test_malformed_tool_schema_is_rejected(fifo: Any) -> None:
+    bad_tools = [{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}]
+    with pytest.raises(sdk.InvalidArgument) as err:
+        fifo.client("bad-tools").chat("hi", op="tools", tools=bad_tools)
+    assert err.value.code == "INVALID_ARGUMENT" and "object" in err.value.message
+
+
+def test_killing_a_core_mid_generation_retries_on_the_restarted_core(
+        module_kernel_factory: KernelFactory, reference: dict[str, str]) -> None:
+    k = module_kernel_factory(echo=False, llm=[CORE], scheduler={"policy": "fifo"})
+    old_pid = k.pid("llm-0")
+    streamed: list[Any] = []
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["reply"] = k.client("victim", timeout=120).request(
+            "llm", "chat", chat_args(LONG_PROMPT, 40, stop=[], ignore_eos=True, stream=True),
+            on_partial=streamed.append)
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_until(lambda: len(streamed) >= 3, timeout=60, interval=0.01, message="tokens to stream")
+    psutil.Process(old_pid).kill()
+    t.join(180)
+    reply = result["reply"]
+    assert reply.result["message"]["content"] == reference[LONG_PROMPT]
+    assert {"reset": True} in streamed, "the agent must be told the stream restarted"
+    after_reset = streamed[len(streamed) - streamed[::-1].index({"reset": True}):]
+    assert "".join(p["delta"] for p in after_reset) == reply.result["message"]["content"]
+    assert k.wait_running("llm-0", other_than=old_pid) != old_pid
+    assert k.processes()["llm-0"]["restarts"] == 1
+
+
+def test_snapshot_dropped_when_its_agent_disconnects(rr: Any) -> None:
+    victim = rr.client("leaver")
+    streamed: list[Any] = []
+    done: dict[str, Any] = {}
+
+    def leaver() -> None:
+        try:
+            victim.request("llm", "chat", chat_args(LONG_PROMPT, 200, stop=[], ignore_eos=True, stream=True),
+                           on_partial=lambda b: (streamed.append(b), len(streamed) == 6 and victim.close()),
+                           timeout=20)
+        except Exception as exc:  # noqa: BLE001 - its socket closes under it
+            done["error"] = exc
+
+    other = threading.Thread(target=lambda: done.setdefault("other", rr.client("stayer").request(
+        "llm", "chat", chat_args(OTHER_PROMPT, 60, stop=[], ignore_eos=True))))
+    t = threading.Thread(target=leaver)
+    t.start()
+    other.start()
+    other.join(240)
+    t.join(60)
+    assert done["other"].result["usage"]["completion_tokens"] == 60
+    probe = rr.client("probe")
+    wait_until(lambda: probe.call("llm", "info")["context"]["snapshots"] == 0, timeout=30,
+               message="the disconnected agent's snapshot to be dropped")
+    status = probe.call("kernel", "status")
+    assert status["queues"]["llm"] == 0 and status["pending"] == 0

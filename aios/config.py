@@ -74,6 +74,8 @@ class LLMCoreConfig(_Strict):
     mode: Literal["chat", "completion"] = "chat"
     sim_seconds_per_token: float = Field(default=0.01, ge=0, description="sim backend only (labelled simulation)")
     default: bool = Field(default=False, description="serve requests that name no model")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="extra keyword arguments for the backend (e.g. openai extra_body)")
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> "LLMCoreConfig":

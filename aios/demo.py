@@ -19,7 +19,7 @@ from typing import Any
 from aios.rundir import RunDir
 
 AGENTS_DIR = Path(__file__).resolve().parent.parent / "agents"
-DEFAULT_AGENTS = ["storyteller", "qa", "summarizer"]
+DEFAULT_AGENTS = ["essayist", "qa", "summarizer"]
 
 
 def add_demo_parser(sub: Any) -> None:

@@ -289,3 +289,21 @@ def test_stop_when_nothing_runs(kernel) -> None:
     assert st.returncode == 1 and "no kernel running" in st.stdout
     with pytest.raises(sdk.KernelNotRunning):
         sdk.connect(k.run_dir, agent="nobody")
+
+
+def test_kernel_status_and_shutdown_syscalls(kernel) -> None:
+    k = kernel(capacity=2)
+    c = k.client("operator")
+    for i in range(5):
+        c.call("echo", "echo", text=f"m{i}")
+    status = c.call("kernel", "status")
+    assert {p["name"] for p in status["processes"]} == {"scheduler", "echo"}
+    assert status["queues"] == {"echo": 0}
+    assert status["services"]["echo"]["completed"] >= 5
+    assert [m["name"] for m in status["managers"]] == ["echo"]
+    assert status["managers"][0]["capacity"] == 2
+    sup = k.supervisor_pid
+    assert c.call("kernel", "shutdown") == {"stopping": True}
+    wait_until(lambda: not pid_running(sup), timeout=20, message="the supervisor to exit after kernel.shutdown")
+    wait_until(lambda: not processes_of(k.run_dir), timeout=10, message="every kernel process to exit")
+    assert not k.run_dir.ipc_files()

@@ -54,16 +54,16 @@ def make_backend(core: LLMCoreConfig) -> Backend:
         kwargs: dict[str, Any] = {"model_path": core.model_path, "n_ctx": core.n_ctx, "n_threads": core.n_threads}
         if core.model:
             kwargs["name"] = core.model
-        return LlamaCppBackend(**kwargs)
+        return LlamaCppBackend(**kwargs, **core.options)
     if core.backend == "openai":
         from aios.managers.llm.backends.openai_backend import OpenAIBackend
         assert core.base_url and core.model
         return OpenAIBackend(base_url=core.base_url, model=core.model, api_key_env=core.api_key_env,
-                             mode=core.mode)
+                             mode=core.mode, **core.options)
     if core.backend == "ollama":
         from aios.managers.llm.backends.ollama_backend import OllamaBackend
         assert core.model
-        return OllamaBackend(host=core.base_url or "http://127.0.0.1:11434", model=core.model)
+        return OllamaBackend(host=core.base_url or "http://127.0.0.1:11434", model=core.model, **core.options)
     return SimBackend(seconds_per_token=core.sim_seconds_per_token, name=core.model or "sim", n_ctx=core.n_ctx)
 
 
@@ -78,8 +78,8 @@ class LLMCore(Manager):
         mb = 1024 * 1024
         self.contexts = ContextStore(int(config.context.ram_budget_mb * mb), int(config.context.disk_budget_mb * mb),
                                      run_dir.snapshot_dir / name)
-        self.switch_s = 0.0      # time spent suspending and resuming
-        self.generate_s = 0.0    # time spent generating
+        self.store_s = 0.0       # time spent moving snapshots into and out of the context store
+        self.generate_s = 0.0    # time spent generating (restores included: they happen lazily in advance)
 
     def setup(self) -> None:
         t0 = time.monotonic()
@@ -112,6 +112,11 @@ class LLMCore(Manager):
                 "context": self.contexts.stats(),
                 "switch_s": round(self.switch_s, 6), "generate_s": round(self.generate_s, 6)}
 
+    @property
+    def switch_s(self) -> float:
+        """Context-switch cost: the backend's save/restore time plus the store's."""
+        return (self.backend.switch_seconds if self.backend is not None else 0.0) + self.store_s
+
     def on_forget(self, key: str) -> None:
         # The backend and the store belong to the (single) worker thread: queue the drop there.
         self.pool.submit(self._forget, key)
@@ -129,11 +134,11 @@ class LLMCore(Manager):
             raise OpError(ErrorCode.UNKNOWN_MODEL, f"core {self.name} serves {self.models}, not {args.model!r}")
         t0 = time.perf_counter()
         gen = self.contexts.take(ctx.key)
+        self.store_s += time.perf_counter() - t0
         if gen is None:
             if ctx.resume and args.stream:
                 ctx.partial({"reset": True})  # its saved context is gone: the agent gets a fresh stream
             gen = self._call(backend.start, args)
-        self.switch_s += time.perf_counter() - t0
 
         def on_text(piece: str) -> None:
             if args.stream and piece:
@@ -167,10 +172,10 @@ class LLMCore(Manager):
         """Slice used up: save the generation and hand the request back to the scheduler."""
         backend = self.backend
         assert backend is not None
-        t0 = time.perf_counter()
         self._call(backend.suspend, gen)
+        t0 = time.perf_counter()
         stored = self.contexts.put(ctx.key, gen)
-        self.switch_s += time.perf_counter() - t0
+        self.store_s += time.perf_counter() - t0
         if stored:
             return Yield(affinity=True)
         # No budget can hold it: finish it now rather than exceed the budget.

@@ -147,6 +147,8 @@ class Backend(abc.ABC):
 
     #: names a request may use in `ChatArgs.model` to reach this backend
     models: list[str]
+    #: cumulative seconds spent saving and restoring generation state (context switches)
+    switch_seconds: float = 0.0
 
     @abc.abstractmethod
     def start(self, args: ChatArgs) -> Generation:

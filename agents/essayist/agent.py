@@ -1,4 +1,4 @@
-"""Storytelling: one long generation, streamed. It is the request a fair scheduler must not let hog the model."""
+"""Essay writing: one long generation (256 tokens), streamed. The request a fair scheduler must not let hog the model."""
 from __future__ import annotations
 
 import os
@@ -9,11 +9,11 @@ from common import agent_client, report  # noqa: E402
 
 
 def main() -> None:
-    client, args = agent_client("storyteller", __doc__)
+    client, args = agent_client("essayist", __doc__)
     pieces: list[str] = []
-    reply = client.chat([{"role": "user", "content": "Write a long story about a robot who learns to paint."}],
+    reply = client.chat([{"role": "user", "content": "Write an essay about the history of painting."}],
                         max_tokens=256, temperature=0.0, stop=[], on_token=pieces.append)
-    report(args.name, "write a long story", reply)
+    report(args.name, "write an essay about the history of painting", reply)
 
 
 if __name__ == "__main__":

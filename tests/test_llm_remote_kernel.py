@@ -1,0 +1,60 @@
+"""The kernel with an `openai` core, against a REAL OpenAI-compatible server.
+
+The server is llama-cpp-python's own `llama_cpp.server` serving the default
+Gemma file (started by the `server` fixture of test_openai_backend). One
+kernel runs two cores: the local llama.cpp core (default) and an `openai`
+core named "remote-gemma"; requests reach the core of the model they name.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from aios.managers.llm.backends.openai_backend import OpenAIBackend
+from aios.managers.llm.types import ChatArgs
+from tests.conftest import KernelFactory
+from tests.test_openai_backend import server  # noqa: F401 - the real llama_cpp.server fixture
+
+pytestmark = pytest.mark.timeout(180)
+
+PROMPT = "Why is the sky blue?"
+REMOTE = {"repeat_penalty": 1.0}  # see test_openai_backend: llama.cpp's penalty is not resume-safe
+
+
+@pytest.fixture(scope="module")
+def two_cores(module_kernel_factory: KernelFactory, server: str) -> Any:  # noqa: F811
+    cores = [
+        {"name": "llm-0", "backend": "llamacpp"},
+        {"name": "llm-remote", "backend": "openai", "base_url": server, "model": "remote-gemma",
+         "mode": "completion", "options": {"extra_body": REMOTE}},
+    ]
+    return module_kernel_factory(echo=False, llm=cores, scheduler={"policy": "rr", "time_slice_tokens": 4})
+
+
+def test_requests_reach_the_core_of_the_model_they_name(two_cores: Any) -> None:
+    c = two_cores.client("router")
+    remote = c.chat("What is the capital of France?", model="remote-gemma", max_tokens=16).result
+    local = c.chat("What is the capital of France?", max_tokens=16).result
+    assert remote["model"] == "remote-gemma"
+    assert local["model"] != "remote-gemma"
+    assert "Paris" in remote["message"]["content"] and "Paris" in local["message"]["content"]
+    assert remote["usage"]["completion_tokens"] > 0
+
+
+def test_remote_generation_preempted_every_four_tokens_resumes_exactly(two_cores: Any, server: str) -> None:  # noqa: F811
+    direct = OpenAIBackend(base_url=server, model="remote-gemma", mode="completion", extra_body=REMOTE)
+    gen = direct.start(ChatArgs(messages=[{"role": "user", "content": PROMPT}], max_tokens=24))
+    direct.advance(gen, None, lambda s: None)
+    expected = direct.finish(gen).message.content
+    assert len(expected) > 10
+    reply = two_cores.client("remote").chat(PROMPT, model="remote-gemma", max_tokens=24)
+    assert reply.timing["preemptions"] >= 2
+    assert reply.result["message"]["content"] == expected
+
+
+def test_unknown_model_is_refused_by_the_scheduler(two_cores: Any) -> None:
+    from aios import sdk
+    with pytest.raises(sdk.InvalidArgument) as err:
+        two_cores.client("lost").chat("hi", model="gpt-17")
+    assert err.value.code == "UNKNOWN_MODEL" and "remote-gemma" in err.value.message

@@ -27,6 +27,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--long", type=int, default=None, help="agents with long requests")
     p.add_argument("--short-tokens", type=int, default=16)
     p.add_argument("--long-tokens", type=int, default=256)
+    p.add_argument("--short-rounds", type=int, default=1,
+                   help="requests each short agent sends in a row (default 1; 3 shows las's per-agent fairness)")
     p.add_argument("--slice", type=int, default=32, help="time slice in tokens for preemptive policies")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=lambda a: __import__("aios.bench.llm", fromlist=["run"]).run(a))

@@ -1,7 +1,8 @@
 """`aios bench llm`: a mixed short/long LLM workload under each scheduling policy.
 
-Some agents send short requests (about 16 tokens), some long ones (about 256),
-all arriving together. For each policy a fresh kernel runs the workload and
+Some agents send short requests (about 16 tokens), a few in a row, as an
+interactive agent does; some send one long request (about 256); all start
+together. For each policy a fresh kernel runs the workload and
 we report, per request class, mean / p90 / p99 waiting and turnaround time
 (as the scheduler measured them), the tokens/s through the kernel, and the
 share of core time spent saving and restoring contexts. The same generations
@@ -35,6 +36,7 @@ class Job:
     agent: str
     kind: str  # "short" | "long"
     tokens: int
+    rounds: int = 1  # requests the agent sends one after the other
 
     def args(self) -> dict[str, Any]:
         prompt = LONG_PROMPT if self.kind == "long" else SHORT_PROMPT
@@ -47,7 +49,7 @@ def workload(args: argparse.Namespace) -> list[Job]:
     n_short = args.short if args.short is not None else (200 if sim else 6)
     n_long = args.long if args.long is not None else (50 if sim else 2)
     jobs = [Job(f"long-{i}", "long", args.long_tokens) for i in range(n_long)]
-    jobs += [Job(f"short-{i}", "short", args.short_tokens) for i in range(n_short)]
+    jobs += [Job(f"short-{i}", "short", args.short_tokens, args.short_rounds) for i in range(n_short)]
     return jobs
 
 
@@ -64,12 +66,15 @@ async def _run_jobs(run_dir: Any, jobs: list[Job], progress: Progress) -> tuple[
     done = 0
     results: list[dict[str, Any]] = []
 
+    total = sum(j.rounds for j in jobs)
+
     async def one(client: AsyncClient, job: Job) -> None:
         nonlocal done
-        reply = await client.request("llm", "chat", job.args(), idempotent=True)
-        results.append({"kind": job.kind, "tokens": reply.result["usage"]["completion_tokens"], **reply.timing})
-        done += 1
-        progress.update(f"{done}/{len(jobs)} requests done")
+        for _ in range(job.rounds):
+            reply = await client.request("llm", "chat", job.args(), idempotent=True)
+            results.append({"kind": job.kind, "tokens": reply.result["usage"]["completion_tokens"], **reply.timing})
+            done += 1
+            progress.update(f"{done}/{total} requests done")
 
     t0 = time.monotonic()
     try:
@@ -135,10 +140,11 @@ def run_direct(args: argparse.Namespace, jobs: list[Job], progress: Progress) ->
         tokens = 0
         t0 = time.monotonic()
         for i, job in enumerate(jobs):
-            gen = backend.start(ChatArgs(**job.args()))
-            backend.advance(gen, None, lambda s: None)
-            tokens += backend.finish(gen).usage.completion_tokens
-            progress.update(f"direct: {i + 1}/{len(jobs)} requests done")
+            for _ in range(job.rounds):
+                gen = backend.start(ChatArgs(**job.args()))
+                backend.advance(gen, None, lambda s: None)
+                tokens += backend.finish(gen).usage.completion_tokens
+            progress.update(f"direct: {i + 1}/{len(jobs)} agents done")
         elapsed = time.monotonic() - t0
     finally:
         backend.close()
@@ -158,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
                                "workload": {"short": sum(j.kind == "short" for j in jobs),
                                             "long": sum(j.kind == "long" for j in jobs),
                                             "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
+                                            "short_rounds": args.short_rounds,
                                             "time_slice_tokens": args.slice}}
     results["direct"] = run_direct(args, jobs, progress)
     for policy in policies:
@@ -174,8 +181,9 @@ def print_report(results: dict[str, Any], policies: list[str]) -> None:
     w = results["workload"]
     label = " (SIMULATED backend: fixed seconds per token, no model)" if results["simulated"] else ""
     print(f"aios bench llm: backend {results['backend']}{label}")
-    print(f"workload: {w['short']} short x {w['short_tokens']} tokens + {w['long']} long x {w['long_tokens']} tokens, "
-          f"all arriving together; slice {w['time_slice_tokens']} tokens\n")
+    print(f"workload: {w['short']} agents sending {w['short_rounds']} short requests ({w['short_tokens']} tokens) "
+          f"one after the other, {w['long']} agents sending one long request ({w['long_tokens']} tokens); "
+          f"all start together; slice {w['time_slice_tokens']} tokens\n")
     print(f"{'policy':<7}{'class':<7}{'wait mean':>10}{'p90':>8}{'p99':>8}{'turn mean':>11}{'p90':>8}{'p99':>8}")
     for p in policies:
         for cls in ("short", "long"):

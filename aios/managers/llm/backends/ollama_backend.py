@@ -41,7 +41,7 @@ import ollama
 import pydantic
 
 from ..types import BackendError
-from .openai_backend import PromptRenderer, RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta
+from .openai_backend import PromptRenderer, RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta, http_status_error
 
 log = logging.getLogger("aios.llm.ollama")
 
@@ -163,14 +163,9 @@ class OllamaBackend(RemoteBackend):
             if status == 404:
                 return BackendError("INVALID_ARGUMENT", f"model not found on {where} (HTTP 404): {exc.error}; "
                                     f"pull it with `ollama pull {self.model}`")
-            if status == 429:
-                return BackendError("OVERLOADED", f"{where} is busy (HTTP 429): {exc.error}")
-            if status in (408, 409) or status >= 500:
-                return BackendError("UNAVAILABLE", f"{where} failed (HTTP {status}): {exc.error}")
-            if 400 <= status < 500:
-                return BackendError("INVALID_ARGUMENT", f"{where} rejected the request (HTTP {status}): {exc.error}")
-            # status -1: an {"error": ...} line inside a stream, e.g. the model runner died
-            return BackendError("UNAVAILABLE", f"{where} reported an error while streaming: {exc.error}")
+            if status < 0:  # an {"error": ...} line inside a stream, e.g. the model runner died
+                return BackendError("UNAVAILABLE", f"{where} reported an error while streaming: {exc.error}")
+            return http_status_error(status, where, str(exc.error))
         if isinstance(exc, httpx.TimeoutException):
             return BackendError("UNAVAILABLE", f"timed out waiting for {where}")
         if isinstance(exc, (ConnectionError, httpx.TransportError)):

@@ -268,6 +268,19 @@ def held_suffix(text: str, stops: Sequence[str]) -> int:
 # --------------------------------------------------------------------------- generation state
 
 
+def http_status_error(status: int, where: str, detail: str) -> BackendError:
+    """The error code an HTTP status deserves (404 is left to each backend: its advice differs)."""
+    if status in (401, 403):
+        return BackendError("BACKEND_ERROR", f"{where} refused our credentials (HTTP {status}): {detail}")
+    if status == 429:
+        return BackendError("OVERLOADED", f"{where} is rate limiting (HTTP 429): {detail}")
+    if status in (408, 409) or status >= 500:
+        return BackendError("UNAVAILABLE", f"{where} failed (HTTP {status}): {detail}")
+    if 400 <= status < 500:
+        return BackendError("INVALID_ARGUMENT", f"{where} rejected the request (HTTP {status}): {detail}")
+    return BackendError("UNAVAILABLE", f"{where} answered HTTP {status}: {detail}")
+
+
 class RemoteGeneration(Generation):
     """A generation on a remote server: its resumable state is the text so far.
 
@@ -834,15 +847,7 @@ class OpenAIBackend(RemoteBackend):
             detail = _error_detail(exc)
             if status == 404:
                 return BackendError("INVALID_ARGUMENT", f"model or endpoint not found at {where} (HTTP 404): {detail}")
-            if status in (401, 403):
-                return BackendError("BACKEND_ERROR", f"{where} refused our credentials (HTTP {status}): {detail}")
-            if status == 429:
-                return BackendError("OVERLOADED", f"{where} is rate limiting (HTTP 429): {detail}")
-            if status in (408, 409) or status >= 500:
-                return BackendError("UNAVAILABLE", f"{where} failed (HTTP {status}): {detail}")
-            if 400 <= status < 500:
-                return BackendError("INVALID_ARGUMENT", f"{where} rejected the request (HTTP {status}): {detail}")
-            return BackendError("UNAVAILABLE", f"{where} answered HTTP {status}: {detail}")
+            return http_status_error(status, where, detail)
         if isinstance(exc, openai.APIError):
             return BackendError("UNAVAILABLE", f"{where} reported an error: {exc}")
         if isinstance(exc, (ConnectionError, TimeoutError, OSError)):

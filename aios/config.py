@@ -9,7 +9,6 @@ processes of one kernel agree on one configuration.
 from __future__ import annotations
 
 import json
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ class KernelConfig(_Strict):
 
     transport: Literal["ipc", "tcp"] = "ipc"
     host: str = "127.0.0.1"
+    curve: bool = Field(default=True, description="tcp only: encrypt with CurveZMQ (server key in the run directory)")
     frontend_port: int = Field(default=5710, ge=1, le=65535)
     backend_port: int = Field(default=5711, ge=1, le=65535)
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
@@ -166,7 +166,3 @@ def config_to_json(config: Config) -> str:
 
 def config_from_json(text: str) -> Config:
     return Config.model_validate(json.loads(text))
-
-
-def python_executable() -> str:
-    return sys.executable

@@ -27,7 +27,6 @@ import msgpack
 
 VERSION = b"AIOS1"
 SIGNATURE_BYTES = 32
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: routing ids a frame may carry before the delimiter (agent -> scheduler -> manager is at most 2)
 MAX_ROUTING_FRAMES = 4
 KEY_BYTES = 32
@@ -219,13 +218,3 @@ class Codec:
         if not isinstance(header, dict):
             raise ProtocolError(ErrorCode.BAD_FRAME, "header must be a map")
         return Message(list(frames[:split]), header, body_raw)
-
-
-def header_str(header: dict[str, Any], key: str, required: bool = True, max_len: int = 256) -> str | None:
-    """Read a string field of a header, with the clear error a client deserves."""
-    value = header.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"header field {key!r} must be a non-empty string", header)
-    return value

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from aios.config import Config, config_from_json, config_to_json
 from aios.protocol import new_key
 
@@ -89,6 +91,14 @@ class RunDir:
         finally:
             os.close(fd)
         os.chmod(self.key_file, 0o600)
+        if self.uses_curve(config):
+            public, secret = zmq.curve_keypair()
+            fd = os.open(self.curve_secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, secret)
+            finally:
+                os.close(fd)
+            write_atomic(self.curve_public_file, public.decode())
         write_atomic(self.config_file, config_to_json(config))
 
     def exists(self) -> bool:
@@ -117,6 +127,35 @@ class RunDir:
         if k.transport == "tcp":
             return f"tcp://{'*' if bind and k.host in ('0.0.0.0', '*') else k.host}:{k.backend_port}"
         return f"ipc://{self.ipc_dir / 'backend.ipc'}"
+
+    # --- CurveZMQ on tcp ---------------------------------------------------
+    # Over tcp the scheduler's sockets are CURVE servers, so traffic between
+    # machines is encrypted; every peer learns the server's public key from
+    # the run directory (copy `curve.public` and `key` to a remote agent).
+    # Authentication stays with the HMAC signature on every frame.
+    @property
+    def curve_secret_file(self) -> Path:
+        return self.path / "curve.secret"
+
+    @property
+    def curve_public_file(self) -> Path:
+        return self.path / "curve.public"
+
+    @staticmethod
+    def uses_curve(config: Config) -> bool:
+        return config.kernel.transport == "tcp" and config.kernel.curve
+
+    def secure_server(self, sock: zmq.Socket, config: Config) -> None:
+        if self.uses_curve(config):
+            sock.curve_secretkey = self.curve_secret_file.read_bytes()
+            sock.curve_server = True
+
+    def secure_client(self, sock: zmq.Socket, config: Config) -> None:
+        if self.uses_curve(config):
+            public, secret = zmq.curve_keypair()
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            sock.curve_serverkey = self.curve_public_file.read_bytes().strip()
 
     def ipc_files(self) -> list[Path]:
         d = self.ipc_dir

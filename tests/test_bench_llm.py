@@ -21,7 +21,8 @@ def test_bench_llm_sim_json_has_every_policy_and_class() -> None:
         capture_output=True, text=True, timeout=200, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout)
-    assert data["simulated"] is True
+    assert set(data) == {"direct", "fifo", "rr", "las"}
+    assert data["direct"]["simulated"] is True
     expected_tokens = 4 * 2 * 8 + 2 * 40
     assert data["direct"]["tokens"] == expected_tokens and data["direct"]["tokens_per_s"] > 0
     for policy in ("fifo", "rr", "las"):

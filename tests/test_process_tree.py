@@ -307,3 +307,33 @@ def test_kernel_status_and_shutdown_syscalls(kernel) -> None:
     wait_until(lambda: not pid_running(sup), timeout=20, message="the supervisor to exit after kernel.shutdown")
     wait_until(lambda: not processes_of(k.run_dir), timeout=10, message="every kernel process to exit")
     assert not k.run_dir.ipc_files()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_transport_is_encrypted_with_curve(kernel) -> None:
+    import zmq
+    from aios.protocol import Codec
+    k = kernel(kernel={"transport": "tcp", "host": "127.0.0.1",
+                       "frontend_port": _free_port(), "backend_port": _free_port()})
+    assert (k.run_dir.path / "curve.public").exists()
+    assert oct((k.run_dir.path / "curve.secret").stat().st_mode & 0o777) == "0o600"
+    c = k.client("remote-agent")
+    assert c.call("echo", "echo", text="over tcp")["text"] == "over tcp"
+    assert not k.run_dir.ipc_files()
+    # A peer without the server's CURVE key cannot complete the handshake: no reply, ever.
+    ctx = zmq.Context.instance()
+    plain = ctx.socket(zmq.DEALER)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(k.run_dir.frontend_endpoint(k.run_dir.load_config()))
+    codec = Codec(k.run_dir.load_key())
+    plain.send_multipart(codec.encode({"kind": "request", "id": "x1", "agent": "eve", "service": "kernel",
+                                       "op": "ping"}, {}), zmq.NOBLOCK)
+    assert plain.poll(1500, zmq.POLLIN) == 0
+    plain.close(0)
+    assert c.call("kernel", "ping") == {"pong": True}

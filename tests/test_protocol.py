@@ -15,7 +15,6 @@ from aios.protocol import (
     ProtocolError,
     Status,
     error_body,
-    header_str,
     pack,
     unpack,
 )
@@ -328,12 +327,3 @@ def test_error_codes_round_trip_to_sdk_exceptions() -> None:
 def test_enums_values() -> None:
     assert {k.value for k in Kind} >= {"request", "reply", "ready", "heartbeat", "yield", "cancel"}
     assert {s.value for s in Status} == {"ok", "partial", "error"}
-
-
-def test_header_str() -> None:
-    assert header_str({"agent": "a"}, "agent") == "a"
-    assert header_str({}, "target", required=False) is None
-    for bad in ({}, {"agent": ""}, {"agent": 5}, {"agent": "x" * 300}):
-        with pytest.raises(ProtocolError) as info:
-            header_str(bad, "agent")
-        assert info.value.code is ErrorCode.BAD_FRAME

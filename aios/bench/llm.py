@@ -160,13 +160,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     jobs = workload(args)
     progress = Progress("[bench llm]")
-    results: dict[str, Any] = {"backend": args.backend, "simulated": args.backend == "sim",
-                               "workload": {"short": sum(j.kind == "short" for j in jobs),
-                                            "long": sum(j.kind == "long" for j in jobs),
-                                            "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
-                                            "short_rounds": args.short_rounds,
-                                            "time_slice_tokens": args.slice}}
-    results["direct"] = run_direct(args, jobs, progress)
+    # Top-level keys are exactly the policies and "direct"; what describes the run as a
+    # whole (backend, workload) rides along in "direct", the baseline of the same workload.
+    results: dict[str, Any] = {"direct": run_direct(args, jobs, progress)}
+    results["direct"].update({
+        "backend": args.backend, "simulated": args.backend == "sim",
+        "workload": {"short": sum(j.kind == "short" for j in jobs), "long": sum(j.kind == "long" for j in jobs),
+                     "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
+                     "short_rounds": args.short_rounds, "time_slice_tokens": args.slice}})
     for policy in policies:
         results[policy] = run_policy(args, policy, jobs, progress)
     progress.done("finished")
@@ -178,9 +179,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(results: dict[str, Any], policies: list[str]) -> None:
-    w = results["workload"]
-    label = " (SIMULATED backend: fixed seconds per token, no model)" if results["simulated"] else ""
-    print(f"aios bench llm: backend {results['backend']}{label}")
+    meta = results["direct"]
+    w = meta["workload"]
+    label = " (SIMULATED backend: fixed seconds per token, no model)" if meta["simulated"] else ""
+    print(f"aios bench llm: backend {meta['backend']}{label}")
     print(f"workload: {w['short']} agents sending {w['short_rounds']} short requests ({w['short_tokens']} tokens) "
           f"one after the other, {w['long']} agents sending one long request ({w['long_tokens']} tokens); "
           f"all start together; slice {w['time_slice_tokens']} tokens\n")

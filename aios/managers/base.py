@@ -218,6 +218,7 @@ class Manager:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.config.kernel.high_water_mark)
         sock.setsockopt(zmq.RCVHWM, self.config.kernel.high_water_mark)
+        self.run_dir.secure_client(sock, self.config)
         sock.connect(self.run_dir.backend_endpoint(self.config))
         return sock
 

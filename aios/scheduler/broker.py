@@ -109,6 +109,8 @@ class Broker:
         self.frontend = self._router(k.max_message_bytes)
         self.backend = self._router(max(k.max_message_bytes, 64 * 1024 * 1024))
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        run_dir.secure_server(self.frontend, config)
+        run_dir.secure_server(self.backend, config)
         self.frontend.bind(run_dir.frontend_endpoint(config, bind=True))
         self.backend.bind(run_dir.backend_endpoint(config, bind=True))
         self.expected_services = self._expected_services(config)

@@ -68,10 +68,12 @@ class _Endpoint:
         except FileNotFoundError as exc:
             raise KernelNotRunning("UNAVAILABLE", str(exc), retryable=True) from None
         self.codec = Codec(key)
+        self.config = config
         self.address = self.run_dir.frontend_endpoint(config)
 
 
-def _configure(sock: zmq.Socket) -> None:
+def _configure(sock: zmq.Socket, endpoint: _Endpoint) -> None:
+    endpoint.run_dir.secure_client(sock, endpoint.config)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -93,7 +95,7 @@ class Client:
 
     def _open(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
-        _configure(sock)
+        _configure(sock, self._endpoint)
         sock.connect(self._endpoint.address)
         return sock
 
@@ -255,7 +257,7 @@ class AsyncClient:
         self.run_dir = self._endpoint.run_dir
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        _configure(self._sock)
+        _configure(self._sock, self._endpoint)
         self._sock.connect(self._endpoint.address)
         self._waiters: dict[str, tuple[asyncio.Queue[list[bytes]], list[Any], PartialHandler | None]] = {}
         self._reader: asyncio.Task[None] | None = None

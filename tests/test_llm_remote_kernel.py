@@ -58,3 +58,18 @@ def test_unknown_model_is_refused_by_the_scheduler(two_cores: Any) -> None:
     with pytest.raises(sdk.InvalidArgument) as err:
         two_cores.client("lost").chat("hi", model="gpt-17")
     assert err.value.code == "UNKNOWN_MODEL" and "remote-gemma" in err.value.message
+
+
+def test_a_request_naming_no_model_waits_for_the_default_core(two_cores: Any) -> None:
+    import threading
+    from tests.conftest import wait_until
+    long_reply: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: long_reply.setdefault("r", two_cores.client("long").chat(
+        "Write an essay about the history of painting.", max_tokens=48, stop=[], ignore_eos=True)))
+    t.start()
+    wait_until(lambda: (two_cores.manager_info("llm-0") or {}).get("busy") == 1, timeout=30, interval=0.01,
+               message="the default core to be busy")
+    assert (two_cores.manager_info("llm-remote") or {}).get("busy") == 0
+    short = two_cores.client("short").chat("What is the capital of France?", max_tokens=8).result
+    t.join(120)
+    assert short["model"] == long_reply["r"].result["model"] != "remote-gemma"

@@ -307,26 +307,31 @@ class Broker:
         q = self.queues.get(service)
         if not q:
             return
-        free = [m for m in self.by_service.get(service, ()) if m.credit > 0]
+        managers = self.by_service.get(service, ())
+        free = [m for m in managers if m.credit > 0]
+        # A request that names no model goes to a default manager, if the service has one,
+        # even when only non-default ones are free: another model is not the same service.
+        only_default = any(m.default for m in managers)
         while free and len(q):
-            req = q.pop(lambda r: self._pick(free, r) is not None)
+            req = q.pop(lambda r: self._pick(free, r, only_default) is not None)
             if req is None:
                 return
-            mgr = self._pick(free, req)
+            mgr = self._pick(free, req, only_default)
             assert mgr is not None
             self._start(req, mgr, q)
             if mgr.credit <= 0:
                 free.remove(mgr)
 
     @staticmethod
-    def _pick(free: list[ManagerRecord], req: Request) -> ManagerRecord | None:
+    def _pick(free: list[ManagerRecord], req: Request, only_default: bool) -> ManagerRecord | None:
+        """The free manager with the most credit that may run `req` (its saved context, its model)."""
         best: ManagerRecord | None = None
         for m in free:
             if req.affinity is not None and m.identity != req.affinity:
                 continue
             if req.target is not None and req.target not in m.models:
                 continue
-            if req.target is None and m.models and not m.default and any(o.default for o in free if o is not m):
+            if req.target is None and only_default and not m.default:
                 continue
             if best is None or m.credit > best.credit:
                 best = m

@@ -85,7 +85,8 @@ class LLMCore(Manager):
         t0 = time.monotonic()
         self.backend = make_backend(self.core)
         self.models = list(self.backend.models)
-        self.default_model = self.core.default or self.core is self.config.llm[0]
+        marked = [c for c in self.config.llm if c.default]
+        self.default_model = self.core in marked if marked else self.core is self.config.llm[0]
         self.log.info("%s backend ready in %.2fs, models %s", self.core.backend, time.monotonic() - t0, self.models)
 
     def teardown(self) -> None:

@@ -8,7 +8,6 @@ context, so every resume is a real restore of saved state.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import psutil

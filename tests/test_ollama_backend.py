@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import pytest
 
 from aios.managers.llm.backends.ollama_backend import OllamaBackend
-from aios.managers.llm.types import BackendError, ChatArgs, ChatResult, Generation
+from aios.managers.llm.types import BackendError, ChatArgs
+from tests.support.llm_driver import q, run
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -165,24 +166,6 @@ def fake() -> Iterator[FakeOllama]:
     yield srv
     srv.shutdown()
     srv.server_close()
-
-
-def q(text: str = "What is the capital of France?", **kw: Any) -> ChatArgs:
-    return ChatArgs(messages=[{"role": "user", "content": text}], **kw)
-
-
-def run(backend: OllamaBackend, args: ChatArgs, slice_tokens: int | None = None) -> tuple[ChatResult, list[str], int]:
-    """Drive a generation like the LLM core does: advance a slice, suspend, repeat."""
-    gen: Generation = backend.start(args)
-    pieces: list[str] = []
-    slices = 0
-    while not gen.done:
-        backend.advance(gen, slice_tokens, pieces.append)
-        slices += 1
-        if not gen.done:
-            backend.suspend(gen)
-        assert slices < 100
-    return backend.finish(gen), pieces, slices
 
 
 def test_fake_lists_model(fake: FakeOllama) -> None:

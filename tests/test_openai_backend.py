@@ -15,19 +15,19 @@ correctness; on machines without the problem it is a no-op for the tests' purpos
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from aios.managers.llm.backends.openai_backend import OpenAIBackend
-from aios.managers.llm.types import BackendError, ChatArgs, ChatResult, Generation
+from aios.managers.llm.types import BackendError, ChatArgs
+from tests.support.llm_driver import q, run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,24 +97,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-def q(text: str = "What is the capital of France?", **kw: Any) -> ChatArgs:
-    return ChatArgs(messages=[{"role": "user", "content": text}], **kw)
-
-
-def run(backend: OpenAIBackend, args: ChatArgs, slice_tokens: int | None = None) -> tuple[ChatResult, list[str], int]:
-    """Drive a generation like the LLM core does: advance a slice, suspend, repeat."""
-    gen: Generation = backend.start(args)
-    pieces: list[str] = []
-    slices = 0
-    while not gen.done:
-        backend.advance(gen, slice_tokens, pieces.append)
-        slices += 1
-        if not gen.done:
-            backend.suspend(gen)
-        assert slices < 100
-    return backend.finish(gen), pieces, slices
 
 
 def test_chat_answers_paris_with_usage(server: str) -> None:
@@ -246,7 +228,6 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
                                          (503, "UNAVAILABLE")])
 def test_http_status_mapping(status: int, code: str) -> None:
     # Statuses llama_cpp.server never sends for a streamed request, checked on the mapping itself.
-    import openai
 
     try:
         import httpx2 as httpx  # what openai>=3 is built on

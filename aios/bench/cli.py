@@ -1,7 +1,6 @@
 """`aios bench ...`: benchmark commands that print figures (tests never assert on speed)."""
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"aios demo: no such agent(s) {missing} in {AGENTS_DIR}", file=sys.stderr)
         return 2
+    temporary = args.run_dir is None
     run_dir = RunDir(args.run_dir or tempfile.mkdtemp(prefix="aios-demo-", dir="/tmp"))
     start = ["--run-dir", str(run_dir.path), "--detach"]
     if args.config:
@@ -48,16 +50,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] starting the kernel (policy {args.policy or 'from config'}) ...", flush=True)
     if start_main(start) != 0:
         return 1
+    policy = run_dir.load_config().scheduler.policy
+    ok = False
     try:
-        rows = _run_agents(run_dir, names)
+        rows, ok = _run_agents(run_dir, names)
     finally:
         print("[demo] stopping the kernel ...", flush=True)
         stop_kernel(run_dir)
-    _print_table(rows, run_dir, args.policy)
-    return 0 if rows else 1
+        if temporary and ok:
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        elif temporary:
+            print(f"[demo] logs kept in {run_dir.log_dir}", file=sys.stderr)
+    _print_table(rows, policy)
+    return 0 if ok else 1
 
 
-def _run_agents(run_dir: RunDir, names: list[str]) -> list[dict[str, Any]]:
+def _run_agents(run_dir: RunDir, names: list[str]) -> tuple[list[dict[str, Any]], bool]:
+    """Run the agents concurrently; return their report lines and whether every agent succeeded."""
     sel = selectors.DefaultSelector()
     procs: dict[str, subprocess.Popen[str]] = {}
     print(f"[demo] running agents: {', '.join(names)}", flush=True)
@@ -86,19 +95,21 @@ def _run_agents(run_dir: RunDir, names: list[str]) -> list[dict[str, Any]]:
             answer = row["answer"].replace("\n", " ")
             print(f"\n[{row['agent']}] {row['request']}\n  -> {answer[:300]}{'...' if len(answer) > 300 else ''}",
                   flush=True)
+    ok = True
     for name, p in procs.items():
         code = p.wait()
         if code != 0:
+            ok = False
             err = p.stderr.read() if p.stderr else ""
             print(f"[demo] agent {name} exited with code {code}:\n{err[-2000:]}", file=sys.stderr)
-    return rows
+    return rows, ok
 
 
-def _print_table(rows: list[dict[str, Any]], run_dir: RunDir, policy: str | None) -> None:
+def _print_table(rows: list[dict[str, Any]], policy: str) -> None:
     if not rows:
         print("[demo] no request completed")
         return
-    print(f"\nper-request times under policy {policy or 'fifo (config default)'}:")
+    print(f"\nper-request times under policy {policy}:")
     print(f"{'agent':<13}{'request':<50}{'tokens':>7}{'wait s':>9}{'turnaround s':>14}{'preempted':>11}")
     for r in sorted(rows, key=lambda r: r["turnaround_s"] or 0):
         print(f"{r['agent']:<13}{r['request'][:48]:<50}{r['tokens']:>7}{r['wait_s']:>9.2f}"

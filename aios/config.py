@@ -9,7 +9,9 @@ processes of one kernel agree on one configuration.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,3 +168,61 @@ def config_to_json(config: Config) -> str:
 
 def config_from_json(text: str) -> Config:
     return Config.model_validate(json.loads(text))
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """Write a configuration mapping as TOML (the inverse of `load_config`'s parsing): tables,
+    arrays of tables, scalars, lists and inline maps. Benchmarks and tests build configs with it."""
+    lines: list[str] = []
+    _toml_table(data, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _toml_table(data: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
+    tables, arrays = [], []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in tables:
+        lines.append("")
+        lines.append(f"[{'.'.join(_toml_key(k) for k in path + [key])}]")
+        _toml_table(value, path + [key], lines)
+    for key, items in arrays:
+        for item in items:
+            lines.append("")
+            lines.append(f"[[{'.'.join(_toml_key(k) for k in path + [key])}]]")
+            _toml_table(item, path + [key], lines)
+
+
+def _toml_key(key: str) -> str:
+    key = str(key)
+    if key and all(c.isalnum() or c in "_-" for c in key):
+        return key
+    return _toml_string(key)
+
+
+def _toml_string(s: str) -> str:
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"cannot write {value!r} as TOML")
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        raise ValueError("TOML has no null; leave the key out instead")
+    raise ValueError(f"cannot write {type(value).__name__} as TOML")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
+from aios.config import dump_toml
 from aios.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,37 +57,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
             extra = f" (last error: {last_exc!r})" if last_exc is not None else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """Enough TOML for kernel configs: scalars, tables, arrays of tables, inline maps."""
-    lines: list[str] = []
-    for key, value in data.items():
-        if not isinstance(value, (dict, list)) or (isinstance(value, list) and not value):
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"\n[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
-        elif isinstance(value, list) and value:
-            for item in value:
-                lines.append(f"\n[[{key}]]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
 
 
 def processes_of(run_dir: RunDir) -> list[psutil.Process]:
@@ -247,7 +217,7 @@ class KernelFactory:
         run_dir = Path(tempfile.mkdtemp(prefix="aios-", dir="/tmp"))
         self.run_dirs.append(run_dir)
         config_path = self.base / f"aios-{len(self.run_dirs)}.toml"
-        config_path.write_text(to_toml(cfg))
+        config_path.write_text(dump_toml(cfg))
         k = Kernel(run_dir, config_path)
         self.kernels.append(k)
         if start:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from aios.config import dump_toml
 from aios.rundir import RunDir
 
 
@@ -51,7 +52,7 @@ def temporary_kernel(config: str | Mapping[str, Any] | None = None, policy: str 
     run_dir = RunDir(path / "run")
     argv = ["--run-dir", str(run_dir.path), "--detach", "--quiet"]
     if config is not None:
-        text = config if isinstance(config, str) else toml_dumps(config)
+        text = config if isinstance(config, str) else dump_toml(config)
         config_file = path / "config.toml"
         config_file.write_text(text)
         argv += ["--config", str(config_file)]
@@ -103,63 +104,6 @@ def _log_tail(run_dir: RunDir, lines: int = 20) -> str:
         if text:
             out.append(f"--- {log.name}\n" + "\n".join(text))
     return "\n".join(out)
-
-
-def toml_dumps(data: Mapping[str, Any]) -> str:
-    """Write a configuration mapping as TOML: tables, arrays of tables, scalars and lists of scalars."""
-    lines: list[str] = []
-    _toml_table(data, [], lines)
-    return "\n".join(lines).strip() + "\n"
-
-
-def _toml_table(data: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
-    tables, arrays = [], []
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
-            arrays.append((key, value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in tables:
-        lines.append("")
-        lines.append(f"[{'.'.join(_toml_key(k) for k in path + [key])}]")
-        _toml_table(value, path + [key], lines)
-    for key, items in arrays:
-        for item in items:
-            lines.append("")
-            lines.append(f"[[{'.'.join(_toml_key(k) for k in path + [key])}]]")
-            _toml_table(item, path + [key], lines)
-
-
-def _toml_key(key: str) -> str:
-    key = str(key)
-    if key and all(c.isalnum() or c in "_-" for c in key):
-        return key
-    return _toml_string(key)
-
-
-def _toml_string(s: str) -> str:
-    escaped = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    return f'"{escaped}"'
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"cannot write {value!r} as TOML")
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    if value is None:
-        raise ValueError("TOML has no null; leave the key out instead")
-    raise ValueError(f"cannot write {type(value).__name__} as TOML")
 
 
 # ------------------------------------------------------------- statistics

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 from aios.config import Config
 from aios.protocol import Codec, ErrorCode, Kind, ProtocolError, Status, error_body
 from aios.rundir import RunDir
+from aios.zmqio import NOBLOCK, recv_multipart, send_multipart
 
 log = logging.getLogger("aios.manager")
 
@@ -86,6 +87,12 @@ def op(args_model: type[BaseModel] | None = None, *, name: str | None = None,
     return mark
 
 
+def request_key(rid: str, client: bytes) -> str:
+    """A request's identity on a manager (ids are unique per agent connection); a string,
+    so managers can use it to name what they keep for the request."""
+    return rid + "\0" + client.hex()
+
+
 @dataclass
 class RequestContext:
     """What a handler knows about the request it serves."""
@@ -110,7 +117,7 @@ class RequestContext:
 
     @property
     def key(self) -> str:
-        return self.id + "\0" + self.client.hex()
+        return request_key(self.id, self.client)
 
 
 class Manager:
@@ -186,7 +193,7 @@ class Manager:
             if self._results in events:
                 while True:
                     try:
-                        frames = self._results.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_multipart(self._results, NOBLOCK)
                     except zmq.Again:
                         break
                     self._send_frames(frames)
@@ -194,7 +201,7 @@ class Manager:
             if self.sock in events:
                 while True:
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_multipart(self.sock, NOBLOCK)
                     except zmq.Again:
                         break
                     last_heard = now
@@ -224,7 +231,7 @@ class Manager:
 
     def _send_frames(self, frames: list[bytes]) -> None:
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            send_multipart(self.sock, frames, NOBLOCK)
         except zmq.Again:
             self.log.warning("scheduler not accepting messages; dropped one")
 
@@ -262,7 +269,7 @@ class Manager:
         elif kind == Kind.REREGISTER.value:
             self._send_ready()
         elif kind == Kind.CANCEL.value:
-            key = f"{h.get('id')}\0{(h.get('client') or b'').hex()}"
+            key = request_key(str(h.get("id")), h.get("client") or b"")
             with self._lock:
                 ctx = self._active.get(key)
             if ctx is not None:

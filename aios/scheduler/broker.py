@@ -69,7 +69,7 @@ class ManagerRecord:
     last_seen: float
     last_sent: float
     registered: float
-    inflight: dict[str, Request] = field(default_factory=dict)
+    inflight: dict[tuple[bytes, str], Request] = field(default_factory=dict)
     completed: int = 0
 
 
@@ -345,7 +345,7 @@ class Broker:
         req.attempts += 1
         req.manager = mgr.identity
         mgr.credit -= 1
-        mgr.inflight[req.id + "\0" + req.client.hex()] = req
+        mgr.inflight[req.key] = req
         header = {
             "kind": Kind.REQUEST.value,
             "id": req.id,
@@ -418,7 +418,7 @@ class Broker:
         rid, client = h.get("id"), h.get("client")
         if not isinstance(rid, str) or not isinstance(client, bytes):
             return None
-        return mgr.inflight.get(rid + "\0" + client.hex())
+        return mgr.inflight.get((client, rid))
 
     def on_manager_reply(self, mgr: ManagerRecord, msg: Message) -> None:
         h = msg.header
@@ -446,7 +446,7 @@ class Broker:
             mgr.completed += 1
         stats.wait_s_total += (req.finished - req.created) - req.run_s
         stats.turnaround_s_total += req.finished - req.created
-        self.pending.pop((req.client, req.id), None)
+        self.pending.pop(req.key, None)
         self._cache(req, frames)
         self._send(self.frontend, frames)
         self.dispatch(mgr.service)
@@ -459,13 +459,13 @@ class Broker:
         req.preemptions += 1
         req.affinity = mgr.identity if h.get("affinity") else None
         self.stats[req.service].preemptions += 1
-        if (req.client, req.id) in self.pending:
+        if req.key in self.pending:
             self.queue(req.service).requeue(req)
         self.dispatch(mgr.service)
 
     def _release(self, mgr: ManagerRecord, req: Request, now: float, tokens: int) -> None:
         """A request stops running on `mgr`: return the credit and charge the service used."""
-        mgr.inflight.pop(req.id + "\0" + req.client.hex(), None)
+        mgr.inflight.pop(req.key, None)
         mgr.credit = min(mgr.credit + 1, mgr.capacity)
         run_s = now - (req.dispatched_at or now)
         req.run_s += run_s
@@ -487,7 +487,7 @@ class Broker:
             req.manager = None
             if mgr.identity == req.affinity:
                 req.affinity = None  # its saved context died with the manager
-            if (req.client, req.id) not in self.pending:
+            if req.key not in self.pending:
                 continue
             req.failures += 1
             if req.idempotent and req.failures < MAX_ATTEMPTS:
@@ -514,7 +514,7 @@ class Broker:
         mgr = self.managers.get(target) if target else None
         if mgr is not None:
             if req.manager is not None:
-                mgr.inflight.pop(req.id + "\0" + req.client.hex(), None)
+                mgr.inflight.pop(req.key, None)
                 mgr.credit = min(mgr.credit + 1, mgr.capacity)
             self._send(self.backend, self.codec.encode(
                 {"kind": Kind.CANCEL.value, "id": req.id, "client": req.client}, None, [mgr.identity]))
@@ -522,7 +522,7 @@ class Broker:
         req.affinity = None
 
     def _finish_error(self, req: Request, code: ErrorCode, message: str) -> None:
-        self.pending.pop((req.client, req.id), None)
+        self.pending.pop(req.key, None)
         q = self.queues.get(req.service)
         if q is not None:
             q.remove(req)
@@ -536,7 +536,7 @@ class Broker:
         size = self.config.kernel.reply_cache
         if size <= 0:
             return
-        self.reply_cache[(req.client, req.id)] = frames
+        self.reply_cache[req.key] = frames
         while len(self.reply_cache) > size:
             self.reply_cache.popitem(last=False)
 
@@ -555,11 +555,11 @@ class Broker:
         if len(self.deadlines) > 2 * len(self.pending) + 1024:
             # entries of finished requests wait for their deadline; drop them in bulk so the
             # heap (and the request bodies it holds) stays proportional to the pending work
-            self.deadlines = [e for e in self.deadlines if self.pending.get((e[2].client, e[2].id)) is e[2]]
+            self.deadlines = [e for e in self.deadlines if self.pending.get(e[2].key) is e[2]]
             heapq.heapify(self.deadlines)
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, req = heapq.heappop(self.deadlines)
-            if self.pending.get((req.client, req.id)) is req:
+            if self.pending.get(req.key) is req:
                 self._finish_error(req, ErrorCode.DEADLINE_EXCEEDED,
                                    f"deadline passed after {now - req.created:.3f}s "
                                    f"({'running' if req.manager else 'still queued'})")

@@ -40,6 +40,11 @@ class Request:
     tokens: int = 0
     streamed: bool = False            # partial replies already reached the agent
 
+    @property
+    def key(self) -> tuple[bytes, str]:
+        """Identity of a request in the scheduler: request ids are unique per agent connection."""
+        return (self.client, self.id)
+
     def timing(self) -> dict[str, float | int]:
         end = self.finished if self.finished is not None else self.created
         turnaround = end - self.created

@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from aios.config import Config
-from aios.protocol import Codec, Kind, ProtocolError, Status, new_request_id
+from aios.protocol import Codec, Kind, Message, ProtocolError, Status, new_request_id
 from aios.rundir import RunDir
 from aios.sdk.errors import AIOSError, KernelNotRunning, KernelTimeout, error_from_body
 from aios.zmqio import recv_multipart, send_multipart
@@ -169,7 +169,7 @@ class Client:
                 frames = recv_multipart(self._sock)
             except zmq.Again:
                 continue  # timed out: the check above ends the wait
-            result = _match(self._endpoint.codec, frames, rid, partials, on_partial)
+            result = _match(_decode(self._endpoint.codec, frames), rid, partials, on_partial)
             if result is not None:
                 return result
 
@@ -217,13 +217,17 @@ def _token_sink(on_token: Callable[[str], None] | None) -> PartialHandler | None
     return handle
 
 
-def _match(codec: Codec, frames: list[bytes], rid: str, partials: list[Any],
-           on_partial: PartialHandler | None) -> Reply | None:
-    """Decode one reply; return a Reply if it is the final answer to `rid`, raise if an error."""
+def _decode(codec: Codec, frames: list[bytes]) -> Message | None:
     try:
-        msg = codec.decode(frames)
+        return codec.decode(frames)
     except ProtocolError as exc:
         log.warning("dropped a reply: %s", exc.message)
+        return None
+
+
+def _match(msg: Message | None, rid: str, partials: list[Any], on_partial: PartialHandler | None) -> Reply | None:
+    """Return a Reply if `msg` is the final answer to `rid`, raise if it is an error, else None."""
+    if msg is None:
         return None
     h = msg.header
     if h.get("id") != rid:
@@ -259,7 +263,7 @@ class AsyncClient:
         self._sock = self._ctx.socket(zmq.DEALER)
         _configure(self._sock, self._endpoint)
         self._sock.connect(self._endpoint.address)
-        self._waiters: dict[str, tuple[asyncio.Queue[list[bytes]], list[Any], PartialHandler | None]] = {}
+        self._waiters: dict[str, tuple[asyncio.Queue[Message], list[Any], PartialHandler | None]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def call(self, service: str, op: str, /, **args: Any) -> Any:
@@ -298,7 +302,7 @@ class AsyncClient:
         header = {"kind": Kind.REQUEST.value, "id": rid, "agent": self.agent, "service": service, "op": op}
         if target is not None:
             header["target"] = target
-        inbox: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
         partials: list[Any] = []
         self._waiters[rid] = (inbox, partials, on_partial)
         resend_every = self.retry_interval
@@ -318,10 +322,10 @@ class AsyncClient:
                     if left <= 0:
                         break
                     try:
-                        frames = await asyncio.wait_for(inbox.get(), left)
+                        msg = await asyncio.wait_for(inbox.get(), left)
                     except asyncio.TimeoutError:
                         break
-                    reply = _match(self._endpoint.codec, frames, rid, partials, on_partial)
+                    reply = _match(msg, rid, partials, on_partial)
                     if reply is not None:
                         return reply
                 resend_every = min(resend_every * 2, 8.0)
@@ -331,11 +335,11 @@ class AsyncClient:
     async def _read(self) -> None:
         """Route every incoming reply to the task waiting for its id."""
         while True:
-            frames = await self._sock.recv_multipart()
-            rid = _peek_id(self._endpoint.codec, frames)
-            waiter = self._waiters.get(rid) if rid else None
+            msg = _decode(self._endpoint.codec, await self._sock.recv_multipart())
+            rid = msg.header.get("id") if msg is not None else None
+            waiter = self._waiters.get(rid) if isinstance(rid, str) else None
             if waiter is not None:
-                waiter[0].put_nowait(frames)
+                waiter[0].put_nowait(msg)  # decoded once, here
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -347,14 +351,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-
-def _peek_id(codec: Codec, frames: list[bytes]) -> str | None:
-    try:
-        rid = codec.decode(frames).header.get("id")
-    except ProtocolError:
-        return None
-    return rid if isinstance(rid, str) else None
 
 
 def connect(run_dir: str | Path | RunDir | None = None, agent: str | None = None, **options: Any) -> Client:

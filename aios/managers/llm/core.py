@@ -181,7 +181,9 @@ class LLMCore(Manager):
             return Yield(affinity=True)
         # No budget can hold it: finish it now rather than exceed the budget.
         self.log.warning("context budget full; running %s to completion without preemption", ctx.id)
+        before = gen.usage.completion_tokens
         self._call(backend.advance, gen, None, lambda piece: ctx.partial({"delta": piece}) if gen.args.stream and piece else None)
+        ctx.tokens += gen.usage.completion_tokens - before  # the policy is charged for all of it
         return self._call(backend.finish, gen)
 
     @staticmethod

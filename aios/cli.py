@@ -1,212 +1,247 @@
-"""Command line: `aios-start` and `aios {status,stop,bench,demo}`."""
+"""Command line: `aios-start` and `aios {start,stop,status,logs,config,bench,demo}`.
+
+Every command reports a problem in one line (a bad configuration, an
+unusable run directory, no kernel running), never with a traceback. Starting,
+stopping and inspecting a kernel is `aios.kernel`'s job; this module only
+parses arguments and prints.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from aios.config import ConfigError, load_config
-from aios.procutil import pid_alive
-from aios.rundir import RunDir
+from aios import kernel
+from aios.config import ConfigError
+from aios.rundir import RunDir, RunDirError
+
+RUN_DIR_HELP = "kernel run directory (default: $AIOS_RUN_DIR, else $XDG_RUNTIME_DIR/aios, else ~/.cache/aios/run)"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as pkg_version
+    try:
+        return pkg_version("aios")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _run_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", default=None,
-                   help="kernel run directory (default: $AIOS_RUN_DIR, else $XDG_RUNTIME_DIR/aios, else ~/.cache/aios/run)")
+    p.add_argument("--run-dir", default=None, help=RUN_DIR_HELP)
 
 
 # ------------------------------------------------------------------ aios-start
-def start_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="aios-start",
-        description="Start the AIOS kernel: a supervisor that runs the scheduler and every manager the "
-                    "configuration names (by default one llama.cpp core with Gemma 3 270M), restarts them when "
-                    "they crash, and stops them all on Ctrl-C, SIGTERM or `aios stop`.")
-    p.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
+def _start_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (default: built-in defaults; check one with "
+                                    "`aios config check FILE`)")
     _run_dir_arg(p)
     p.add_argument("--detach", action="store_true",
                    help="run in the background; exit 0 once every process is READY, non-zero with the reason if not")
     p.add_argument("--policy", help="override [scheduler] policy (fifo, rr, las)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+START_DESCRIPTION = (
+    "Start the AIOS kernel: a supervisor that runs the scheduler and every manager the configuration names "
+    "(by default one llama.cpp core with Gemma 3 270M), restarts them when they crash, and stops them all on "
+    "Ctrl-C, SIGTERM or `aios stop`. In the foreground it prints progress lines; each process logs to "
+    "RUN_DIR/logs/ (see `aios logs`).")
+
+
+def start_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aios-start", description=START_DESCRIPTION)
+    _start_args(p)
     return p
 
 
 def start_main(argv: list[str] | None = None) -> int:
-    args = start_parser().parse_args(argv)
-    from aios.supervisor import resolve_manager_services, run_supervisor
-    overrides = {"scheduler.policy": args.policy} if args.policy else None
-    try:
-        config = resolve_manager_services(load_config(args.config, overrides))
-        from aios.scheduler.policies import make_policy
-        make_policy(config.scheduler)
-    except (ConfigError, ValueError) as exc:
-        print(f"aios-start: {exc}", file=sys.stderr)
-        return 2
+    return _start(start_parser().parse_args(argv), prog="aios-start")
+
+
+def _start(args: argparse.Namespace, prog: str) -> int:
     run_dir = RunDir(args.run_dir)
-    if not args.detach:
-        from aios.log import setup_logging
-        setup_logging("supervisor")
-        return run_supervisor(run_dir, config, quiet=args.quiet)
-    return _start_detached(run_dir, args)
-
-
-def _start_detached(run_dir: RunDir, args: argparse.Namespace) -> int:
-    """Spawn the supervisor in its own session and wait for its verdict on a pipe."""
-    run_dir.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(run_dir.path, 0o700)
-    (run_dir.log_dir).mkdir(exist_ok=True, mode=0o700)
-    r, w = os.pipe()
-    cmd = [sys.executable, "-m", "aios.cli", "_supervise", "--run-dir", str(run_dir.path), "--ready-fd", str(w)]
-    if args.config:
-        cmd += ["--config", str(Path(args.config).absolute())]
-    if args.policy:
-        cmd += ["--policy", args.policy]
-    with open(run_dir.log_dir / "supervisor.log", "ab") as log:
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, pass_fds=(w,), cwd=os.getcwd())
-    os.close(w)
-    if not args.quiet:
-        print(f"[aios-start] starting kernel in {run_dir.path} (supervisor pid {child.pid}) ...", flush=True)
-    with os.fdopen(r, "rb") as pipe:
-        line = pipe.readline()
+    say = (lambda line: None) if args.quiet else (lambda line: print(f"[aios-start] {line}", flush=True))
     try:
-        verdict = json.loads(line)
-    except json.JSONDecodeError:
-        code = child.wait(timeout=10)
-        print(f"aios-start: the supervisor exited (code {code}) before it was ready; "
-              f"see {run_dir.log_dir / 'supervisor.log'}", file=sys.stderr)
+        if args.detach:
+            kernel.start(run_dir, args.config, policy=args.policy, progress=say)
+            say(f"kernel ready in {run_dir.path}; stop it with: aios stop --run-dir {run_dir.path}")
+            return 0
+        config = kernel.load(args.config, args.policy)
+        run_dir.prepare_dir()
+    except (ConfigError, RunDirError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except kernel.KernelStartError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    if not verdict.get("ok"):
-        print(f"aios-start: {verdict.get('message')}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(f"[aios-start] {verdict.get('message')}; stop it with: aios stop --run-dir {run_dir.path}")
-    return 0
-
-
-def _supervise_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="aios _supervise")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--ready-fd", type=int, required=True)
-    p.add_argument("--config")
-    p.add_argument("--policy")
-    args = p.parse_args(argv)
     from aios.log import setup_logging
-    from aios.supervisor import resolve_manager_services, run_supervisor
-    setup_logging("supervisor")
-    overrides = {"scheduler.policy": args.policy} if args.policy else None
-    config = resolve_manager_services(load_config(args.config, overrides))
-    return run_supervisor(RunDir(args.run_dir), config, ready_fd=args.ready_fd, quiet=True)
+    from aios.supervisor import run_supervisor
+    # the foreground shows progress lines; the supervisor's own log goes to its file like every process's
+    setup_logging("supervisor", path=run_dir.log_dir / "supervisor.log")
+    return run_supervisor(run_dir, config, quiet=args.quiet)
 
 
 # ------------------------------------------------------------------ aios status
 def status_main(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
-    pid = run_dir.read_pid()
-    running = bool(pid and pid_alive(pid))
-    state = run_dir.read_state() or {}
-    processes = state.get("processes", []) if running else []
-    kernel: dict[str, Any] | None = None
-    if running and args.verbose:
-        kernel = _kernel_status(run_dir)
+    human = not args.json
+    st = kernel.status(run_dir, verbose=args.verbose or human)
     if args.json:
-        out: dict[str, Any] = {"running": running, "run_dir": str(run_dir.path), "supervisor_pid": pid if running else None,
-                               "processes": [{k: p.get(k) for k in ("name", "pid", "state", "restarts")} for p in processes]}
-        if kernel is not None:
-            out["kernel"] = kernel
+        out = {k: st[k] for k in ("running", "run_dir", "supervisor_pid")}
+        out["processes"] = [{k: p.get(k) for k in ("name", "pid", "state", "restarts")} for p in st["processes"]]
+        if args.verbose:
+            out["kernel"] = st.get("kernel")
         print(json.dumps(out, indent=2))
-        return 0 if running else 1
-    if not running:
+        return 0 if st["running"] else 1
+    if not st["running"]:
         print(f"no kernel running in {run_dir.path}")
         return 1
-    print(f"kernel in {run_dir.path} (supervisor pid {pid})")
-    print(f"{'NAME':<14}{'PID':>8}  {'STATE':<10}{'RESTARTS':>9}  MESSAGE")
-    for p in processes:
-        print(f"{p['name']:<14}{p.get('pid') or '-':>8}  {p['state']:<10}{p['restarts']:>9}  {p.get('message', '')}")
-    if kernel:
-        print("\nqueues:", ", ".join(f"{s}={n}" for s, n in kernel.get("queues", {}).items()) or "-")
-        for s, c in kernel.get("services", {}).items():
-            print(f"  {s:<10} submitted={c['submitted']} completed={c['completed']} errors={c['errors']} "
-                  f"wait_mean={c['wait_mean_s']:.4f}s turnaround_mean={c['turnaround_mean_s']:.4f}s")
+    k = st.get("kernel") or {}
+    sched = k.get("scheduler", {})
+    print(f"kernel in {run_dir.path} (supervisor pid {st['supervisor_pid']}), "
+          f"policy {sched.get('policy', '?')}, up {sched.get('uptime_s', 0):.0f}s")
+    managers = {m["name"]: m for m in k.get("managers", [])}
+    print(f"{'NAME':<14}{'SERVICE':<10}{'PID':>8}  {'STATE':<10}{'RESTARTS':>9}  {'BUSY':>6}  DETAIL")
+    for p in st["processes"]:
+        m = managers.get(p["name"], {})
+        busy = f"{m['busy']}/{m['capacity']}" if m else "-"
+        detail = p.get("message") or ""
+        if m:
+            bits = []
+            if m.get("targets"):
+                bits.append("serves " + ", ".join(m["targets"][:4]) + (" ..." if len(m["targets"]) > 4 else ""))
+            if m.get("health") == "degraded":
+                bits.append(f"DEGRADED: {m.get('detail')}")
+            detail = "; ".join(bits + ([detail] if detail else []))
+        print(f"{p['name']:<14}{p.get('service', ''):<10}{p.get('pid') or '-':>8}  {p['state']:<10}"
+              f"{p['restarts']:>9}  {busy:>6}  {detail}")
+    services = k.get("services", {})
+    if services:
+        print()
+        print(f"{'SERVICE':<10}{'QUEUED':>7}{'DONE':>8}{'ERRORS':>8}{'PREEMPT':>9}{'REQUEUED':>9}"
+              f"{'WAIT MEAN':>11}{'TURNAROUND':>12}")
+        for s, c in services.items():
+            print(f"{s:<10}{k.get('queues', {}).get(s, 0):>7}{c['completed']:>8}{c['errors']:>8}"
+                  f"{c['preemptions']:>9}{c['requeued']:>9}{c['wait_mean_s']:>10.3f}s{c['turnaround_mean_s']:>11.3f}s")
+    elif not k:
+        print("(the scheduler did not answer; see `aios logs scheduler`)")
     return 0
 
 
-def _kernel_status(run_dir: RunDir) -> dict[str, Any] | None:
-    from aios.sdk import AIOSError, connect
-    try:
-        with connect(run_dir, agent="aios-cli", timeout=2.0) as client:
-            return client.call("kernel", "status")
-    except AIOSError:
-        return None
-
-
 # -------------------------------------------------------------------- aios stop
-def stop_kernel(run_dir: RunDir, timeout: float = 30.0) -> bool:
-    """SIGTERM the supervisor and wait until it and every child it listed are gone."""
-    pid = run_dir.read_pid()
-    state = run_dir.read_state() or {}
-    children = [p["pid"] for p in state.get("processes", []) if p.get("pid")]
-    if pid and pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    # Whatever outlived its supervisor (it was SIGKILLed, or hung) goes now.
-    for child in children:
-        if pid_alive(child):
-            try:
-                os.killpg(child, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    for f in run_dir.ipc_files():
-        f.unlink(missing_ok=True)
-    run_dir.pid_file.unlink(missing_ok=True)
-    return bool(pid)
-
-
 def stop_main(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
-    pid = run_dir.read_pid()
-    if not (pid and pid_alive(pid)):
-        stop_kernel(run_dir)
+    if not kernel.stop(run_dir, args.timeout):
         print(f"no kernel running in {run_dir.path}")
         return 0
-    stop_kernel(run_dir, args.timeout)
     print(f"stopped the kernel in {run_dir.path}")
     return 0
 
 
+# -------------------------------------------------------------------- aios logs
+def logs_main(args: argparse.Namespace) -> int:
+    run_dir = RunDir(args.run_dir)
+    log_dir = run_dir.log_dir
+    if not log_dir.is_dir():
+        print(f"aios logs: no logs in {run_dir.path} (has a kernel run there?)", file=sys.stderr)
+        return 1
+    files = sorted(log_dir.glob("*.log"))
+    if args.name:
+        path = log_dir / f"{args.name}.log"
+        if not path.exists():
+            names = ", ".join(f.stem for f in files) or "none"
+            print(f"aios logs: no log named {args.name!r} in {log_dir}; logs: {names}", file=sys.stderr)
+            return 1
+        files = [path]
+    positions: dict[Path, int] = {}
+    for f in files:
+        lines = f.read_text(errors="replace").splitlines()
+        shown = lines[-args.lines:] if args.lines else lines
+        prefix = f"[{f.stem}] " if len(files) > 1 else ""
+        for line in shown:
+            print(prefix + line)
+        positions[f] = f.stat().st_size
+    if not args.follow:
+        return 0
+    try:
+        while True:
+            time.sleep(0.25)
+            for f in sorted(log_dir.glob("*.log")) if not args.name else files:
+                size = f.stat().st_size if f.exists() else 0
+                pos = positions.get(f, 0)
+                if size < pos:
+                    pos = 0  # truncated or replaced
+                if size > pos:
+                    with open(f, "rb") as fh:
+                        fh.seek(pos)
+                        chunk = fh.read(size - pos).decode(errors="replace")
+                    prefix = f"[{f.stem}] " if not args.name else ""
+                    for line in chunk.splitlines():
+                        print(prefix + line, flush=True)
+                    positions[f] = size
+    except KeyboardInterrupt:
+        return 0
+
+
+# ------------------------------------------------------------------ aios config
+def config_check_main(args: argparse.Namespace) -> int:
+    try:
+        cfg = kernel.load(args.file)
+    except ConfigError as exc:
+        print(f"aios config check: {exc}", file=sys.stderr)
+        return 2
+    from aios.managers.runner import resolve_managers
+    procs = ", ".join(f"{r.name} ({r.service})" for r in resolve_managers(cfg))
+    print(f"{args.file}: ok; policy {cfg.scheduler.policy}, transport {cfg.kernel.transport}; "
+          f"processes: scheduler, {procs or 'no managers'}")
+    return 0
+
+
 # ------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_supervise"]:
-        return _supervise_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="aios", description="Control and measure an AIOS kernel.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("status", help="show the kernel's processes (name, pid, state, restarts)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aios", description="Run, control and measure an AIOS kernel.")
+    parser.add_argument("--version", action="version", version=f"aios {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("start", help="start the kernel (the same as aios-start)", description=START_DESCRIPTION)
+    _start_args(p)
+    p.set_defaults(func=lambda a: _start(a, prog="aios start"))
+    p = sub.add_parser("status", help="show the kernel's processes, services and queues")
     _run_dir_arg(p)
-    p.add_argument("--json", action="store_true", help='print {"processes": [{name, pid, state, restarts}]}')
-    p.add_argument("-v", "--verbose", action="store_true", help="also show queues and per-service counts")
+    p.add_argument("--json", action="store_true", help='print {"running", "processes": [{name, pid, state, restarts}]}')
+    p.add_argument("-v", "--verbose", action="store_true", help="with --json: add the scheduler's own status")
     p.set_defaults(func=status_main)
     p = sub.add_parser("stop", help="stop the kernel and every process it started")
     _run_dir_arg(p)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait before SIGKILL")
     p.set_defaults(func=stop_main)
+    p = sub.add_parser("logs", help="show a process's log from the run directory")
+    p.add_argument("name", nargs="?", help="process name (scheduler, supervisor, llm-0, ...); default: all")
+    _run_dir_arg(p)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C to stop)")
+    p.add_argument("-n", "--lines", type=int, default=40, help="lines to show from the end of each log (0: all)")
+    p.set_defaults(func=logs_main)
+    p = sub.add_parser("config", help="configuration tools")
+    cfg = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = cfg.add_parser("check", help="validate a configuration file without starting anything")
+    c.add_argument("file")
+    c.set_defaults(func=config_check_main)
     from aios.bench.cli import add_bench_parser
     add_bench_parser(sub)
     from aios.demo import add_demo_parser
     add_demo_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
+    except (RunDirError, ConfigError) as exc:
+        print(f"aios {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -1,10 +1,25 @@
 """Kernel configuration: one TOML file validated by pydantic.
 
 Every field has a default, so `Config()` (no file at all) runs the kernel with
-the embedded llama.cpp core serving Gemma 3 270M, FIFO scheduling and ipc
-transport. The supervisor writes the resolved configuration into the run
-directory as JSON, and every child process reads it from there, so all
-processes of one kernel agree on one configuration.
+the embedded llama.cpp core serving Gemma 3 270M, the built-in managers, FIFO
+scheduling and ipc transport. The supervisor writes the resolved configuration
+into the run directory as JSON, and every child process reads it from there,
+so all processes of one kernel agree on one configuration.
+
+Managers, one path for all. Every manager process is described by a
+`ManagerSpec` (name, Manager class, options, the place in the file it came
+from), built by `Config.manager_specs()` from three spellings:
+- `[[llm]]` entries: LLM cores (`aios.managers.llm.core:LLMCore`), options = the entry;
+- built-in tables (`BUILTIN_MANAGERS`: `[memory]`, `[storage]`, ...), on by
+  default, `enabled = false` turns one off, the other keys are its options;
+- `[[managers]]` entries: any Manager subclass by import path.
+Each class's `Options` model validates its options at start
+(`aios.managers.runner.resolve_managers`), and errors name the place.
+Adding a built-in manager that is on by default is one module plus one entry
+in `BUILTIN_MANAGERS`.
+
+Errors are reported one short line per problem with the TOML location and a
+"did you mean" for misspelled keys (`format_errors`), never as a raw dump.
 """
 from __future__ import annotations
 
@@ -12,12 +27,21 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_PATTERN = r"^[a-z][a-z0-9_\-]{0,30}$"
+from aios.managers.llm.options import NAME_PATTERN, LLMCoreConfig
+
+__all__ = ["Config", "ConfigError", "LLMCoreConfig", "ManagerSpec", "load_config", "dump_toml", "BUILTIN_MANAGERS"]
+
+LLM_CORE_TARGET = "aios.managers.llm.core:LLMCore"
+
+#: built-in managers: config table -> Manager class. Each runs as a process named after its
+#: table, on by default; `[table] enabled = false` turns it off; other keys are its Options.
+BUILTIN_MANAGERS: dict[str, str] = {}
 
 
 class _Strict(BaseModel):
@@ -32,18 +56,48 @@ class KernelConfig(_Strict):
     curve: bool = Field(default=True, description="tcp only: encrypt with CurveZMQ (server key in the run directory)")
     frontend_port: int = Field(default=5710, ge=1, le=65535)
     backend_port: int = Field(default=5711, ge=1, le=65535)
-    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     heartbeat_liveness: int = Field(default=3, ge=2)
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    max_queue: int = Field(default=100_000, ge=1)
+    max_queue: int = Field(default=100_000, ge=1, description="queued requests per service")
     high_water_mark: int = Field(default=100_000, ge=100)
     reply_cache: int = Field(default=4096, ge=0, description="completed replies kept to answer retried request ids")
+    reply_cache_mb: float = Field(default=64.0, ge=0, description="bytes those cached replies may hold")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "KernelConfig":
+        if self.transport == "tcp" and self.frontend_port == self.backend_port:
+            raise ValueError(f"frontend_port and backend_port are both {self.frontend_port}; "
+                             "the agent and manager sockets need a port each")
+        return self
 
 
 class SchedulerConfig(_Strict):
     policy: str = "fifo"
     time_slice_tokens: int = Field(default=32, ge=1)
     weights: dict[str, float] = Field(default_factory=dict, description="per-agent weights for fair-share policies")
+    max_queued_per_agent: int = Field(default=1000, ge=0,
+                                      description="queued requests one agent may have (0: no limit); "
+                                                  "more are refused with a retryable OVERLOADED")
+    max_requeues: int = Field(default=2, ge=0, description="times a request is re-queued after its manager died")
+    admission: str | None = Field(default=None, description="extra admission step, 'package.module:Class'")
+    admission_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from aios.scheduler.policies import POLICIES  # imported here: policies import this module
+        if v not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {v!r}; choose one of {sorted(POLICIES)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {a: w for a, w in v.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)}
+        if bad:
+            raise ValueError(f"weights must be positive numbers; not {bad}")
+        return v
 
 
 class SupervisorConfig(_Strict):
@@ -62,39 +116,12 @@ class ContextConfig(_Strict):
     disk_budget_mb: float = Field(default=4096.0, ge=0)
 
 
-class LLMCoreConfig(_Strict):
-    """One LLM instance = one core process."""
-
-    name: str = Field(default="llm-0", pattern=NAME_PATTERN)
-    backend: Literal["llamacpp", "openai", "ollama", "sim"] = "llamacpp"
-    model: str | None = Field(default=None, description="model name requests use; llamacpp default: gemma3-270m")
-    model_path: str | None = Field(default=None, description="GGUF file for llamacpp; default: the packaged Gemma 3 270M")
-    n_ctx: int = Field(default=2048, ge=128)
-    n_threads: int | None = None
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    mode: Literal["chat", "completion"] = "chat"
-    sim_seconds_per_token: float = Field(default=0.01, ge=0, description="sim backend only (labelled simulation)")
-    default: bool = Field(default=False, description="serve requests that name no model")
-    options: dict[str, Any] = Field(default_factory=dict,
-                                    description="extra keyword arguments for the backend (e.g. openai extra_body)")
-
-    @model_validator(mode="after")
-    def _remote_needs_url(self) -> "LLMCoreConfig":
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError(f"llm core {self.name!r}: backend 'openai' needs base_url")
-        if self.backend in ("openai", "ollama") and not self.model:
-            raise ValueError(f"llm core {self.name!r}: backend {self.backend!r} needs model")
-        return self
-
-
 class ManagerConfig(_Strict):
     """A manager process built from a Manager subclass named by import path."""
 
     name: str = Field(pattern=NAME_PATTERN)
     target: str = Field(description="'package.module:ClassName' of a aios.managers.base.Manager subclass")
     capacity: int | None = Field(default=None, ge=1)
-    service: str | None = Field(default=None, description="filled in by the supervisor from the class")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("target")
@@ -105,6 +132,17 @@ class ManagerConfig(_Strict):
         return v
 
 
+@dataclass(frozen=True)
+class ManagerSpec:
+    """One manager process as the configuration describes it (before its class is imported)."""
+
+    name: str
+    target: str
+    options: dict[str, Any]
+    capacity: int | None
+    where: str  # the place in the configuration, for error messages
+
+
 class Config(_Strict):
     kernel: KernelConfig = Field(default_factory=KernelConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -112,41 +150,186 @@ class Config(_Strict):
     context: ContextConfig = Field(default_factory=ContextConfig)
     llm: list[LLMCoreConfig] = Field(default_factory=lambda: [LLMCoreConfig()])
     managers: list[ManagerConfig] = Field(default_factory=list)
+    #: the built-in managers' tables, by name (filled from top-level tables named in BUILTIN_MANAGERS)
+    builtin: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_builtin_tables(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            tables = dict(data.get("builtin") or {})
+            for name in BUILTIN_MANAGERS:
+                if name in data:
+                    table = data.pop(name)
+                    if not isinstance(table, dict):
+                        raise ValueError(f"[{name}] must be a table")
+                    tables[name] = table
+            if tables:
+                data["builtin"] = tables
+        return data
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Config":
-        names = [c.name for c in self.llm] + [m.name for m in self.managers]
-        dupes = {n for n in names if names.count(n) > 1}
+    def _check(self) -> "Config":
+        for name, table in self.builtin.items():
+            if name not in BUILTIN_MANAGERS:
+                raise ValueError(f"[{name}] is not a built-in manager; built-in: {sorted(BUILTIN_MANAGERS)}")
+            enabled = table.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ValueError(f"[{name}] enabled must be true or false")
+        names = [s.name for s in self.manager_specs()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"process names must be unique; repeated: {sorted(dupes)}")
+            raise ValueError(f"process names must be unique; repeated: {dupes}")
         if "scheduler" in names:
             raise ValueError("'scheduler' is reserved for the scheduler process")
         return self
 
+    def manager_specs(self) -> list[ManagerSpec]:
+        """Every manager process, in start order: LLM cores, built-in managers, then [[managers]]."""
+        specs = [ManagerSpec(c.name, LLM_CORE_TARGET, c.model_dump(), None, f'[[llm]] #{i + 1} (name "{c.name}")')
+                 for i, c in enumerate(self.llm)]
+        for name, target in BUILTIN_MANAGERS.items():
+            table = self.builtin.get(name, {})
+            if table.get("enabled", True):
+                options = {k: v for k, v in table.items() if k not in ("enabled", "capacity")}
+                specs.append(ManagerSpec(name, target, options, table.get("capacity"), f"[{name}]"))
+        specs += [ManagerSpec(m.name, m.target, dict(m.options), m.capacity, f'[[managers]] #{i + 1} (name "{m.name}")')
+                  for i, m in enumerate(self.managers)]
+        return specs
+
+    def manager_spec(self, name: str) -> ManagerSpec | None:
+        return next((s for s in self.manager_specs() if s.name == name), None)
+
     def manager_names(self) -> list[str]:
-        """Every manager process, in start order."""
-        return [c.name for c in self.llm] + [m.name for m in self.managers]
-
-    def llm_core(self, name: str) -> LLMCoreConfig | None:
-        return next((c for c in self.llm if c.name == name), None)
-
-    def manager(self, name: str) -> ManagerConfig | None:
-        return next((m for m in self.managers if m.name == name), None)
+        return [s.name for s in self.manager_specs()]
 
 
 class ConfigError(Exception):
-    """A configuration file that cannot be used; the message says where and why."""
+    """A configuration that cannot be used; the message has one line per problem, each naming its place."""
+
+
+# ------------------------------------------------------------------ error messages
+_SECTIONS_OF_ARRAYS = {"llm": "[[llm]]", "managers": "[[managers]]"}
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of `loc` (for "did you mean")."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def describe_location(loc: tuple[Any, ...], data: Mapping[str, Any] | None = None) -> str:
+    """('llm', 0, 'modle') -> '[[llm]] #1 (name "gpt"), key "modle"'."""
+    parts: list[str] = []
+    i = 0
+    if loc and loc[0] in _SECTIONS_OF_ARRAYS and len(loc) > 1 and isinstance(loc[1], int):
+        idx = loc[1]
+        label = f"{_SECTIONS_OF_ARRAYS[loc[0]]} #{idx + 1}"
+        entries = (data or {}).get(loc[0])
+        if isinstance(entries, list) and idx < len(entries) and isinstance(entries[idx], dict) \
+                and isinstance(entries[idx].get("name"), str):
+            label += f' (name "{entries[idx]["name"]}")'
+        parts.append(label)
+        i = 2
+    elif loc and loc[0] == "builtin" and len(loc) > 1:
+        parts.append(f"[{loc[1]}]")
+        i = 2
+    elif loc and isinstance(loc[0], str) and loc[0] in Config.model_fields:
+        parts.append(f"[{loc[0]}]")
+        i = 1
+    rest = [str(p) for p in loc[i:]]
+    if rest:
+        parts.append(f'key "{".".join(rest)}"')
+    return ", ".join(parts) if parts else "top level"
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions, transpositions."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[len(b)]
+
+
+def closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate a typo most likely meant (at most a third of its letters off), or None."""
+    scored = sorted((edit_distance(word.lower(), c.lower()), abs(len(c) - len(word)), c) for c in candidates)
+    if scored and scored[0][0] <= max(1, len(word) // 3):
+        return scored[0][2]
+    return None
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    model = _model_at(loc)
+    candidates = list(model.model_fields) if model is not None else []
+    if model is Config:
+        candidates = [c for c in candidates if c != "builtin"] + list(BUILTIN_MANAGERS)
+    guess = closest(str(loc[-1]), candidates)
+    if guess:
+        return f'; did you mean "{guess}"?'
+    return f"; known keys: {', '.join(sorted(candidates))}" if candidates else ""
+
+
+def format_errors(exc: ValidationError, data: Mapping[str, Any] | None = None, prefix: str = "") -> list[str]:
+    """One short line per problem: where (TOML location), what is wrong, and a hint."""
+    lines: list[str] = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        kind = err.get("type", "")
+        msg = str(err.get("msg", "invalid"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        where = describe_location(loc, data)
+        if kind == "extra_forbidden" and len(loc) == 1 and isinstance(err.get("input"), dict):
+            where, msg = f"[{loc[0]}]", "unknown table" + _did_you_mean(loc)
+        elif kind == "extra_forbidden":
+            msg = "unknown key" + _did_you_mean(loc)
+        elif kind in ("list_type",) and len(loc) == 1 and loc[0] in _SECTIONS_OF_ARRAYS:
+            name = loc[0]
+            msg = (f"`{name}` must be a list of tables: write [[{name}]] (double brackets) for each entry, "
+                   f"not [{name}]")
+            where = f"[{name}]"
+        elif kind == "missing":
+            msg = "required key is missing"
+        lines.append(f"{prefix}{where}: {msg}")
+    return lines
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load a TOML config (or defaults), apply dotted overrides like {"scheduler.policy": "rr"}."""
     data: dict[str, Any] = {}
+    where = str(path) if path is not None else "configuration"
     if path is not None:
         p = Path(path)
         try:
             data = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {p}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config path is a directory, not a file: {p}") from None
+        except PermissionError:
+            raise ConfigError(f"config file cannot be read (permission denied): {p}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file (not UTF-8)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     for dotted, value in (overrides or {}).items():
@@ -158,8 +341,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        where = f"{path}" if path else "configuration"
-        raise ConfigError(f"{where}: {exc}") from None
+        lines = format_errors(exc, data)
+        raise ConfigError(f"{where}: " + ("\n  " if len(lines) > 1 else "") + "\n  ".join(lines)) from None
 
 
 def config_to_json(config: Config) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from aios.rundir import RunDir
 
-AGENTS_DIR = Path(__file__).resolve().parent.parent / "agents"
+AGENTS_DIR = Path(__file__).resolve().parent / "agents"  # the example agents ship in the package
 DEFAULT_AGENTS = ["essayist", "qa", "summarizer"]
 
 
@@ -28,27 +28,30 @@ def add_demo_parser(sub: Any) -> None:
     p.add_argument("--policy", help="scheduling policy: fifo (default), rr or las")
     p.add_argument("--config", help="TOML configuration (default: built-in defaults)")
     p.add_argument("--agents", default=",".join(DEFAULT_AGENTS),
-                   help=f"comma-separated agent folders under agents/ (default: {','.join(DEFAULT_AGENTS)})")
+                   help=f"comma-separated example agents from aios/agents/ (default: {','.join(DEFAULT_AGENTS)})")
     p.add_argument("--run-dir", help="run directory for the demo kernel (default: a fresh temporary one)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from aios.cli import start_main, stop_kernel
+    from aios import kernel
     names = [a.strip() for a in args.agents.split(",") if a.strip()]
-    missing = [n for n in names if not (AGENTS_DIR / n / "agent.py").exists()]
+    missing = [n for n in names if not (AGENTS_DIR / n / "__main__.py").exists()]
     if missing:
-        print(f"aios demo: no such agent(s) {missing} in {AGENTS_DIR}", file=sys.stderr)
+        known = sorted(p.name for p in AGENTS_DIR.iterdir() if (p / "__main__.py").exists())
+        print(f"aios demo: no such agent(s) {missing}; example agents: {known}", file=sys.stderr)
         return 2
     temporary = args.run_dir is None
     run_dir = RunDir(args.run_dir or tempfile.mkdtemp(prefix="aios-demo-", dir="/tmp"))
-    start = ["--run-dir", str(run_dir.path), "--detach"]
-    if args.config:
-        start += ["--config", args.config]
-    if args.policy:
-        start += ["--policy", args.policy]
     print(f"[demo] starting the kernel (policy {args.policy or 'from config'}) ...", flush=True)
-    if start_main(start) != 0:
+    try:
+        kernel.start(run_dir, args.config, policy=args.policy)
+    except (kernel.ConfigError, kernel.RunDirError) as exc:
+        print(f"aios demo: {exc}", file=sys.stderr)
+        return 2
+    except kernel.KernelStartError as exc:
+        print(f"aios demo: the kernel did not start: {exc}", file=sys.stderr)
+        kernel.stop(run_dir)
         return 1
     policy = run_dir.load_config().scheduler.policy
     ok = False
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         rows, ok = _run_agents(run_dir, names)
     finally:
         print("[demo] stopping the kernel ...", flush=True)
-        stop_kernel(run_dir)
+        kernel.stop(run_dir)
         if temporary and ok:
             shutil.rmtree(run_dir.path, ignore_errors=True)
         elif temporary:
@@ -71,7 +74,7 @@ def _run_agents(run_dir: RunDir, names: list[str]) -> tuple[list[dict[str, Any]]
     procs: dict[str, subprocess.Popen[str]] = {}
     print(f"[demo] running agents: {', '.join(names)}", flush=True)
     for name in names:
-        p = subprocess.Popen([sys.executable, str(AGENTS_DIR / name / "agent.py"), "--run-dir", str(run_dir.path)],
+        p = subprocess.Popen([sys.executable, "-m", f"aios.agents.{name}", "--run-dir", str(run_dir.path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs[name] = p
         assert p.stdout is not None

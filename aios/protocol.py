@@ -1,6 +1,7 @@
 """The AIOS wire protocol: frames, signing, limits and error codes.
 
-Every message on every AIOS socket has the shape
+Every message on every AIOS socket has the shape (the typed messages that
+travel in `header` are defined in `aios.messages`)
 
     [routing ids ...] [b""] [VERSION] [signature] [header] [body]
 
@@ -35,8 +36,10 @@ KEY_BYTES = 32
 class Kind(str, enum.Enum):
     """What a message is; carried in header["kind"]."""
 
-    REQUEST = "request"      # agent -> scheduler -> manager
-    REPLY = "reply"          # manager -> scheduler -> agent (status ok|partial|error)
+    REQUEST = "request"      # agent -> scheduler: a system call
+    CALL = "call"            # manager -> scheduler: a system call on behalf of the agent it serves
+    DISPATCH = "dispatch"    # scheduler -> manager: run this request
+    REPLY = "reply"          # answer to a request, call or dispatch (status ok|partial|error)
     READY = "ready"          # manager -> scheduler: READY(service, capacity, incarnation)
     HEARTBEAT = "heartbeat"  # both ways between scheduler and managers
     YIELD = "yield"          # manager -> scheduler: preempted request goes back to the queue
@@ -59,7 +62,7 @@ class ErrorCode(str, enum.Enum):
     TOO_LARGE = "TOO_LARGE"
     UNKNOWN_SERVICE = "UNKNOWN_SERVICE"
     UNKNOWN_OP = "UNKNOWN_OP"
-    UNKNOWN_MODEL = "UNKNOWN_MODEL"
+    UNKNOWN_TARGET = "UNKNOWN_TARGET"  # no manager of the service serves the named model / tool
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     MANAGER_DIED = "MANAGER_DIED"
@@ -68,6 +71,7 @@ class ErrorCode(str, enum.Enum):
     DENIED = "DENIED"
     NOT_FOUND = "NOT_FOUND"
     QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    CALL_CYCLE = "CALL_CYCLE"
     CANCELLED = "CANCELLED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     BACKEND_ERROR = "BACKEND_ERROR"

@@ -31,6 +31,10 @@ from aios.protocol import new_key
 IPC_PATH_LIMIT = 100
 
 
+class RunDirError(Exception):
+    """A run directory that cannot be used; the message says why in one line."""
+
+
 def default_run_dir() -> Path:
     env = os.environ.get("AIOS_RUN_DIR")
     if env:
@@ -80,11 +84,26 @@ class RunDir:
         return Path(tempfile.gettempdir()) / f"aios-{digest}"
 
     # --- lifecycle ----------------------------------------------------------
+    def prepare_dir(self) -> None:
+        """Create the run directory and its logs folder (mode 0700), or say in one line why not."""
+        for d in (self.path, self.log_dir):
+            self._private_dir(d)
+
+    def _private_dir(self, d: Path) -> None:
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, 0o700)
+        except (FileExistsError, NotADirectoryError):
+            raise RunDirError(f"cannot use run directory {self.path}: {d} exists and is not a directory") from None
+        except PermissionError:
+            raise RunDirError(f"cannot use run directory {self.path}: permission denied on {d}") from None
+        except OSError as exc:
+            raise RunDirError(f"cannot use run directory {self.path}: {exc.strerror or exc}") from None
+
     def create(self, config: Config) -> None:
         """Create the directory tree with private modes, a fresh key and the config."""
         for d in (self.path, self.log_dir, self.ipc_dir, self.snapshot_dir):
-            d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
+            self._private_dir(d)
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, new_key())
@@ -145,12 +164,12 @@ class RunDir:
     def uses_curve(config: Config) -> bool:
         return config.kernel.transport == "tcp" and config.kernel.curve
 
-    def secure_server(self, sock: zmq.Socket, config: Config) -> None:
+    def secure_server(self, sock: zmq.Socket, config: Config, role: str = "frontend") -> None:
         if self.uses_curve(config):
             sock.curve_secretkey = self.curve_secret_file.read_bytes()
             sock.curve_server = True
 
-    def secure_client(self, sock: zmq.Socket, config: Config) -> None:
+    def secure_client(self, sock: zmq.Socket, config: Config, role: str = "agent") -> None:
         if self.uses_curve(config):
             public, secret = zmq.curve_keypair()
             sock.curve_publickey = public
@@ -163,10 +182,56 @@ class RunDir:
 
     # --- supervisor state ---------------------------------------------------
     def read_pid(self) -> int | None:
+        """The pid the supervisor wrote, as written (it may be stale: see `supervisor_pid`)."""
+        record = self._pid_record()
+        return record[0] if record else None
+
+    def _pid_record(self) -> tuple[int, float | None] | None:
         try:
-            return int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
+            text = self.pid_file.read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
             return None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(data, int):
+            return data, None
+        if isinstance(data, dict) and isinstance(data.get("pid"), int):
+            created = data.get("create_time")
+            return data["pid"], float(created) if isinstance(created, (int, float)) else None
+        return None
+
+    def write_pid(self) -> None:
+        """Record this process as the run directory's supervisor, with its start time: a pid alone
+        can be reused by an unrelated process after a crash, and `aios stop` must never signal that."""
+        import psutil
+        me = psutil.Process()
+        write_atomic(self.pid_file, json.dumps({"pid": me.pid, "create_time": me.create_time()}) + "\n")
+
+    def supervisor_pid(self) -> int | None:
+        """The live supervisor of this run directory, or None (no pid file, dead, or the pid now
+        belongs to another process: its start time differs from the one recorded)."""
+        import psutil
+        record = self._pid_record()
+        if record is None:
+            return None
+        pid, created = record
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            if created is not None and abs(proc.create_time() - created) > 0.01:
+                return None
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+        return pid
+
+    def read_plan(self) -> dict[str, str]:
+        """Configured manager processes and their services, as the supervisor wrote them."""
+        state = self.read_state() or {}
+        return {p["name"]: p["service"] for p in state.get("processes", [])
+                if isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("service"), str)}
 
     def read_state(self) -> dict[str, Any] | None:
         try:

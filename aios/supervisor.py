@@ -15,10 +15,18 @@ restart), FATAL (crashed too often too fast; given up), STOPPING, STOPPED.
 - Shutdown goes in reverse start order: ask (SIGINT), then SIGTERM, then
   SIGKILL to the process group; then the ipc files and the pid file go.
 - The process table is written to `processes.json` at every change; that is
-  what `aios status` and the scheduler's `kernel.status` show.
+  what `aios status` and the scheduler's `kernel.status` show. Each row names
+  the process's service, which is how the scheduler knows, before a manager
+  registers, that requests for its service should wait rather than fail.
+- Readiness is probed with one signed `kernel.status` call on a socket of the
+  supervisor's own (not the agent SDK), every half second.
+
+Run it as `python -m aios.supervisor --run-dir DIR [--config FILE] [--ready-fd FD]`
+(what `aios-start --detach` does) or through `aios.kernel.start`.
 """
 from __future__ import annotations
 
+import argparse
 import enum
 import json
 import logging
@@ -30,8 +38,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from aios.config import Config
+import zmq
+
+from aios import messages
+from aios.config import Config, ConfigError, load_config
 from aios.procutil import SUPERVISOR_PID_ENV, pid_alive, set_parent_death_signal
+from aios.protocol import Codec, ProtocolError, new_request_id
 from aios.rundir import RunDir, write_atomic
 
 log = logging.getLogger("aios.supervisor")
@@ -50,6 +62,7 @@ class State(str, enum.Enum):
 class Proc:
     name: str
     argv: list[str]
+    service: str
     state: State = State.STOPPED
     popen: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -64,7 +77,8 @@ class Proc:
         return self.popen.pid if self.popen is not None else None
 
     def row(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": self.pid if self.state not in (State.STOPPED, State.FATAL, State.BACKOFF) else None,
+        return {"name": self.name, "service": self.service,
+                "pid": self.pid if self.state not in (State.STOPPED, State.FATAL, State.BACKOFF) else None,
                 "state": self.state.value, "restarts": self.restarts, "message": self.message}
 
 
@@ -72,31 +86,77 @@ class StartupError(Exception):
     """The kernel could not be brought up; the message says which process and why."""
 
 
+class Probe:
+    """Asks the scheduler for `kernel.status` over a DEALER of its own: one signed request,
+    one reply or a timeout. A fresh socket after every failure, so a restarted scheduler
+    is reached at once."""
+
+    def __init__(self, run_dir: RunDir, config: Config) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.codec: Codec | None = None
+
+    def status(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        from aios.sockets import dealer
+        if self.sock is None:
+            self.codec = Codec(self.run_dir.load_key())
+            self.sock = dealer(self.ctx, self.run_dir, self.config, role="agent")
+            self.sock.connect(self.run_dir.frontend_endpoint(self.config))
+        assert self.codec is not None
+        rid = new_request_id()
+        req = messages.Request(id=rid, service="kernel", op="status", agent="supervisor", deadline=timeout)
+        try:
+            self.sock.send_multipart(self.codec.encode(req.to_header(), {}), zmq.NOBLOCK)
+            end = time.monotonic() + timeout
+            while (left := end - time.monotonic()) > 0:
+                if not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    break
+                msg = self.codec.decode(self.sock.recv_multipart())
+                if msg.header.get("id") == rid and msg.header.get("status") == "ok" and isinstance(msg.body, dict):
+                    return msg.body
+        except (zmq.ZMQError, ProtocolError):
+            pass
+        self.reset()
+        return None
+
+    def reset(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    def close(self) -> None:
+        self.reset()
+        self.ctx.term()
+
+
 class Supervisor:
     def __init__(self, run_dir: RunDir, config: Config) -> None:
+        from aios.managers.runner import resolve_managers
         self.run_dir = run_dir
         self.config = config
         self.cfg = config.supervisor
         py = sys.executable
         rd = str(run_dir.path)
-        self.procs = [Proc("scheduler", [py, "-m", "aios.scheduler.broker", "--run-dir", rd])]
-        self.procs += [Proc(n, [py, "-m", "aios.managers.runner", "--run-dir", rd, "--name", n])
-                       for n in config.manager_names()]
+        self.procs = [Proc("scheduler", [py, "-m", "aios.scheduler.broker", "--run-dir", rd], "kernel")]
+        self.procs += [Proc(r.name, [py, "-m", "aios.managers.runner", "--run-dir", rd, "--name", r.name], r.service)
+                       for r in resolve_managers(config)]
         self.stopping = False
-        self._client: Any = None
+        self._probe: Probe | None = None
         self._last_probe = 0.0
 
     # ------------------------------------------------------------ public
     def prepare(self) -> None:
         """Create the run directory; refuse if a live kernel already uses it."""
-        pid = self.run_dir.read_pid()
-        if pid and pid != os.getpid() and pid_alive(pid):
+        pid = self.run_dir.supervisor_pid()
+        if pid and pid != os.getpid():
             raise StartupError(f"a kernel is already running in {self.run_dir.path} (supervisor pid {pid}); "
                                f"stop it with: aios stop --run-dir {self.run_dir.path}")
         for stale in self.run_dir.ipc_files():
             stale.unlink(missing_ok=True)
         self.run_dir.create(self.config)
-        write_atomic(self.run_dir.pid_file, f"{os.getpid()}\n")
+        self.run_dir.write_pid()
         self.write_state()
 
     def start_all(self, progress: Callable[[str], None] = lambda s: None) -> None:
@@ -160,28 +220,19 @@ class Supervisor:
             time.sleep(0.05)
 
     # ----------------------------------------------------------- readiness
-    def _kernel(self) -> Any:
-        if self._client is None:
-            from aios.sdk.client import Client
-            self._client = Client(self.run_dir, agent="supervisor", timeout=1.0, retry_interval=0.25)
-        return self._client
-
     def probe(self, force: bool = False) -> None:
         """Ask the scheduler who is READY; promote STARTING processes and catch hung managers."""
         now = time.monotonic()
         if not force and now - self._last_probe < 0.5:
             return
         self._last_probe = now
-        from aios.sdk.errors import AIOSError
         sched = self.procs[0]
         if sched.popen is None or sched.popen.poll() is not None:
             return
-        try:
-            status = self._kernel().request("kernel", "status", timeout=1.0).result
-        except AIOSError:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        if self._probe is None:
+            self._probe = Probe(self.run_dir, self.config)
+        status = self._probe.status()
+        if status is None:
             return
         changed = False
         if sched.state == State.STARTING:
@@ -236,12 +287,12 @@ class Supervisor:
     def stop_all(self) -> None:
         """Reverse start order: ask, then SIGTERM, then SIGKILL the process group."""
         self.stopping = True
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
         for proc in reversed(self.procs):
             self._stop(proc)
-        owner = self.run_dir.read_pid()
+        owner = self.run_dir.supervisor_pid()
         if owner is not None and owner != os.getpid():
             # prepare() refused to start because another live kernel owns this run directory:
             # its endpoints and process table are not ours to remove
@@ -306,20 +357,21 @@ class Supervisor:
         return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
-def resolve_manager_services(config: Config) -> Config:
-    """Import each configured manager class once, up front, so a bad target fails at start
-    with a clear message and the scheduler learns each manager's service name."""
-    from aios.managers.base import load_manager_class
-    sys.path.insert(0, os.getcwd())
-    for m in config.managers:
-        cls = load_manager_class(m.target)
-        m.service = cls.service
-    return config
-
-
 def run_supervisor(run_dir: RunDir, config: Config, ready_fd: int | None = None, quiet: bool = False) -> int:
     """Bring the kernel up, report readiness, supervise until told to stop."""
-    sup = Supervisor(run_dir, config)
+
+    def report(ok: bool, text: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, json.dumps({"ok": ok, "message": text}).encode() + b"\n")
+            os.close(ready_fd)
+
+    try:
+        sup = Supervisor(run_dir, config)
+    except ConfigError as exc:
+        report(False, str(exc))
+        if not quiet:
+            print(f"[aios-start] {exc}", file=sys.stderr, flush=True)
+        return 2
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
     signal.signal(signal.SIGHUP, sup.request_stop)
@@ -327,11 +379,6 @@ def run_supervisor(run_dir: RunDir, config: Config, ready_fd: int | None = None,
     def progress(line: str) -> None:
         if not quiet:
             print(f"[aios-start] {line}", flush=True)
-
-    def report(ok: bool, text: str) -> None:
-        if ready_fd is not None:
-            os.write(ready_fd, json.dumps({"ok": ok, "message": text}).encode() + b"\n")
-            os.close(ready_fd)
 
     try:
         sup.prepare()
@@ -354,3 +401,28 @@ def run_supervisor(run_dir: RunDir, config: Config, ready_fd: int | None = None,
     report(True, f"kernel ready in {run_dir.path}")
     sup.run_forever()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m aios.supervisor`: run a kernel's supervisor (what `aios-start --detach` spawns)."""
+    p = argparse.ArgumentParser(prog="aios-supervisor", description="Run the AIOS supervisor for one run directory.")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
+    p.add_argument("--policy", help="override [scheduler] policy")
+    p.add_argument("--ready-fd", type=int, help="write one JSON line {ok, message} here once ready (or failed)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    from aios.log import setup_logging
+    setup_logging("supervisor")
+    try:
+        config = load_config(args.config, {"scheduler.policy": args.policy} if args.policy else None)
+    except ConfigError as exc:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, json.dumps({"ok": False, "message": str(exc)}).encode() + b"\n")
+        print(f"aios-supervisor: {exc}", file=sys.stderr)
+        return 2
+    return run_supervisor(RunDir(args.run_dir), config, ready_fd=args.ready_fd, quiet=args.quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

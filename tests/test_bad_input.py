@@ -288,7 +288,7 @@ def test_unknown_kernel_op(raw: Raw) -> None:
 def test_unknown_model(raw: Raw) -> None:
     h = good_header(target="gpt-17")
     raw.send(raw.request(h, {"text": "x"}))
-    expect_error(raw, ErrorCode.UNKNOWN_MODEL, rid=h["id"], text="gpt-17")
+    expect_error(raw, ErrorCode.UNKNOWN_TARGET, rid=h["id"], text="gpt-17")
 
 
 # -------------------------------------------------------------------- body

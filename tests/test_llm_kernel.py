@@ -161,7 +161,7 @@ def test_tool_call_output_names_a_given_tool(fifo: Any) -> None:
 
 @pytest.mark.parametrize("args, code", [
     ({"messages": []}, "INVALID_ARGUMENT"),
-    ({"messages": [{"role": "user", "content": "hi"}], "model": "no-such-model"}, "UNKNOWN_MODEL"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "no-such-model"}, "UNKNOWN_TARGET"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000}, "INVALID_ARGUMENT"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "INVALID_ARGUMENT"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "INVALID_ARGUMENT"),

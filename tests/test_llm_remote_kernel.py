@@ -57,7 +57,7 @@ def test_unknown_model_is_refused_by_the_scheduler(two_cores: Any) -> None:
     from aios import sdk
     with pytest.raises(sdk.InvalidArgument) as err:
         two_cores.client("lost").chat("hi", model="gpt-17")
-    assert err.value.code == "UNKNOWN_MODEL" and "remote-gemma" in err.value.message
+    assert err.value.code == "UNKNOWN_TARGET" and "remote-gemma" in err.value.message
 
 
 def test_a_request_naming_no_model_waits_for_the_default_core(two_cores: Any) -> None:

@@ -258,10 +258,13 @@ def test_repeatedly_crashing_manager_becomes_fatal(kernel) -> None:
     # it stays FATAL (no more restarts) and the rest of the kernel keeps working
     with k.client("other") as c:
         assert c.call("echo", "echo", text="still here")["text"] == "still here"
-        # a call to the dead service waits in its queue until its deadline, then says so
-        with pytest.raises(sdk.KernelTimeout) as timeout_info:
-            c.request("flaky", "ping", timeout=0.5)
-        assert timeout_info.value.code == "DEADLINE_EXCEEDED" and "still queued" in timeout_info.value.message
+        # a call to the dead service is answered at once, naming the process and its state
+        t0 = time.monotonic()
+        with pytest.raises(KernelError) as unavailable:
+            c.request("flaky", "ping", timeout=30.0, idempotent=True)
+        assert time.monotonic() - t0 < 2.0
+        assert unavailable.value.code == "UNAVAILABLE" and unavailable.value.retryable
+        assert "flaky is FATAL" in unavailable.value.message and "gave up" in unavailable.value.message
     assert k.processes()["flaky"]["restarts"] == 3
     assert k.state("echo") == "RUNNING" and k.state("scheduler") == "RUNNING"
 

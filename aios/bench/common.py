@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from aios.config import dump_toml
 from aios.rundir import RunDir
 
 
 class KernelStartError(RuntimeError):
     """The temporary kernel did not come up; the message carries the supervisor's reason and log tail."""
+
 
 
 # ------------------------------------------------------------------ kernel
@@ -37,64 +37,34 @@ def temporary_kernel(config: str | Mapping[str, Any] | None = None, policy: str 
                      prefix: str = "aios-bench-", keep: bool = False) -> Iterator[RunDir]:
     """Start a kernel in a fresh temporary run directory; stop it and remove the directory on exit.
 
-    `config` is TOML text, or a mapping written out as TOML (e.g. `{"llm": []}`
-    for a kernel with no LLM core, or `{"llm": [{"name": "llm-0", "backend":
-    "sim"}], "scheduler": {"time_slice_tokens": 16}}`); None means the
-    built-in defaults. `policy` overrides `[scheduler] policy` like
-    `aios-start --policy`. Yields the RunDir; connect with
-    `aios.sdk.connect(run_dir)`. Raises KernelStartError when the kernel
-    does not become ready. `keep=True` leaves the directory (logs) behind.
+    `config` is TOML text, or a mapping (e.g. `{"llm": []}` for a kernel with no
+    LLM core, or `{"llm": [{"name": "llm-0", "backend": "sim"}], "scheduler":
+    {"time_slice_tokens": 16}}`); None means the built-in defaults. `policy`
+    overrides `[scheduler] policy`. Yields the RunDir; connect with
+    `aios.sdk.connect(run_dir)`. Raises KernelStartError when the kernel does
+    not become ready. `keep=True` leaves the directory (logs) behind.
     """
-    from aios.cli import start_main, stop_kernel
+    from aios import kernel
 
     # Short path under /tmp: ipc socket paths must stay under ~107 bytes.
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if Path("/tmp").is_dir() else None))
     run_dir = RunDir(path / "run")
-    argv = ["--run-dir", str(run_dir.path), "--detach", "--quiet"]
-    if config is not None:
-        text = config if isinstance(config, str) else dump_toml(config)
+    if isinstance(config, str):
         config_file = path / "config.toml"
-        config_file.write_text(text)
-        argv += ["--config", str(config_file)]
-    if policy:
-        argv += ["--policy", policy]
-    returned = False
+        config_file.write_text(config)
+        config = str(config_file)
     try:
-        with contextlib.redirect_stderr(_Capture()) as err:
-            code = start_main(argv)
-        returned = True
-        if code != 0:
-            raise KernelStartError(f"the temporary kernel in {run_dir.path} did not start (exit {code}): "
-                                   f"{err.text().strip()}\n{_log_tail(run_dir)}")
+        try:
+            kernel.start(run_dir, config, policy=policy)
+        except (kernel.KernelStartError, kernel.ConfigError) as exc:
+            raise KernelStartError(f"the temporary kernel in {run_dir.path} did not start: {exc}\n"
+                                   f"{_log_tail(run_dir)}") from None
         yield run_dir
     finally:
-        if not returned and run_dir.path.exists():
-            # interrupted while starting: the supervisor (in its own session) is still coming
-            # up; wait for its pid file so that it can be stopped rather than left running
-            give_up = time.monotonic() + 5.0
-            while run_dir.read_pid() is None and time.monotonic() < give_up:
-                time.sleep(0.05)
-        # Stop even if start failed half-way: the supervisor may have left children behind.
-        stop_kernel(run_dir, timeout=15.0)
+        # Stop even if start failed half-way or was interrupted: the supervisor may have left children behind.
+        kernel.stop(run_dir, timeout=15.0)
         if not keep:  # a failed start already put the log tail into its exception
             shutil.rmtree(path, ignore_errors=True)
-
-
-class _Capture:
-    """A tiny stderr sink for start_main's messages (kept for the error text)."""
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-
-    def write(self, s: str) -> int:
-        self.parts.append(s)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
-
-    def text(self) -> str:
-        return "".join(self.parts)
 
 
 def _log_tail(run_dir: RunDir, lines: int = 20) -> str:

@@ -9,23 +9,29 @@ A manager is written by declaring its ops, never by touching sockets:
         service = "echo"
         capacity = 4
 
+        class Options(BaseModel):          # its settings, validated at aios-start
+            shout: bool = False
+
         @op(EchoArgs, idempotent=True)
         def echo(self, args: EchoArgs, ctx: RequestContext) -> dict:
-            return {"text": args.text}
+            return {"text": args.text.upper() if self.options.shout else args.text}
 
-The base connects a DEALER to the scheduler's backend, announces
-READY(service, capacity, incarnation, ops), heartbeats, validates each
-request's body with the op's pydantic model, runs handlers on a pool of
-`capacity` threads (so the socket loop keeps heartbeating while a long
-handler runs), and turns exceptions into error replies. Handlers may stream
-partial replies (`ctx.partial`) and, for preemptible ops, hand a request back
-to the scheduler by returning `Yield`.
+The base connects a DEALER to the scheduler's backend under an unguessable
+routing id, announces READY(service, capacity, incarnation, ops, targets),
+heartbeats (saying how many requests it runs), validates each request's
+body with the op's pydantic model, runs handlers on a pool of `capacity`
+threads (so the socket loop keeps heartbeating while a long handler runs),
+and turns exceptions into error replies. Handlers may stream partial
+replies (`ctx.partial`), hand a preemptible request back to the scheduler by
+returning `Yield`, and call other services on behalf of the same agent
+(`ctx.call`), which the scheduler queues and charges like the agent's own.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
+import queue
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,14 +39,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import zmq
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from aios import messages
 from aios.config import Config
-from aios.protocol import Codec, ErrorCode, Kind, ProtocolError, Status, error_body
+from aios.protocol import Codec, ErrorCode, Message, ProtocolError, Status, error_body, pack
 from aios.rundir import RunDir
+from aios.sockets import dealer
 from aios.zmqio import NOBLOCK, recv_multipart, send_multipart
 
 log = logging.getLogger("aios.manager")
+
+_OK, _ERROR = Status.OK.value, Status.ERROR.value
+#: default time a handler's call may take when the request it serves has no deadline
+DEFAULT_CALL_TIMEOUT_S = 300.0
+#: how often a handler waiting on a call checks whether its own request was cancelled
+CALL_POLL_S = 0.05
 
 
 class OpError(Exception):
@@ -88,7 +102,7 @@ def op(args_model: type[BaseModel] | None = None, *, name: str | None = None,
 
 
 def request_key(rid: str, client: bytes) -> str:
-    """A request's identity on a manager (ids are unique per agent connection); a string,
+    """A request's identity on a manager (ids are unique per caller connection); a string,
     so managers can use it to name what they keep for the request."""
     return rid + "\0" + client.hex()
 
@@ -106,45 +120,80 @@ class RequestContext:
     slice: int | None
     deadline: float | None
     target: str | None
+    caller: str | None = None  # service of the manager that made this call; None when an agent did
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: int = 0  # service units consumed in this run (LLM tokens), reported to the policy
-    _send: Callable[[dict[str, Any], Any], None] | None = None
+    _manager: "Manager | None" = field(default=None, repr=False)
 
     def partial(self, body: Any) -> None:
-        """Stream a partial reply to the agent now."""
-        if self._send is not None:
-            self._send({"status": Status.PARTIAL.value}, body)
+        """Stream a partial reply to the caller now."""
+        if self._manager is not None:
+            self._manager._post(self, {"status": Status.PARTIAL.value}, body)
+
+    def call(self, service: str, op: str, /, *, target: str | None = None, timeout: float | None = None,
+             idempotent: bool = False, **args: Any) -> Any:
+        """Call another service on behalf of this request's agent; return its result.
+
+        The call goes through the scheduler (queued, scheduled and charged like
+        the agent's own), within this request's deadline. Failures raise
+        `OpError` with the callee's code, so an unhandled one becomes this
+        request's error. A call that would form a cycle (a service waiting on
+        itself) is refused with CALL_CYCLE. `idempotent=True` lets it be
+        re-sent when no answer comes and retried after a retryable error,
+        like an agent's idempotent call.
+        """
+        if self._manager is None:
+            raise OpError(ErrorCode.INTERNAL, "this request context cannot make calls")
+        return self._manager._call(self, service, op, args, target, timeout, idempotent)
 
     @property
     def key(self) -> str:
         return request_key(self.id, self.client)
 
 
+class _NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 class Manager:
-    """Base class of every manager. Subclasses set `service`, `capacity` and declare ops."""
+    """Base class of every manager. Subclasses set `service`, `capacity` and declare ops.
+
+    `Options` is the pydantic model of the manager's settings (the options of
+    its configuration entry); `self.options` is the validated instance.
+    `targets`, `default_target` and `limits` are what READY announces (set
+    them in `setup`): the named resources this manager serves, whether it
+    serves requests that name none, and per-target concurrency limits.
+    """
 
     service: ClassVar[str]
     capacity: ClassVar[int] = 1
+    Options: ClassVar[type[BaseModel]] = _NoOptions
 
-    def __init__(self, name: str, run_dir: RunDir, config: Config, options: dict[str, Any] | None = None,
+    def __init__(self, name: str, run_dir: RunDir, config: Config, options: BaseModel | None = None,
                  capacity: int | None = None) -> None:
         self.name = name
         self.run_dir = run_dir
         self.config = config
-        self.options = options or {}
+        self.options: Any = options if options is not None else self.Options()
         if capacity is not None:
             self.capacity = capacity  # type: ignore[misc]
         self.log = logging.getLogger(f"aios.{name}")
         self.incarnation = f"{os.getpid()}-{int(time.time() * 1000)}"
-        self.ops: dict[str, OpSpec] = self._collect_ops()
-        self.models: list[str] = []
-        self.default_model = False
+        # An unguessable routing id per incarnation: nobody can claim it to receive this manager's work.
+        self.identity = f"{name}.{secrets.token_hex(8)}".encode()
+        self.ops: dict[str, OpSpec] = self.op_specs()
+        self.targets: list[str] = []
+        self.default_target = False
+        self.limits: dict[str, int] = {}
+        self.health = "ok"
+        self.health_detail = ""
         self._stopping = threading.Event()
         self._active: dict[str, RequestContext] = {}
+        self._calls: dict[str, "queue.Queue[Message]"] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def _op_specs(cls) -> dict[str, OpSpec]:
+    def op_specs(cls) -> dict[str, OpSpec]:
         specs: dict[str, OpSpec] = {}
         for klass in reversed(cls.__mro__):
             for attr in vars(klass).values():
@@ -152,9 +201,6 @@ class Manager:
                 if isinstance(spec, OpSpec):
                     specs[spec.name] = spec
         return specs
-
-    def _collect_ops(self) -> dict[str, OpSpec]:
-        return self._op_specs()
 
     # ------------------------------------------------------------- hooks
     def setup(self) -> None:
@@ -174,14 +220,15 @@ class Manager:
     def serve(self) -> None:
         k = self.config.kernel
         self.codec = Codec(self.run_dir.load_key())
-        self.ctx = zmq.Context()
-        self._results = self.ctx.socket(zmq.PULL)
+        self.zctx = zmq.Context()
+        self._results = self.zctx.socket(zmq.PULL)
         self._results.bind(f"inproc://results-{id(self)}")
         self._local = threading.local()
         self.pool = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix=self.name)
-        self.sock = self._connect()
+        self.sock = dealer(self.zctx, self.run_dir, self.config, role="manager", identity=self.identity)
+        self.sock.connect(self.run_dir.backend_endpoint(self.config))
         hb_interval, hb_expiry = k.heartbeat_interval_s, k.heartbeat_interval_s * k.heartbeat_liveness
-        last_heard = last_sent = time.monotonic()
+        last_heard = last_beat = time.monotonic()
         self._send_ready()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -197,7 +244,6 @@ class Manager:
                     except zmq.Again:
                         break
                     self._send_frames(frames)
-                    last_sent = now
             if self.sock in events:
                 while True:
                     try:
@@ -210,24 +256,23 @@ class Manager:
                 # The scheduler went quiet (restarting?): announce ourselves again.
                 self.log.warning("no word from the scheduler for %.1fs; re-announcing", now - last_heard)
                 self._send_ready()
-                last_heard = last_sent = now
-            elif now - last_sent >= hb_interval:
-                self._send_frames(self.codec.encode({"kind": Kind.HEARTBEAT.value}))
-                last_sent = now
+                last_heard = last_beat = now
+            elif now - last_beat >= hb_interval:
+                # Beat on a fixed rhythm even while replies flow: it carries how many requests run
+                # here, which is how the scheduler's view of our capacity heals after it restarts.
+                self._send_frames(self._encode(messages.Heartbeat(busy=self._busy())))
+                last_beat = now
         self._shutdown()
 
     def stop(self) -> None:
         self._stopping.set()
 
-    def _connect(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.name.encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.config.kernel.high_water_mark)
-        sock.setsockopt(zmq.RCVHWM, self.config.kernel.high_water_mark)
-        self.run_dir.secure_client(sock, self.config)
-        sock.connect(self.run_dir.backend_endpoint(self.config))
-        return sock
+    def _busy(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def _encode(self, msg: Any, body: Any = None) -> list[bytes]:
+        return self.codec.encode(msg.to_header(), body)
 
     def _send_frames(self, frames: list[bytes]) -> None:
         try:
@@ -235,41 +280,50 @@ class Manager:
         except zmq.Again:
             self.log.warning("scheduler not accepting messages; dropped one")
 
+    def ready_message(self) -> messages.Ready:
+        return messages.Ready(
+            name=self.name, service=self.service, capacity=self.capacity, incarnation=self.incarnation,
+            pid=os.getpid(), busy=self._busy(),
+            ops={n: messages.OpInfo(s.idempotent, s.preemptible) for n, s in self.ops.items()},
+            targets=list(self.targets), default=self.default_target, limits=dict(self.limits),
+            health=self.health, detail=self.health_detail)
+
     def _send_ready(self) -> None:
-        with self._lock:
-            busy = len(self._active)
-        self._send_frames(self.codec.encode({
-            "kind": Kind.READY.value, "name": self.name, "service": self.service,
-            "capacity": self.capacity, "incarnation": self.incarnation, "pid": os.getpid(),
-            "busy": busy, "models": self.models, "default": self.default_model,
-            "ops": {n: {"idempotent": s.idempotent, "preemptible": s.preemptible} for n, s in self.ops.items()},
-        }))
+        self._send_frames(self._encode(self.ready_message()))
+
+    def set_health(self, health: str, detail: str = "") -> None:
+        """Report "ok" or "degraded" (with why) to the scheduler; `aios status` shows it."""
+        if (health, detail) != (self.health, self.health_detail):
+            self.health, self.health_detail = health, detail
+            if hasattr(self, "sock"):
+                self._post_frames(self._encode(self.ready_message()))
 
     def _shutdown(self) -> None:
-        self._send_frames(self.codec.encode({"kind": Kind.DISCONNECT.value}))
+        self._send_frames(self._encode(messages.Disconnect()))
         for ctx in list(self._active.values()):
             ctx.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.teardown()
         self.sock.close(0)
         self._results.close(0)
-        self.ctx.term()
+        self.zctx.term()
 
     # ---------------------------------------------------------- messages
     def _on_message(self, frames: list[bytes]) -> None:
         try:
             msg = self.codec.decode(frames)
+            typed = messages.parse(msg.header, messages.FROM_SCHEDULER_TO_MANAGER)
         except ProtocolError as exc:
             self.log.warning("rejected frame from scheduler: %s", exc.message)
             return
-        h = msg.header
-        kind = h.get("kind")
-        if kind == Kind.REQUEST.value:
-            self._on_request(h, msg)
-        elif kind == Kind.REREGISTER.value:
-            self._send_ready()
-        elif kind == Kind.CANCEL.value:
-            key = request_key(str(h.get("id")), h.get("client") or b"")
+        if isinstance(typed, messages.Dispatch):
+            self._on_dispatch(typed, msg)
+        elif isinstance(typed, messages.Reply):
+            waiter = self._calls.get(typed.id or "")
+            if waiter is not None:
+                waiter.put(msg)
+        elif isinstance(typed, messages.Cancel):
+            key = request_key(typed.id, typed.client)
             with self._lock:
                 ctx = self._active.get(key)
             if ctx is not None:
@@ -277,32 +331,28 @@ class Manager:
                 self.on_cancel(ctx)
             else:
                 self.on_forget(key)
+        elif isinstance(typed, messages.Reregister):
+            self._send_ready()
 
-    def _on_request(self, h: dict[str, Any], msg: Any) -> None:
-        deadline = h.get("deadline")
+    def _on_dispatch(self, d: messages.Dispatch, msg: Message) -> None:
         ctx = RequestContext(
-            id=str(h.get("id")), client=h.get("client") or b"", agent=str(h.get("agent", "")),
-            op=str(h.get("op")), attempt=int(h.get("attempt", 1)), resume=bool(h.get("resume")),
-            slice=h.get("slice"), target=h.get("target"),
-            deadline=time.monotonic() + deadline if isinstance(deadline, (int, float)) else None,
-        )
-        ctx._send = lambda header, body, c=ctx: self._post(c, header, body)
-        spec = self.ops.get(ctx.op)
+            id=d.id, client=d.client, agent=d.agent, op=d.op, attempt=d.attempt, resume=d.resume, slice=d.slice,
+            target=d.target, caller=d.caller,
+            deadline=time.monotonic() + d.deadline if d.deadline is not None else None, _manager=self)
+        spec = self.ops.get(d.op)
         if spec is None:
-            return self._post(ctx, {"status": Status.ERROR.value},
-                              error_body(ErrorCode.UNKNOWN_OP, f"service {self.service!r} has no op {ctx.op!r}; ops: {sorted(self.ops)}"))
+            return self._post(ctx, {"status": _ERROR}, error_body(
+                ErrorCode.UNKNOWN_OP, f"service {self.service!r} has no op {d.op!r}; ops: {sorted(self.ops)}"))
         try:
             body = msg.body
             if not isinstance(body, dict):
                 raise OpError(ErrorCode.INVALID_ARGUMENT, "the syscall body must be a map of arguments")
             args = spec.args_model.model_validate(body) if spec.args_model else body
-        except ProtocolError as exc:
-            return self._post(ctx, {"status": Status.ERROR.value}, error_body(exc.code, exc.message))
-        except OpError as exc:
-            return self._post(ctx, {"status": Status.ERROR.value}, error_body(exc.code, exc.message))
+        except (ProtocolError, OpError) as exc:
+            return self._post(ctx, {"status": _ERROR}, error_body(exc.code, exc.message))
         except ValidationError as exc:
-            return self._post(ctx, {"status": Status.ERROR.value},
-                              error_body(ErrorCode.INVALID_ARGUMENT, f"{self.service}.{ctx.op}: {_describe(exc)}"))
+            return self._post(ctx, {"status": _ERROR},
+                              error_body(ErrorCode.INVALID_ARGUMENT, f"{self.service}.{d.op}: {describe_validation(exc)}"))
         with self._lock:
             self._active[ctx.key] = ctx
         self.pool.submit(self._run, spec, args, ctx)
@@ -312,71 +362,98 @@ class Manager:
         try:
             result = spec.func(self, args, ctx)
             if isinstance(result, Yield):
-                header, body = {"kind": Kind.YIELD.value, "affinity": result.affinity}, None
+                header, body = {"yield": result.affinity}, None
             else:
                 if isinstance(result, BaseModel):
                     result = result.model_dump(mode="json")
-                header, body = {"status": Status.OK.value}, result
+                header, body = {"status": _OK}, result
         except OpError as exc:
-            header, body = {"status": Status.ERROR.value}, error_body(exc.code, exc.message)
+            header, body = {"status": _ERROR}, error_body(exc.code, exc.message)
         except ValidationError as exc:
-            header, body = {"status": Status.ERROR.value}, error_body(ErrorCode.INVALID_ARGUMENT, _describe(exc))
+            header, body = {"status": _ERROR}, error_body(ErrorCode.INVALID_ARGUMENT, describe_validation(exc))
         except Exception as exc:
             self.log.exception("op %s failed", ctx.op)
-            header, body = {"status": Status.ERROR.value}, error_body(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            header, body = {"status": _ERROR}, error_body(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         with self._lock:
             self._active.pop(ctx.key, None)
-        header["tokens"] = ctx.tokens
-        self._post(ctx, header, body)
+        self._post(ctx, header, body, final=True)
 
-    def _post(self, ctx: RequestContext, header: dict[str, Any], body: Any) -> None:
-        """Send a reply from any thread (through the inproc results socket)."""
-        header.setdefault("kind", Kind.REPLY.value)
-        header["id"], header["client"] = ctx.id, ctx.client
-        frames = self.codec.encode(header, body)
+    def _post(self, ctx: RequestContext, header: dict[str, Any], body: Any, final: bool = False) -> None:
+        """Send a reply (or yield) for `ctx` from any thread."""
+        busy = self._busy() if final else None
+        if "yield" in header:
+            msg: Any = messages.Yield(ctx.id, ctx.client, affinity=header["yield"], tokens=ctx.tokens, busy=busy)
+        else:
+            msg = messages.Reply(ctx.id, header["status"], client=ctx.client,
+                                 tokens=ctx.tokens if final else 0, busy=busy)
+        self._post_frames(self._encode(msg, body))
+
+    def _post_frames(self, frames: list[bytes]) -> None:
+        """Hand frames to the socket loop (only that thread touches the DEALER)."""
         if threading.current_thread() is threading.main_thread():
             self._send_frames(frames)
             return
         sock = getattr(self._local, "push", None)
         if sock is None:
-            sock = self._local.push = self.ctx.socket(zmq.PUSH)
+            sock = self._local.push = self.zctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"inproc://results-{id(self)}")
         sock.send_multipart(frames)
 
+    # ------------------------------------------------------------- calls
+    def _call(self, ctx: RequestContext, service: str, op_name: str, args: dict[str, Any],
+              target: str | None, timeout: float | None, idempotent: bool) -> Any:
+        from aios.sdk.engine import PendingCall, Send, Wait
+        from aios.sdk.errors import AIOSError
 
-def _describe(exc: ValidationError) -> str:
+        now = time.monotonic()
+        left = (ctx.deadline - now) if ctx.deadline is not None else DEFAULT_CALL_TIMEOUT_S
+        timeout = left if timeout is None else min(timeout, left)
+        if timeout <= 0:
+            raise OpError(ErrorCode.DEADLINE_EXCEEDED, f"no time left to call {service}.{op_name}")
+        header = messages.Call(id="", service=service, op=op_name, parent=ctx.id, parent_client=ctx.client,
+                               target=target)
+        call = PendingCall(self.codec, header, args, timeout=timeout, idempotent=idempotent, now=now,
+                           where="the scheduler")
+        inbox: queue.Queue[Message] = queue.Queue()
+        rid = ""
+        try:
+            while True:
+                if ctx.cancelled.is_set():
+                    raise OpError(ErrorCode.CANCELLED, f"cancelled while waiting for {service}.{op_name}")
+                try:
+                    step = call.step(time.monotonic())
+                except AIOSError as exc:
+                    raise OpError(exc.code if exc.code in ErrorCode.__members__ else ErrorCode.DEADLINE_EXCEEDED,
+                                  f"{service}.{op_name}: {exc.message}") from None
+                if isinstance(step, Send):
+                    if call.rid != rid:
+                        self._calls.pop(rid, None)
+                        rid = call.rid
+                        self._calls[rid] = inbox
+                    self._post_frames(step.frames)
+                elif isinstance(step, Wait):
+                    wait = max(0.0, min(step.until - time.monotonic(), CALL_POLL_S))
+                    try:
+                        msg = inbox.get(timeout=wait)
+                    except queue.Empty:
+                        continue
+                    if msg.header.get("id") == call.rid:
+                        call.feed(msg)
+                else:
+                    return step.result
+        finally:
+            self._calls.pop(rid, None)
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: `field.path: problem; ...` (first five)."""
     parts = []
     for err in exc.errors()[:5]:
         where = ".".join(str(x) for x in err.get("loc", ())) or "arguments"
-        parts.append(f"{where}: {err.get('msg')}")
-    return "invalid arguments: " + "; ".join(parts)
-
-
-def load_manager_class(target: str) -> type[Manager]:
-    """Import 'package.module:ClassName' and check it is a Manager."""
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import manager module {module_name!r}: {exc}") from None
-    except Exception as exc:  # the module itself is broken: say so in one line, not a traceback
-        raise ValueError(f"manager module {module_name!r} failed to import: {type(exc).__name__}: {exc}") from None
-    cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Manager)):
-        raise ValueError(f"{target!r} is not a aios.managers.base.Manager subclass")
-    if not getattr(cls, "service", None):
-        raise ValueError(f"{target!r} does not set a service name")
-    return cls
-
-
-def build_manager(name: str, run_dir: RunDir, config: Config) -> Manager:
-    core = config.llm_core(name)
-    if core is not None:
-        from aios.managers.llm.core import LLMCore
-        return LLMCore(name, run_dir, config, core)
-    spec = config.manager(name)
-    if spec is None:
-        raise ValueError(f"no manager named {name!r} in the configuration")
-    cls = load_manager_class(spec.target)
-    return cls(name, run_dir, config, spec.options, spec.capacity)
+        msg = str(err.get("msg"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        parts.append(f"{where}: {msg}")
+    more = len(exc.errors()) - 5
+    return "invalid arguments: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

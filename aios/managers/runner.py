@@ -1,4 +1,11 @@
-"""Entry point of a manager process: `python -m aios.managers.runner --run-dir D --name N`.
+"""Building manager processes: one path for every manager, and the process entry point.
+
+`resolve_managers(config)` imports each configured manager's class and
+validates its options against the class's `Options` model, so a bad target or
+a misspelled option is reported at `aios-start` (and by `aios config check`),
+one line per problem, naming its place in the configuration. `build_manager`
+does the same inside the manager process, and `main` runs it:
+`python -m aios.managers.runner --run-dir D --name N`.
 
 Kept apart from `aios.managers.base` so that running it as `__main__` never
 creates a second copy of the `Manager` class.
@@ -6,14 +13,102 @@ creates a second copy of the `Manager` class.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
+from aios.config import Config, ConfigError, ManagerSpec, closest
 from aios.log import setup_logging
-from aios.managers.base import build_manager
+from aios.managers.base import Manager
 from aios.procutil import exit_with_parent
 from aios.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class ResolvedManager:
+    """A manager process ready to run: its class, service and validated options."""
+
+    spec: ManagerSpec
+    cls: type[Manager]
+    options: BaseModel
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def service(self) -> str:
+        return self.cls.service
+
+
+def load_manager_class(target: str) -> type[Manager]:
+    """Import 'package.module:ClassName' and check it is a Manager."""
+    module_name, _, class_name = target.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # plug-ins named relative to where the kernel was started
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import manager module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself is broken: say so in one line, not a traceback
+        raise ValueError(f"manager module {module_name!r} failed to import: {type(exc).__name__}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Manager)):
+        raise ValueError(f"{target!r} is not a aios.managers.base.Manager subclass")
+    if not getattr(cls, "service", None):
+        raise ValueError(f"{target!r} does not set a service name")
+    return cls
+
+
+def resolve(spec: ManagerSpec) -> ResolvedManager:
+    """Import the spec's class and validate its options; ConfigError names the place on failure."""
+    try:
+        cls = load_manager_class(spec.target)
+    except ValueError as exc:
+        raise ConfigError(f"{spec.where}: {exc}") from None
+    try:
+        options = cls.Options.model_validate(spec.options)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err.get("loc", ()))
+            key = ".".join(str(p) for p in loc) or "options"
+            msg = str(err.get("msg", "invalid"))
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if err.get("type") == "extra_forbidden":
+                guess = closest(str(loc[-1]), list(cls.Options.model_fields)) if loc else None
+                msg = "unknown option" + (f'; did you mean "{guess}"?' if guess else
+                                          f"; {cls.__name__} options: {', '.join(sorted(cls.Options.model_fields)) or 'none'}")
+            lines.append(f'{spec.where}, key "{key}": {msg}')
+        raise ConfigError("\n".join(lines)) from None
+    return ResolvedManager(spec, cls, options)
+
+
+def resolve_managers(config: Config) -> list[ResolvedManager]:
+    """Every configured manager, resolved; all problems reported together."""
+    resolved, problems = [], []
+    for spec in config.manager_specs():
+        try:
+            resolved.append(resolve(spec))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return resolved
+
+
+def build_manager(name: str, run_dir: RunDir, config: Config) -> Manager:
+    spec = config.manager_spec(name)
+    if spec is None:
+        raise ValueError(f"no manager named {name!r} in the configuration")
+    r = resolve(spec)
+    return r.cls(name, run_dir, config, r.options, spec.capacity)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.name)
     run_dir = RunDir(args.run_dir)
     config = run_dir.load_config()
-    sys.path.insert(0, os.getcwd())
     manager = build_manager(args.name, run_dir, config)
     signal.signal(signal.SIGTERM, lambda *_: manager.stop())
     signal.signal(signal.SIGINT, lambda *_: manager.stop())

@@ -1,10 +1,54 @@
-"""The scheduler's record of one system call, from arrival to its final reply."""
+"""The scheduler's record of one system call, from arrival to its final reply.
+
+A request moves through explicit states, and every move is checked:
+
+    HELD ──▶ QUEUED ──▶ RUNNING ──▶ DONE
+      │        ▲  │        │  │
+      │        │  │        │  └──▶ YIELDED ──▶ (QUEUED again, with affinity)
+      │        │  │        └──▶ QUEUED (its manager died and it is safe to repeat)
+      └────────┴──┴───────────▶ FAILED (denied, deadline, cancelled, agent gone, manager died)
+
+An illegal move (a reply for a request that is not running, a second final
+reply) raises `IllegalTransition`; the broker logs it and the request keeps
+its state, so a confused or hostile manager cannot corrupt the books.
+"""
 from __future__ import annotations
 
+import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 _arrivals = itertools.count()
+
+#: prefix of a client address on the backend socket (a manager making a call). Agents' addresses
+#: on the frontend are ZeroMQ's generated routing ids, which start with a zero byte, so the two
+#: never collide.
+BACKEND_CLIENT = b"@"
+
+
+class State(str, enum.Enum):
+    HELD = "held"          # waiting for the admission step's verdict
+    QUEUED = "queued"      # in its service's ready queue
+    RUNNING = "running"    # dispatched to a manager
+    YIELDED = "yielded"    # preempted; goes back to the queue (briefly, between yield and requeue)
+    DONE = "done"          # answered with the manager's final reply
+    FAILED = "failed"      # answered with an error by the scheduler
+
+
+_ALLOWED: dict[State | None, frozenset[State]] = {
+    None: frozenset({State.HELD, State.QUEUED, State.FAILED}),
+    State.HELD: frozenset({State.QUEUED, State.FAILED}),
+    State.QUEUED: frozenset({State.RUNNING, State.FAILED}),
+    State.RUNNING: frozenset({State.DONE, State.FAILED, State.YIELDED, State.QUEUED}),
+    State.YIELDED: frozenset({State.QUEUED, State.FAILED}),
+    State.DONE: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    """A state change the lifecycle does not allow (the request keeps its state)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -14,6 +58,8 @@ class Request:
     `created` is arrival at the scheduler, `started` the first dispatch to a
     manager, `finished` the final reply; `run_s` adds up the time it spent on
     managers (across preemptions), so waiting time is `turnaround - run_s`.
+    `client` is the caller's address: an agent's routing id on the frontend,
+    or BACKEND_CLIENT + a manager's routing id for a call between managers.
     """
 
     id: str
@@ -27,7 +73,10 @@ class Request:
     target: str | None = None
     idempotent: bool = False
     preemptible: bool = False
+    parent: "Request | None" = None       # the request whose handler made this call
+    caller: str | None = None             # service of the manager that made this call
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    state: State | None = None
     started: float | None = None
     finished: float | None = None
     dispatched_at: float | None = None
@@ -38,14 +87,43 @@ class Request:
     preemptions: int = 0
     run_s: float = 0.0
     tokens: int = 0
-    streamed: bool = False            # partial replies already reached the agent
+    streamed: bool = False            # partial replies already reached the caller
+    children: set["Request"] | None = None  # calls made by this request's handler, still pending
+    queue_token: int = 0              # policies' lazy deletion: bumped whenever it leaves a queue
 
     @property
     def key(self) -> tuple[bytes, str]:
-        """Identity of a request in the scheduler: request ids are unique per agent connection."""
+        """Identity of a request in the scheduler: request ids are unique per caller connection."""
         return (self.client, self.id)
 
-    def timing(self) -> dict[str, float | int]:
+    @property
+    def from_manager(self) -> bool:
+        return self.client[:1] == BACKEND_CLIENT
+
+    @property
+    def live(self) -> bool:
+        return self.state not in (State.DONE, State.FAILED)
+
+    def move(self, to: State) -> None:
+        if to not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"request {self.id} ({self.service}.{self.op}) cannot go from "
+                                    f"{self.state.value if self.state else 'new'} to {to.value}")
+        self.state = to
+
+    def release_body(self) -> None:
+        """Drop the arguments once nothing can dispatch the request again (they may be megabytes)."""
+        self.body_raw = b""
+
+    def chain(self) -> list["Request"]:
+        """This request and its ancestors (callers), innermost first."""
+        out: list[Request] = []
+        r: Request | None = self
+        while r is not None:
+            out.append(r)
+            r = r.parent
+        return out
+
+    def timing(self) -> dict[str, Any]:
         end = self.finished if self.finished is not None else self.created
         turnaround = end - self.created
         first_wait = (self.started - self.created) if self.started is not None else turnaround

@@ -1,66 +1,61 @@
 """The Agent SDK: system calls from an agent process to the kernel.
 
     from aios import sdk
-    with sdk.connect(agent="researcher") as aios:
-        aios.call("kernel", "ping")
-        reply = aios.request("llm", "chat", {"messages": [...]}, on_partial=print)
+    with sdk.connect(agent="researcher") as kernel:
+        kernel.call("kernel", "ping")
+        reply = kernel.llm.chat("What is the capital of France?", on_token=print)
 
 Each call is signed, sent over a DEALER socket to the scheduler's frontend and
-matched to its reply by request id. Idempotent calls are retried with backoff
-when the kernel does not answer (the same request id is re-sent, so the
-scheduler never runs a request twice while it is still pending), and calls
-that failed with a retryable error (its manager died, overloaded) are retried
-under a new id. Failures raise typed exceptions from `aios.sdk.errors`.
+matched to its reply by request id. Everything about one call (building it,
+re-sending an idempotent call that gets no answer under the same id, retrying
+after a retryable error under a new id, matching replies, typed errors) is the
+call engine's (`aios.sdk.engine`); the sync and asyncio clients here differ
+only in how they wait. Service helpers (`kernel.llm.chat`, ...) are written
+once in `aios.sdk.services` and bound to both.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
-import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
 
+from aios import messages
 from aios.config import Config
-from aios.protocol import Codec, Kind, Message, ProtocolError, Status, new_request_id
 from aios.rundir import RunDir
-from aios.sdk.errors import AIOSError, KernelNotRunning, KernelTimeout, error_from_body
+from aios.sdk.engine import (
+    DEFAULT_TIMEOUT_S,
+    PartialHandler,
+    PendingCall,
+    Reply,
+    Send,
+    Wait,
+    decode,
+    match_id,
+)
+from aios.protocol import ErrorCode
+from aios.sdk.errors import InvalidArgument, KernelNotRunning
+from aios.sdk.services import KernelService, LLMService
+from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
 
-log = logging.getLogger("aios.sdk")
+__all__ = ["AsyncClient", "Client", "Reply", "connect", "connect_async", "DEFAULT_TIMEOUT_S"]
 
 #: ops known to be safe to repeat without the caller saying so
 IDEMPOTENT_OPS = {("kernel", "ping"), ("kernel", "status")}
-DEFAULT_TIMEOUT_S = 120.0
-#: after the call's own deadline, how long to wait for the kernel's DEADLINE_EXCEEDED verdict
-#: (the kernel's clock for a request starts when it arrives, a little after ours)
-DEADLINE_GRACE_S = 0.25
-
-
-@dataclass
-class Reply:
-    """A final reply: the result plus what the scheduler measured about the call."""
-
-    result: Any
-    header: dict[str, Any]
-    partials: list[Any] = field(default_factory=list)
-
-    @property
-    def timing(self) -> dict[str, Any]:
-        return self.header.get("timing", {})
-
-
-PartialHandler = Callable[[Any], None]
 
 
 class _Endpoint:
-    """Run directory → signing codec and frontend address."""
+    """Run directory -> signing codec and frontend address."""
 
     def __init__(self, run_dir: str | Path | RunDir | None) -> None:
+        from aios.protocol import Codec
+
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         try:
             key = self.run_dir.load_key()
@@ -72,15 +67,8 @@ class _Endpoint:
         self.address = self.run_dir.frontend_endpoint(config)
 
 
-def _configure(sock: zmq.Socket, endpoint: _Endpoint) -> None:
-    endpoint.run_dir.secure_client(sock, endpoint.config)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RECONNECT_IVL, 50)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-
-
-class Client:
-    """A synchronous kernel connection. One thread at a time; open one per thread."""
+class _ClientBase(abc.ABC):
+    """What both clients share: identity, defaults, the service helpers and call construction."""
 
     def __init__(self, run_dir: str | Path | RunDir | None = None, agent: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 1.0) -> None:
@@ -89,102 +77,89 @@ class Client:
         self.retry_interval = retry_interval
         self._endpoint = _Endpoint(run_dir)
         self.run_dir = self._endpoint.run_dir
+        self.llm = LLMService(self)
+        self.kernel = KernelService(self)
+
+    def _new_call(self, service: str, op: str, args: dict[str, Any] | None, timeout: float | None,
+                  idempotent: bool | None, target: str | None, on_partial: PartialHandler | None) -> PendingCall:
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            messages.check_deadline(timeout)  # NaN, infinite or absurd timeouts fail here, at the caller
+        except ValueError as exc:
+            raise InvalidArgument(ErrorCode.INVALID_ARGUMENT.value, f"{service}.{op}: timeout {timeout!r}: {exc}") from None
+        if idempotent is None:
+            idempotent = (service, op) in IDEMPOTENT_OPS
+        header = messages.Request(id="", service=service, op=op, agent=self.agent, target=target)
+        return PendingCall(self._endpoint.codec, header, args or {}, timeout=timeout, idempotent=idempotent,
+                           now=time.monotonic(), resend_interval=self.retry_interval, on_partial=on_partial,
+                           where=f"the kernel at {self.run_dir.path}")
+
+    @abc.abstractmethod
+    def request(self, service: str, op: str, args: dict[str, Any] | None = None, *,
+                timeout: float | None = None, idempotent: bool | None = None, target: str | None = None,
+                on_partial: PartialHandler | None = None, then: Callable[[Reply], Any] | None = None) -> Any:
+        """Make a call and return its Reply (or then(reply)); each client waits its own way."""
+
+    def chat(self, messages: list[dict[str, Any]] | str, *, model: str | None = None, op: str = "chat",
+             on_token: Callable[[str], None] | None = None, timeout: float | None = None, **options: Any) -> Any:
+        """Shorthand for `llm.chat` (`op="json"` / `op="tools"` for the other output modes)."""
+        return self.llm.generate(op, messages, model=model, on_token=on_token, timeout=timeout, **options)
+
+
+class Client(_ClientBase):
+    """A synchronous kernel connection. One thread at a time; open one per thread."""
+
+    def __init__(self, run_dir: str | Path | RunDir | None = None, agent: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 1.0) -> None:
+        super().__init__(run_dir, agent, timeout=timeout, retry_interval=retry_interval)
         self._ctx = zmq.Context.instance()
-        self._sock = self._open()
-        self._rcvtimeo = -1  # the socket's RCVTIMEO in ms, set by _wait only when it changes
+        self._sock = dealer(self._ctx, self.run_dir, self._endpoint.config, role="agent")
+        self._sock.connect(self._endpoint.address)
+        self._rcvtimeo = -1  # the socket's RCVTIMEO in ms, set by _recv_until only when it changes
 
-    def _open(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        _configure(sock, self._endpoint)
-        sock.connect(self._endpoint.address)
-        return sock
-
-    # ----------------------------------------------------------------- API
     def call(self, service: str, op: str, /, **args: Any) -> Any:
         """Make a system call and return its result."""
         return self.request(service, op, args).result
 
     def request(self, service: str, op: str, args: dict[str, Any] | None = None, *,
                 timeout: float | None = None, idempotent: bool | None = None, target: str | None = None,
-                on_partial: PartialHandler | None = None) -> Reply:
-        """The full form of `call`: per-call timeout, retry policy, model target, streaming.
+                on_partial: PartialHandler | None = None, then: Callable[[Reply], Any] | None = None) -> Any:
+        """The full form of `call`: per-call timeout, retry policy, target (model/tool), streaming.
 
         `on_partial` receives each partial reply body as it arrives; a body
         {"reset": True} means the kernel restarted the call (its manager died)
-        and what was streamed so far should be discarded.
+        and what was streamed so far should be discarded. Returns the `Reply`
+        (or `then(reply)`).
         """
-        timeout = self.timeout if timeout is None else timeout
-        if idempotent is None:
-            idempotent = (service, op) in IDEMPOTENT_OPS
-        deadline = time.monotonic() + timeout
-        backoff = self.retry_interval
+        call = self._new_call(service, op, args, timeout, idempotent, target, on_partial)
+        codec = self._endpoint.codec
         while True:
-            try:
-                return self._attempt(service, op, args or {}, deadline, idempotent, target, on_partial)
-            except AIOSError as exc:
-                if not (idempotent and exc.retryable) or time.monotonic() + backoff >= deadline:
-                    raise
-                log.info("retrying %s.%s after %s", service, op, exc.code)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 8.0)
+            step = call.step(time.monotonic())
+            if type(step) is Send:
+                send_multipart(self._sock, step.frames)
+            elif type(step) is Wait:
+                frames = self._recv_until(step.until)
+                if frames is not None:
+                    msg = decode(codec, frames)
+                    if match_id(msg) == call.rid:
+                        call.feed(msg)  # type: ignore[arg-type]
+            else:
+                return then(step) if then is not None else step
 
-    def _attempt(self, service: str, op: str, args: dict[str, Any], deadline: float, idempotent: bool,
-                 target: str | None, on_partial: PartialHandler | None) -> Reply:
-        rid = new_request_id()
-        header = {"kind": Kind.REQUEST.value, "id": rid, "agent": self.agent, "service": service, "op": op}
-        if target is not None:
-            header["target"] = target
-        partials: list[Any] = []
-        resend_every = self.retry_interval
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise KernelTimeout("TIMEOUT", f"{service}.{op}: no answer from the kernel at "
-                                    f"{self.run_dir.path} within the timeout")
-            header["deadline"] = remaining
-            send_multipart(self._sock, self._endpoint.codec.encode(header, args))
-            wait = min(resend_every, remaining) if idempotent else remaining
-            if wait >= remaining:
-                wait += DEADLINE_GRACE_S
-            wait_until = time.monotonic() + wait
-            reply = self._wait(rid, wait_until, partials, on_partial)
-            if reply is not None:
-                return reply
-            # No answer: re-send the same id (the scheduler ignores it if still pending).
-            resend_every = min(resend_every * 2, 8.0)
-            log.info("no answer to %s.%s yet; re-sending", service, op)
-
-    def _wait(self, rid: str, until: float, partials: list[Any], on_partial: PartialHandler | None) -> Reply | None:
-        while True:
-            remaining_ms = int((until - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                return None
-            # A blocking receive with a timeout: half the system calls of zmq_poll + receive.
-            # (RCVTIMEO is a C int: wait at most an hour at a time; the loop goes on after.)
-            remaining_ms = min(remaining_ms, 3_600_000)
-            if remaining_ms != self._rcvtimeo:
-                self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
-                self._rcvtimeo = remaining_ms
-            try:
-                frames = recv_multipart(self._sock)
-            except zmq.Again:
-                continue  # timed out: the check above ends the wait
-            result = _match(_decode(self._endpoint.codec, frames), rid, partials, on_partial)
-            if result is not None:
-                return result
-
-    def chat(self, messages: list[dict[str, Any]] | str, *, model: str | None = None, op: str = "chat",
-             on_token: Callable[[str], None] | None = None, timeout: float | None = None, **options: Any) -> Reply:
-        """`llm.chat` (or `op="json"` / `op="tools"`): the kernel's model answers `messages`.
-
-        A plain string is one user message. `on_token` streams the answer's
-        text as it is generated. Options: temperature, max_tokens, stop, seed,
-        json_schema, tools. The result is {message, finish_reason, usage, ...};
-        `Reply.timing` says how long the call waited and ran.
-        """
-        args = _chat_args(messages, model, on_token is not None, options)
-        return self.request("llm", op, args, target=model, timeout=timeout, idempotent=True,
-                            on_partial=_token_sink(on_token))
+    def _recv_until(self, until: float) -> list[bytes] | None:
+        remaining_ms = int((until - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            return None
+        # A blocking receive with a timeout: half the system calls of zmq_poll + receive.
+        # (RCVTIMEO is a C int: wait at most an hour at a time; the caller's loop goes on after.)
+        remaining_ms = min(remaining_ms, 3_600_000)
+        if remaining_ms != self._rcvtimeo:
+            self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
+            self._rcvtimeo = remaining_ms
+        try:
+            return recv_multipart(self._sock)
+        except zmq.Again:
+            return None
 
     def close(self) -> None:
         self._sock.close(0)
@@ -196,74 +171,16 @@ class Client:
         self.close()
 
 
-def _chat_args(messages: list[dict[str, Any]] | str, model: str | None, stream: bool,
-               options: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    args = {"messages": messages, "stream": stream, **options}
-    if model is not None:
-        args["model"] = model
-    return args
-
-
-def _token_sink(on_token: Callable[[str], None] | None) -> PartialHandler | None:
-    if on_token is None:
-        return None
-
-    def handle(body: Any) -> None:
-        if isinstance(body, dict) and isinstance(body.get("delta"), str):
-            on_token(body["delta"])
-
-    return handle
-
-
-def _decode(codec: Codec, frames: list[bytes]) -> Message | None:
-    try:
-        return codec.decode(frames)
-    except ProtocolError as exc:
-        log.warning("dropped a reply: %s", exc.message)
-        return None
-
-
-def _match(msg: Message | None, rid: str, partials: list[Any], on_partial: PartialHandler | None) -> Reply | None:
-    """Return a Reply if `msg` is the final answer to `rid`, raise if it is an error, else None."""
-    if msg is None:
-        return None
-    h = msg.header
-    if h.get("id") != rid:
-        if h.get("id") is None and h.get("status") == Status.ERROR.value:
-            log.warning("kernel rejected a frame: %s", msg.body)
-        return None  # a stale reply to an earlier attempt
-    status = h.get("status")
-    if status == Status.PARTIAL.value:
-        body = {"reset": True} if h.get("reset") else msg.body
-        if h.get("reset"):
-            partials.clear()
-        else:
-            partials.append(body)
-        if on_partial is not None:
-            on_partial(body)
-        return None
-    if status == Status.ERROR.value:
-        raise error_from_body(msg.body)
-    return Reply(msg.body, h, partials)
-
-
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """An asyncio kernel connection; many tasks may call concurrently."""
 
     def __init__(self, run_dir: str | Path | RunDir | None = None, agent: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 1.0) -> None:
-        self.agent = agent or f"agent-{os.getpid()}"
-        self.timeout = timeout
-        self.retry_interval = retry_interval
-        self._endpoint = _Endpoint(run_dir)
-        self.run_dir = self._endpoint.run_dir
+        super().__init__(run_dir, agent, timeout=timeout, retry_interval=retry_interval)
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        _configure(self._sock, self._endpoint)
+        self._sock = dealer(self._ctx, self.run_dir, self._endpoint.config, role="agent")
         self._sock.connect(self._endpoint.address)
-        self._waiters: dict[str, tuple[asyncio.Queue[Message], list[Any], PartialHandler | None]] = {}
+        self._waiters: dict[str, asyncio.Queue[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def call(self, service: str, op: str, /, **args: Any) -> Any:
@@ -271,75 +188,45 @@ class AsyncClient:
 
     async def request(self, service: str, op: str, args: dict[str, Any] | None = None, *,
                       timeout: float | None = None, idempotent: bool | None = None, target: str | None = None,
-                      on_partial: PartialHandler | None = None) -> Reply:
-        timeout = self.timeout if timeout is None else timeout
-        if idempotent is None:
-            idempotent = (service, op) in IDEMPOTENT_OPS
-        deadline = time.monotonic() + timeout
-        backoff = self.retry_interval
-        while True:
-            try:
-                return await self._attempt(service, op, args or {}, deadline, idempotent, target, on_partial)
-            except AIOSError as exc:
-                if not (idempotent and exc.retryable) or time.monotonic() + backoff >= deadline:
-                    raise
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 8.0)
-
-    async def chat(self, messages: list[dict[str, Any]] | str, *, model: str | None = None, op: str = "chat",
-                   on_token: Callable[[str], None] | None = None, timeout: float | None = None,
-                   **options: Any) -> Reply:
-        """Async `llm.chat`; see `Client.chat`."""
-        args = _chat_args(messages, model, on_token is not None, options)
-        return await self.request("llm", op, args, target=model, timeout=timeout, idempotent=True,
-                                  on_partial=_token_sink(on_token))
-
-    async def _attempt(self, service: str, op: str, args: dict[str, Any], deadline: float, idempotent: bool,
-                       target: str | None, on_partial: PartialHandler | None) -> Reply:
+                      on_partial: PartialHandler | None = None,
+                      then: Callable[[Reply], Any] | None = None) -> Any:
+        """Async `Client.request`."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read())
-        rid = new_request_id()
-        header = {"kind": Kind.REQUEST.value, "id": rid, "agent": self.agent, "service": service, "op": op}
-        if target is not None:
-            header["target"] = target
-        inbox: asyncio.Queue[Message] = asyncio.Queue()
-        partials: list[Any] = []
-        self._waiters[rid] = (inbox, partials, on_partial)
-        resend_every = self.retry_interval
+        call = self._new_call(service, op, args, timeout, idempotent, target, on_partial)
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        rid = ""
         try:
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise KernelTimeout("TIMEOUT", f"{service}.{op}: no answer from the kernel within the timeout")
-                header["deadline"] = remaining
-                await self._sock.send_multipart(self._endpoint.codec.encode(header, args))
-                wait = min(resend_every, remaining) if idempotent else remaining
-                if wait >= remaining:
-                    wait += DEADLINE_GRACE_S
-                until = time.monotonic() + wait
-                while True:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        msg = await asyncio.wait_for(inbox.get(), left)
-                    except asyncio.TimeoutError:
-                        break
-                    reply = _match(msg, rid, partials, on_partial)
-                    if reply is not None:
-                        return reply
-                resend_every = min(resend_every * 2, 8.0)
+                step = call.step(time.monotonic())
+                if type(step) is Send:
+                    if call.rid != rid:
+                        self._waiters.pop(rid, None)
+                        rid = call.rid
+                        self._waiters[rid] = inbox
+                    await self._sock.send_multipart(step.frames)
+                elif type(step) is Wait:
+                    left = step.until - time.monotonic()
+                    if left > 0:
+                        try:
+                            msg = await asyncio.wait_for(inbox.get(), left)
+                        except asyncio.TimeoutError:
+                            continue
+                        if match_id(msg) == call.rid:
+                            call.feed(msg)
+                else:
+                    return then(step) if then is not None else step
         finally:
             self._waiters.pop(rid, None)
 
     async def _read(self) -> None:
-        """Route every incoming reply to the task waiting for its id."""
+        """Route every incoming reply to the task waiting for its id (decoded once, here)."""
+        codec = self._endpoint.codec
         while True:
-            msg = _decode(self._endpoint.codec, await self._sock.recv_multipart())
-            rid = msg.header.get("id") if msg is not None else None
-            waiter = self._waiters.get(rid) if isinstance(rid, str) else None
+            msg = decode(codec, await self._sock.recv_multipart())
+            waiter = self._waiters.get(match_id(msg) or "")
             if waiter is not None:
-                waiter[0].put_nowait(msg)  # decoded once, here
+                waiter.put_nowait(msg)
 
     async def close(self) -> None:
         if self._reader is not None:

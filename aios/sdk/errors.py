@@ -49,7 +49,7 @@ _BY_CODE: dict[str, type[AIOSError]] = {
     ErrorCode.TOO_LARGE.value: InvalidArgument,
     ErrorCode.UNKNOWN_SERVICE.value: InvalidArgument,
     ErrorCode.UNKNOWN_OP.value: InvalidArgument,
-    ErrorCode.UNKNOWN_MODEL.value: InvalidArgument,
+    ErrorCode.UNKNOWN_TARGET.value: InvalidArgument,
     ErrorCode.INVALID_ARGUMENT.value: InvalidArgument,
 }
 

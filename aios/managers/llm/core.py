@@ -23,10 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from aios.config import Config, LLMCoreConfig
+from aios.config import Config
 from aios.managers.base import Manager, OpError, RequestContext, Yield, op
 from aios.managers.llm.backends.sim import SimBackend
 from aios.managers.llm.context import ContextStore
+from aios.managers.llm.options import LLMCoreConfig
 from aios.managers.llm.types import Backend, BackendError, ChatArgs, ChatResult, Generation, ToolSpec
 from aios.protocol import ErrorCode
 from aios.rundir import RunDir
@@ -68,12 +69,16 @@ def make_backend(core: LLMCoreConfig) -> Backend:
 
 
 class LLMCore(Manager):
+    """One `[[llm]]` entry: its options are the entry itself (`LLMCoreConfig`)."""
+
     service = "llm"
     capacity = 1
+    Options = LLMCoreConfig
 
-    def __init__(self, name: str, run_dir: RunDir, config: Config, core: LLMCoreConfig) -> None:
-        super().__init__(name, run_dir, config)
-        self.core = core
+    def __init__(self, name: str, run_dir: RunDir, config: Config, options: LLMCoreConfig | None = None,
+                 capacity: int | None = None) -> None:
+        super().__init__(name, run_dir, config, options, capacity)
+        self.core: LLMCoreConfig = self.options
         self.backend: Backend | None = None
         mb = 1024 * 1024
         self.contexts = ContextStore(int(config.context.ram_budget_mb * mb), int(config.context.disk_budget_mb * mb),
@@ -85,8 +90,9 @@ class LLMCore(Manager):
         t0 = time.monotonic()
         self.backend = make_backend(self.core)
         self.models = list(self.backend.models)
-        marked = [c for c in self.config.llm if c.default]
-        self.default_model = self.core in marked if marked else self.core is self.config.llm[0]
+        self.targets = list(self.models)
+        marked = [c.name for c in self.config.llm if c.default]
+        self.default_target = self.name in marked if marked else self.name == self.config.llm[0].name
         self.log.info("%s backend ready in %.2fs, models %s", self.core.backend, time.monotonic() - t0, self.models)
 
     def teardown(self) -> None:
@@ -132,7 +138,7 @@ class LLMCore(Manager):
         backend = self.backend
         assert backend is not None
         if args.model is not None and args.model not in self.models:
-            raise OpError(ErrorCode.UNKNOWN_MODEL, f"core {self.name} serves {self.models}, not {args.model!r}")
+            raise OpError(ErrorCode.UNKNOWN_TARGET, f"core {self.name} serves {self.models}, not {args.model!r}")
         t0 = time.perf_counter()
         gen = self.contexts.take(ctx.key)
         self.store_s += time.perf_counter() - t0

@@ -1,11 +1,7 @@
 """Question answering: short factual questions, short answers (a few tokens each)."""
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-from common import agent_client, report  # noqa: E402
+from aios.agents.common import agent_client, report
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -1,11 +1,7 @@
 """Summarising: condense a paragraph into one sentence (medium-length output)."""
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-from common import agent_client, report  # noqa: E402
+from aios.agents.common import agent_client, report
 
 TEXT = (
     "An operating system manages a computer's hardware and software resources and provides common services "

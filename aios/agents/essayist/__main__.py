@@ -1,11 +1,7 @@
 """Essay writing: one long generation (256 tokens), streamed. The request a fair scheduler must not let hog the model."""
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-from common import agent_client, report  # noqa: E402
+from aios.agents.common import agent_client, report
 
 
 def main() -> None:

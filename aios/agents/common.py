@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-
-from aios.sdk import Client, Reply, connect  # noqa: E402
+from aios.sdk import Client, Reply, connect
 
 
 def agent_client(name: str, description: str) -> tuple[Client, argparse.Namespace]:

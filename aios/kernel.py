@@ -1,0 +1,171 @@
+"""Starting, stopping and inspecting a kernel, as a library.
+
+The command line (`aios-start`, `aios start|stop|status`), the benchmarks,
+the demo and the tests all go through these three functions:
+
+    from aios import kernel
+    kernel.start(run_dir, config="aios.toml")      # returns once every process said READY
+    kernel.status(run_dir)                         # {"running", "processes", ...}
+    kernel.stop(run_dir)                           # the supervisor and every child are gone
+
+`start` runs the supervisor detached (its own session, logs in the run
+directory) and waits for its verdict on a pipe; the configuration is checked
+in the caller first (`aios.config.load_config` and
+`aios.managers.runner.resolve_managers`), so a mistake is reported before any
+process starts. `stop` signals only a process that is verifiably this run
+directory's supervisor (pid and start time from its pid file), never a
+stranger that reused a stale pid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aios.config import Config, ConfigError, dump_toml, load_config
+from aios.procutil import pid_alive
+from aios.rundir import RunDir, RunDirError
+
+__all__ = ["KernelStartError", "start", "stop", "status", "load"]
+
+
+class KernelStartError(RuntimeError):
+    """The kernel did not come up; the message says which process and why (and the log tail)."""
+
+
+def load(config: str | Path | Mapping[str, Any] | None = None, policy: str | None = None) -> Config:
+    """A validated configuration (a TOML file, a mapping, or the defaults) with every manager
+    class resolved and its options checked. Raises ConfigError naming each problem's place."""
+    from aios.managers.runner import resolve_managers
+    overrides: dict[str, Any] = dict(config) if isinstance(config, Mapping) else {}
+    if policy:
+        overrides["scheduler.policy"] = policy
+    cfg = load_config(None if isinstance(config, Mapping) else config, overrides or None)
+    resolve_managers(cfg)
+    return cfg
+
+
+def start(run_dir: RunDir | str | Path | None = None, config: str | Path | Mapping[str, Any] | None = None, *,
+          policy: str | None = None, timeout: float | None = None,
+          progress: Any = None) -> RunDir:
+    """Start a kernel in the background and return once every process said READY.
+
+    `config` is a TOML file, a mapping written out as TOML, or None for the
+    defaults. Raises ConfigError (bad configuration), RunDirError (unusable run
+    directory) or KernelStartError (a process failed to start).
+    """
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    cfg = load(config, policy)  # fail here, before any process exists
+    rd.prepare_dir()
+    cmd = [sys.executable, "-m", "aios.supervisor", "--run-dir", str(rd.path), "--quiet"]
+    if isinstance(config, Mapping):
+        path = rd.path / "start-config.toml"
+        path.write_text(dump_toml(config))
+        cmd += ["--config", str(path)]
+    elif config is not None:
+        cmd += ["--config", str(Path(config).absolute())]
+    if policy:
+        cmd += ["--policy", policy]
+    r, w = os.pipe()
+    cmd += ["--ready-fd", str(w)]
+    with open(rd.log_dir / "supervisor.log", "ab") as log:
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, pass_fds=(w,), cwd=os.getcwd())
+    os.close(w)
+    if progress is not None:
+        progress(f"starting kernel in {rd.path} (supervisor pid {child.pid}) ...")
+    limit = timeout if timeout is not None else cfg.supervisor.start_timeout_s + 30
+    with os.fdopen(r, "rb") as pipe:
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(pipe, selectors.EVENT_READ)
+        line = pipe.readline() if sel.select(limit) else b""
+        sel.close()
+    try:
+        verdict = json.loads(line)
+    except json.JSONDecodeError:
+        try:
+            code = child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = child.wait()
+        raise KernelStartError(f"the supervisor exited (code {code}) before it was ready; "
+                               f"see {rd.log_dir / 'supervisor.log'}") from None
+    if not verdict.get("ok"):
+        child.wait(timeout=30)
+        raise KernelStartError(str(verdict.get("message")))
+    return rd
+
+
+def stop(run_dir: RunDir | str | Path | None = None, timeout: float = 30.0) -> bool:
+    """Stop the kernel: SIGTERM its supervisor, wait for it and every child it listed to be gone.
+
+    Returns whether a live kernel was found. Leftovers (children of a supervisor
+    that was killed) are killed, and the ipc endpoints and pid file removed.
+    """
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    pid = rd.supervisor_pid()
+    state = rd.read_state() or {}
+    children = [p["pid"] for p in state.get("processes", []) if isinstance(p, dict) and p.get("pid")]
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    _kill_leftovers(rd, children)
+    for f in rd.ipc_files():
+        f.unlink(missing_ok=True)
+    if rd.supervisor_pid() is None:
+        rd.pid_file.unlink(missing_ok=True)
+    return bool(pid)
+
+
+def _kill_leftovers(rd: RunDir, pids: list[int]) -> None:
+    """Kill children that outlived their supervisor, but only processes that are this kernel's."""
+    import psutil
+    needle = str(rd.path)
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if needle not in " ".join(proc.cmdline()):
+                continue  # the pid was reused by something else
+            os.killpg(pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+
+
+def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False) -> dict[str, Any]:
+    """{"running", "run_dir", "supervisor_pid", "processes": [{name, pid, state, restarts, message}], "kernel"?}.
+
+    With `verbose`, "kernel" holds the scheduler's own `kernel.status` (queues,
+    managers, per-service counts) when it answers.
+    """
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    pid = rd.supervisor_pid()
+    running = pid is not None
+    state = rd.read_state() or {} if running else {}
+    out: dict[str, Any] = {"running": running, "run_dir": str(rd.path), "supervisor_pid": pid,
+                           "processes": state.get("processes", [])}
+    if running and verbose:
+        out["kernel"] = _kernel_status(rd)
+    return out
+
+
+def _kernel_status(rd: RunDir) -> dict[str, Any] | None:
+    from aios.sdk import AIOSError, connect
+    try:
+        with connect(rd, agent="aios-cli", timeout=2.0) as client:
+            return client.call("kernel", "status")
+    except AIOSError:
+        return None
+
+
+__all__ += ["ConfigError", "RunDirError"]

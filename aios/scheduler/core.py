@@ -1,0 +1,631 @@
+"""The scheduler's core: every scheduling decision, with no sockets.
+
+The broker (`aios.scheduler.broker`) is a thin shell around this object: it
+receives frames, verifies and parses them into typed messages
+(`aios.messages`), hands them to the core with the current time, and sends
+whatever the core puts in its `Outbox`. Everything else lives here, as plain
+objects that unit tests drive directly:
+
+- the manager registry and credit (`registry.py`): a manager gets work only
+  while it has free capacity, and only requests it may run (its targets, the
+  per-target limits it announced, the affinity of a saved context);
+- one ready queue per service, ordered by the scheduling policy (`policies.py`);
+- the admission step (`admission.py`) between validation and queueing;
+- the request lifecycle (`request.py`) with guarded transitions, deadlines,
+  preemption (yield and requeue), cancellation when a caller goes away, the
+  reply cache that answers retried request ids, and the fate of a dead
+  manager's work (re-queued when safe to repeat, at most `max_requeues`
+  times, else a retryable MANAGER_DIED);
+- calls between managers: a handler's call is queued and charged like the
+  agent's own, on behalf of the agent of the request it serves, within that
+  request's deadline; a call that would wait on a service already waiting
+  for it (a cycle) is refused with CALL_CYCLE instead of deadlocking a
+  thread pool;
+- the built-in `kernel` service (ping, status, shutdown).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from aios.config import Config
+from aios.messages import (
+    Call,
+    Cancel,
+    Disconnect,
+    Dispatch,
+    Heartbeat,
+    Message,
+    Ready,
+    Reply,
+    Request as RequestMsg,
+    Reregister,
+    Yield,
+)
+from aios.protocol import ErrorCode, Status, error_body, pack
+from aios.scheduler.admission import Admission, AdmitAll, Chain, Decision, QueueQuota, load_admission
+from aios.scheduler.policies import Policy, make_policy, placement
+from aios.scheduler.registry import ManagerRecord, ManagerRegistry
+from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Request, State
+
+log = logging.getLogger("aios.scheduler")
+
+KERNEL = "kernel"
+KERNEL_OPS = ("ping", "shutdown", "status")
+#: calls between managers may nest this deep (agent -> memory -> storage is 2)
+MAX_CALL_DEPTH = 8
+#: rough per-entry overhead of a cached reply beyond its body, for the byte bound
+_CACHE_ENTRY_BYTES = 200
+
+_OK, _PARTIAL, _ERROR = Status.OK.value, Status.PARTIAL.value, Status.ERROR.value
+_PONG = pack({"pong": True})
+
+
+class Outbox(Protocol):
+    """Where the core's messages go (the broker's sockets; a list in unit tests)."""
+
+    def to_caller(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
+        """To an agent (frontend routing id) or a manager's call (BACKEND_CLIENT + its routing id)."""
+
+    def to_manager(self, identity: bytes, header: dict[str, Any], body_raw: bytes = b"") -> None: ...
+
+    def shutdown(self) -> None:
+        """`kernel.shutdown` was called: ask the supervisor to stop the kernel."""
+
+
+@dataclass(slots=True)
+class ServiceStats:
+    submitted: int = 0
+    completed: int = 0
+    errors: int = 0
+    requeued: int = 0
+    preemptions: int = 0
+    wait_s_total: float = 0.0
+    turnaround_s_total: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        done = max(self.completed + self.errors, 1)
+        return {"submitted": self.submitted, "completed": self.completed, "errors": self.errors,
+                "requeued": self.requeued, "preemptions": self.preemptions,
+                "wait_mean_s": round(self.wait_s_total / done, 6),
+                "turnaround_mean_s": round(self.turnaround_s_total / done, 6)}
+
+
+def make_admission(config: Config) -> Admission:
+    s = config.scheduler
+    steps: list[Admission] = []
+    if s.max_queued_per_agent:
+        steps.append(QueueQuota(s.max_queued_per_agent))
+    if s.admission:
+        steps.append(load_admission(s.admission, dict(s.admission_options)))
+    return Chain(steps) if steps else AdmitAll()
+
+
+class SchedulerCore:
+    """All scheduling state and decisions. Call its `on_*` methods with `now = time.monotonic()`.
+
+    `expected` maps each configured manager process to its service, so that a
+    request for a service whose managers have not registered yet waits in its
+    queue instead of being refused as unknown. `process_state(name)` (from the
+    supervisor's table) lets the core answer at once when a service's only
+    managers cannot serve (FATAL, crash-looping).
+    """
+
+    def __init__(self, config: Config, outbox: Outbox, *, expected: dict[str, str] | None = None,
+                 admission: Admission | None = None,
+                 process_state: Callable[[str], tuple[str, str] | None] = lambda name: None,
+                 extra_status: Callable[[], dict[str, Any]] = dict) -> None:
+        self.config = config
+        self.out = outbox
+        k = config.kernel
+        self.hb_interval = k.heartbeat_interval_s
+        self.hb_expiry = k.heartbeat_interval_s * k.heartbeat_liveness
+        self.expected = dict(expected or {})
+        self.expected_services = {KERNEL} | set(self.expected.values())
+        self.admission = admission if admission is not None else make_admission(config)
+        self.process_state = process_state
+        self.extra_status = extra_status
+        self.registry = ManagerRegistry()
+        self.queues: dict[str, Policy] = {}
+        self.pending: dict[tuple[bytes, str], Request] = {}
+        self.by_client: dict[bytes, set[Request]] = defaultdict(set)
+        self.queued_agents: dict[str, int] = defaultdict(int)
+        self.held: dict[tuple[bytes, str], Request] = {}
+        self.deadlines: list[tuple[float, int, Request]] = []
+        self.reply_cache: OrderedDict[tuple[bytes, str], tuple[dict[str, Any], bytes]] = OrderedDict()
+        self.reply_cache_bytes = 0
+        self.stats: dict[str, ServiceStats] = defaultdict(ServiceStats)
+        self.stopping = False
+        self.started_at: float | None = None
+
+    # ------------------------------------------------------------ view (admission)
+    def queued_by_agent(self, agent: str) -> int:
+        return self.queued_agents.get(agent, 0)
+
+    def queued(self, service: str) -> int:
+        q = self.queues.get(service)
+        return len(q) if q is not None else 0
+
+    def queue(self, service: str) -> Policy:
+        q = self.queues.get(service)
+        if q is None:
+            q = self.queues[service] = make_policy(self.config.scheduler)
+        return q
+
+    # ------------------------------------------------------------------ replies
+    def _reply(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
+        self.out.to_caller(client, header, body_raw)
+
+    def reply_error(self, client: bytes, rid: Any, code: ErrorCode, message: str,
+                    timing: dict[str, Any] | None = None) -> None:
+        rid = rid if isinstance(rid, str) else None
+        self._reply(client, Reply(rid, _ERROR, timing=timing).to_header(), pack(error_body(code, message)))
+
+    # -------------------------------------------------------------------- intake
+    def on_request(self, client: bytes, msg: RequestMsg | Call, body_raw: bytes, now: float,
+                   caller: ManagerRecord | None = None) -> None:
+        """A system call from an agent (`msg` a Request) or from a manager's handler (a Call)."""
+        key = (client, msg.id)
+        if key in self.pending:
+            return  # a re-sent request we are still working on: its reply will come
+        cached = self.reply_cache.get(key)
+        if cached is not None:
+            self._reply(client, cached[0], cached[1])
+            return
+        service, op = msg.service, msg.op
+        if service == KERNEL:
+            return self.on_kernel(client, msg.id, op, now)
+        if self.stopping:
+            return self.reply_error(client, msg.id, ErrorCode.SHUTTING_DOWN, "the kernel is shutting down")
+        managers = self.registry.of(service)
+        if not managers:
+            if service not in self.expected_services:
+                known = sorted(self.expected_services | self.registry.services())
+                return self.reply_error(client, msg.id, ErrorCode.UNKNOWN_SERVICE,
+                                        f"unknown service {service!r}; services: {known}")
+            why = self.unavailable_reason(service)
+            if why:
+                return self.reply_error(client, msg.id, ErrorCode.UNAVAILABLE, why)
+        info = ManagerRegistry.op_info(managers, op) if managers else None
+        if managers and info is None:
+            ops = sorted({o for m in managers for o in m.ops})
+            return self.reply_error(client, msg.id, ErrorCode.UNKNOWN_OP,
+                                    f"service {service!r} has no op {op!r}; ops: {ops}")
+        target = msg.target
+        if target is not None and managers and not any(target in m.targets for m in managers):
+            known_targets = sorted({t for m in managers for t in m.targets})
+            return self.reply_error(client, msg.id, ErrorCode.UNKNOWN_TARGET,
+                                    f"no {service} manager serves {target!r}; available: {known_targets}")
+        parent: Request | None = None
+        agent: str
+        deadline = msg.deadline
+        if isinstance(msg, Call):
+            assert caller is not None
+            parent = caller.inflight.get((msg.parent_client, msg.parent))
+            if parent is None:
+                return self.reply_error(client, msg.id, ErrorCode.INVALID_ARGUMENT,
+                                        "a call must be made while serving the request it is made for "
+                                        f"(request {msg.parent!r} is not running on {caller.name})")
+            chain = parent.chain()
+            path = " -> ".join(f"{r.service}.{r.op}" for r in reversed(chain)) + f" -> {service}.{op}"
+            if any(r.service == service for r in chain):
+                return self.reply_error(client, msg.id, ErrorCode.CALL_CYCLE,
+                                        f"call cycle refused: {path} would wait on a {service} request that "
+                                        f"is itself waiting for this call (a thread-pool deadlock)")
+            if len(chain) >= MAX_CALL_DEPTH:
+                return self.reply_error(client, msg.id, ErrorCode.CALL_CYCLE,
+                                        f"calls nested too deep ({len(chain)} levels, at most {MAX_CALL_DEPTH}): {path}")
+            agent = parent.agent
+            if parent.deadline is not None:
+                left = parent.deadline - now
+                deadline = left if deadline is None else min(deadline, left)
+                if deadline <= 0:
+                    return self.reply_error(client, msg.id, ErrorCode.DEADLINE_EXCEEDED,
+                                            f"the request this call serves has no time left ({path})")
+        else:
+            agent = msg.agent
+        q = self.queue(service)
+        if len(q) >= self.config.kernel.max_queue:
+            return self.reply_error(client, msg.id, ErrorCode.OVERLOADED,
+                                    f"the {service} queue is full ({len(q)} requests, [kernel] max_queue)")
+        req = Request(id=msg.id, client=client, agent=agent, service=service, op=op, body_raw=body_raw,
+                      created=now, target=target, deadline=now + deadline if deadline is not None else None,
+                      idempotent=bool(info and info.idempotent), preemptible=bool(info and info.preemptible),
+                      parent=parent, caller=caller.service if caller is not None else None)
+        decision = self.admission.admit(req, self)
+        if decision.verdict == "deny":
+            req.move(State.FAILED)
+            assert decision.code is not None
+            return self.reply_error(client, msg.id, decision.code, decision.message)
+        self.pending[key] = req
+        self.by_client[client].add(req)
+        if parent is not None:
+            if parent.children is None:
+                parent.children = set()
+            parent.children.add(req)
+        self.stats[service].submitted += 1
+        if req.deadline is not None:
+            heapq.heappush(self.deadlines, (req.deadline, req.arrival, req))
+        if decision.verdict == "hold":
+            req.move(State.HELD)
+            self.held[key] = req
+            log.info("request %s (%s.%s for %s) held: %s", req.id, service, op, agent, decision.message)
+            return
+        self._enqueue(req)
+        self.dispatch(service, now)
+
+    def unavailable_reason(self, service: str) -> str | None:
+        """Why nothing can serve `service` now, if the supervisor says its processes are down for good."""
+        names = [n for n, s in self.expected.items() if s == service]
+        states = [(n, self.process_state(n)) for n in names]
+        if names and all(st is not None and st[0] in ("FATAL", "STOPPED") for _, st in states):
+            parts = [f"{n} is {st[0]}" + (f" ({st[1]})" if st and st[1] else "") for n, st in states if st]
+            return f"service {service!r} cannot serve: " + "; ".join(parts)
+        return None
+
+    def _enqueue(self, req: Request, requeue: bool = False) -> None:
+        req.move(State.QUEUED)
+        q = self.queue(req.service)
+        q.requeue(req) if requeue else q.push(req)
+        self.queued_agents[req.agent] += 1
+
+    def _dequeued(self, req: Request) -> None:
+        n = self.queued_agents.get(req.agent, 0) - 1
+        if n > 0:
+            self.queued_agents[req.agent] = n
+        else:
+            self.queued_agents.pop(req.agent, None)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, service: str, now: float) -> None:
+        q = self.queues.get(service)
+        if not q:
+            return
+        managers = self.registry.of(service)
+        if not managers:
+            return
+        pick = ManagerRegistry.pick
+        while True:
+            req = q.pop(lambda cls: pick(managers, cls[0], cls[1]) is not None)
+            if req is None:
+                return
+            self._dequeued(req)
+            mgr = pick(managers, req.target, req.affinity)
+            assert mgr is not None
+            self._start(req, mgr, q, now)
+
+    def _start(self, req: Request, mgr: ManagerRecord, q: Policy, now: float) -> None:
+        req.move(State.RUNNING)
+        if req.started is None:
+            req.started = now
+        req.dispatched_at = now
+        req.attempts += 1
+        req.manager = mgr.identity
+        resume = req.affinity is not None
+        mgr.add(req)
+        d = Dispatch(id=req.id, client=req.client, agent=req.agent, service=req.service, op=req.op,
+                     target=req.target, attempt=req.failures + 1, resume=resume,
+                     slice=q.slice_tokens(req) if req.preemptible else None,
+                     deadline=(req.deadline - now) if req.deadline is not None else None, caller=req.caller)
+        mgr.last_sent = now
+        self.out.to_manager(mgr.identity, d.to_header(), req.body_raw)
+
+    # ------------------------------------------------------------- manager side
+    def on_manager(self, identity: bytes, msg: Message, body_raw: bytes, now: float) -> None:
+        mgr = self.registry.get(identity)
+        if mgr is not None:
+            mgr.last_seen = now
+        if isinstance(msg, Ready):
+            return self.on_ready(identity, msg, now)
+        if mgr is None:
+            self.out.to_manager(identity, Reregister().to_header())
+            return
+        if isinstance(msg, Reply):
+            self.on_manager_reply(mgr, msg, body_raw, now)
+        elif isinstance(msg, Call):
+            self.on_request(BACKEND_CLIENT + identity, msg, body_raw, now, caller=mgr)
+        elif isinstance(msg, Heartbeat):
+            if msg.busy is not None:
+                self._reported_busy(mgr, msg.busy, now)
+        elif isinstance(msg, Yield):
+            self.on_yield(mgr, msg, now)
+        elif isinstance(msg, Disconnect):
+            self.manager_lost(mgr, "disconnected", now)
+
+    def _reported_busy(self, mgr: ManagerRecord, busy: int, now: float) -> None:
+        before = mgr.free
+        mgr.reported_busy = min(busy, mgr.capacity)
+        if mgr.free > before:
+            self.dispatch(mgr.service, now)
+
+    def on_ready(self, identity: bytes, msg: Ready, now: float) -> None:
+        old = self.registry.get(identity)
+        if old is not None:
+            if old.incarnation == msg.incarnation:
+                # the same process announcing itself again (it thought we had gone): refresh
+                old.health, old.detail = msg.health, msg.detail
+                self._reported_busy(old, msg.busy, now)
+                return
+            self.manager_lost(old, f"replaced by incarnation {msg.incarnation}", now)
+        same_name = self.registry.by_name(msg.name)
+        if same_name is not None:
+            # a restarted process under a new routing id: the old one is gone for good
+            self.manager_lost(same_name, f"replaced by incarnation {msg.incarnation}", now)
+        mgr = ManagerRecord.from_ready(identity, msg, now)
+        self.registry.add(mgr)
+        self.expected_services.add(msg.service)
+        log.info("manager %s ready: service=%s capacity=%d busy=%d incarnation=%s%s", msg.name, msg.service,
+                 msg.capacity, msg.busy, msg.incarnation, f" ({msg.health}: {msg.detail})" if msg.detail else "")
+        self.dispatch(msg.service, now)
+
+    def on_manager_reply(self, mgr: ManagerRecord, msg: Reply, body_raw: bytes, now: float) -> None:
+        if msg.busy is not None:
+            mgr.reported_busy = min(msg.busy, mgr.capacity)
+        req = mgr.inflight.get((msg.client, msg.id)) if msg.client is not None and msg.id is not None else None
+        if req is None:
+            # late: timed out, cancelled or re-queued; its `busy` still counted above
+            self.dispatch(mgr.service, now)
+            return
+        if msg.status == _PARTIAL:
+            req.streamed = True
+            self._reply(req.client, Reply(req.id, _PARTIAL).to_header(), body_raw)
+            return
+        self._release(mgr, req, now, msg.tokens)
+        try:
+            req.move(State.DONE)
+        except IllegalTransition as exc:  # cannot happen for an in-flight request; never corrupt the books
+            log.error("%s", exc)
+            return
+        req.finished = now
+        stats = self.stats[req.service]
+        if msg.status == _ERROR:
+            stats.errors += 1
+        else:
+            stats.completed += 1
+            mgr.completed += 1
+        stats.wait_s_total += (req.finished - req.created) - req.run_s
+        stats.turnaround_s_total += req.finished - req.created
+        header = Reply(req.id, msg.status, timing=req.timing()).to_header()
+        self._forget(req, now)
+        self._cache(req, header, body_raw)
+        self._reply(req.client, header, body_raw)
+        self.dispatch(mgr.service, now)
+
+    def on_yield(self, mgr: ManagerRecord, msg: Yield, now: float) -> None:
+        if msg.busy is not None:
+            mgr.reported_busy = min(msg.busy, mgr.capacity)
+        req = mgr.inflight.get((msg.client, msg.id))
+        if req is None:
+            self.dispatch(mgr.service, now)
+            return
+        self._release(mgr, req, now, msg.tokens)
+        req.preemptions += 1
+        req.affinity = mgr.identity if msg.affinity else None
+        self.stats[req.service].preemptions += 1
+        req.move(State.YIELDED)
+        self._enqueue(req, requeue=True)
+        self.dispatch(mgr.service, now)
+
+    def _release(self, mgr: ManagerRecord, req: Request, now: float, tokens: int) -> None:
+        """A request stops running on `mgr`: free its slot and charge the service it used."""
+        mgr.discard(req)
+        run_s = now - (req.dispatched_at or now)
+        req.run_s += run_s
+        req.tokens += tokens
+        req.manager = None
+        self.queue(req.service).charge(req, run_s, tokens)
+
+    def manager_lost(self, mgr: ManagerRecord, why: str, now: float) -> None:
+        """Forget a manager; re-queue or fail what it was running, and cancel the calls it made."""
+        self.registry.remove(mgr)
+        log.warning("manager %s (incarnation %s) lost: %s; %d request(s) in flight",
+                    mgr.name, mgr.incarnation, why, len(mgr.inflight))
+        limit = self.config.scheduler.max_requeues
+        for req in list(mgr.inflight.values()):
+            mgr.discard(req)
+            req.run_s += now - (req.dispatched_at or now)
+            req.manager = None
+            if req.affinity == mgr.identity:
+                req.affinity = None  # its saved context died with the manager
+            if not req.live:
+                continue
+            req.failures += 1
+            if req.idempotent and req.failures <= limit:
+                self.stats[req.service].requeued += 1
+                self._reset_stream(req)
+                self._enqueue(req, requeue=True)
+            elif req.idempotent:
+                self._fail(req, ErrorCode.MANAGER_DIED,
+                           f"the {req.service} manager died {req.failures} times while running this request "
+                           f"(last: {mgr.name}, {why}); not re-queued again ([scheduler] max_requeues = {limit}): "
+                           f"the request itself may be what kills it", now)
+            else:
+                self._fail(req, ErrorCode.MANAGER_DIED,
+                           f"the {req.service} manager {mgr.name} died while running this request ({why}); "
+                           f"it is not safe to repeat, so it was not re-run: it may or may not have taken effect",
+                           now)
+        # requests whose saved context lived there must start over elsewhere
+        q = self.queues.get(mgr.service)
+        if q is not None:
+            for req in q.reaffine(mgr.identity):
+                self._reset_stream(req)
+        # calls this manager's handlers made have nobody to answer to
+        self.client_gone(BACKEND_CLIENT + mgr.identity, now)
+        self.dispatch(mgr.service, now)
+
+    def _reset_stream(self, req: Request) -> None:
+        """The request will run again from the start: tell the caller to drop what it was streamed."""
+        if req.streamed:
+            self._reply(req.client, Reply(req.id, _PARTIAL, reset=True).to_header(), pack({"reset": True}))
+            req.streamed = False
+
+    # ------------------------------------------------------------------ endings
+    def _forget(self, req: Request, now: float) -> None:
+        """Remove a finished request from the books, drop its body, cancel calls it left running."""
+        self.pending.pop(req.key, None)
+        peers = self.by_client.get(req.client)
+        if peers is not None:
+            peers.discard(req)
+            if not peers:
+                del self.by_client[req.client]
+        self.held.pop(req.key, None)
+        if req.parent is not None and req.parent.children is not None:
+            req.parent.children.discard(req)
+        req.release_body()
+        if req.children:
+            for child in list(req.children):
+                if child.live:
+                    self._fail(child, ErrorCode.CANCELLED,
+                               f"the request that made this call ({req.service}.{req.op}) has ended", now)
+            req.children = None
+
+    def _fail(self, req: Request, code: ErrorCode, message: str, now: float) -> None:
+        """Answer a live request with an error, wherever it is (held, queued, running)."""
+        if not req.live:
+            return
+        if req.state == State.QUEUED:
+            q = self.queues.get(req.service)
+            if q is not None and q.remove(req):
+                self._dequeued(req)
+        elif req.state == State.HELD:
+            self.admission.forget(req)
+        self._cancel_on_manager(req, now)
+        req.move(State.FAILED)
+        req.finished = now
+        self.stats[req.service].errors += 1
+        self._forget(req, now)
+        self.reply_error(req.client, req.id, code, message, req.timing())
+
+    def _cancel_on_manager(self, req: Request, now: float) -> None:
+        """Tell the manager running the request (or keeping its saved context) to let go of it."""
+        target = req.manager or req.affinity
+        mgr = self.registry.get(target) if target else None
+        if mgr is not None:
+            if req.manager is not None and mgr.discard(req):
+                req.run_s += now - (req.dispatched_at or now)
+                # until the manager says its handler stopped, the slot stays counted as busy
+                mgr.reported_busy = min(mgr.reported_busy + 1, mgr.capacity)
+            self.out.to_manager(mgr.identity, Cancel(req.id, req.client).to_header())
+        req.manager = None
+        req.affinity = None
+
+    def client_gone(self, client: bytes, now: float) -> None:
+        """A caller disconnected (or a manager that made calls died): cancel all its work."""
+        reqs = self.by_client.pop(client, None)
+        if not reqs:
+            return
+        services = {r.service for r in reqs}
+        for req in list(reqs):
+            if not req.live:
+                continue
+            self._cancel_quietly(req, now)
+        if not client.startswith(BACKEND_CLIENT):
+            log.info("agent connection %r gone; %d pending request(s) cancelled", client[:8], len(reqs))
+        for service in services:
+            self.dispatch(service, now)
+
+    def _cancel_quietly(self, req: Request, now: float) -> None:
+        """Like _fail, but nobody is there to answer."""
+        if req.state == State.QUEUED:
+            q = self.queues.get(req.service)
+            if q is not None and q.remove(req):
+                self._dequeued(req)
+        elif req.state == State.HELD:
+            self.admission.forget(req)
+        self._cancel_on_manager(req, now)
+        req.move(State.FAILED)
+        req.finished = now
+        self.stats[req.service].errors += 1
+        self._forget(req, now)
+
+    def _cache(self, req: Request, header: dict[str, Any], body_raw: bytes) -> None:
+        k = self.config.kernel
+        if k.reply_cache <= 0:
+            return
+        self.reply_cache[req.key] = (header, body_raw)
+        self.reply_cache_bytes += len(body_raw) + _CACHE_ENTRY_BYTES
+        limit = int(k.reply_cache_mb * 1024 * 1024)
+        while self.reply_cache and (len(self.reply_cache) > k.reply_cache or self.reply_cache_bytes > limit):
+            _, (_, old_body) = self.reply_cache.popitem(last=False)
+            self.reply_cache_bytes -= len(old_body) + _CACHE_ENTRY_BYTES
+
+    # -------------------------------------------------------------------- timers
+    def tick(self, now: float) -> None:
+        """Heartbeats, dead managers, deadlines and the admission step's verdicts."""
+        for mgr in list(self.registry):
+            if now - mgr.last_seen > self.hb_expiry:
+                self.manager_lost(mgr, f"no heartbeat for {now - mgr.last_seen:.1f}s", now)
+            elif now - mgr.last_sent >= self.hb_interval:
+                mgr.last_sent = now
+                self.out.to_manager(mgr.identity, Heartbeat().to_header())
+        for req, decision in self.admission.poll(now):
+            self._release_held(req, decision, now)
+        self.expire_deadlines(now)
+
+    def _release_held(self, req: Request, decision: Decision, now: float) -> None:
+        if self.held.pop(req.key, None) is not req or req.state != State.HELD:
+            return
+        if decision.allowed:
+            self._enqueue(req)
+            self.dispatch(req.service, now)
+        else:
+            assert decision.code is not None
+            self._fail(req, decision.code, decision.message, now)
+
+    def next_deadline(self) -> float | None:
+        return self.deadlines[0][0] if self.deadlines else None
+
+    def expire_deadlines(self, now: float) -> None:
+        """Answer DEADLINE_EXCEEDED for every pending request whose deadline has passed."""
+        if len(self.deadlines) > 2 * len(self.pending) + 1024:
+            # entries of finished requests wait for their deadline; drop them in bulk so the
+            # heap stays proportional to the pending work
+            self.deadlines = [e for e in self.deadlines if e[2].live]
+            heapq.heapify(self.deadlines)
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, req = heapq.heappop(self.deadlines)
+            if req.live and self.pending.get(req.key) is req:
+                where = {State.RUNNING: "running", State.HELD: "held for admission"}.get(req.state, "still queued")
+                self._fail(req, ErrorCode.DEADLINE_EXCEEDED,
+                           f"deadline passed after {now - req.created:.3f}s ({where})", now)
+                self.dispatch(req.service, now)
+
+    # ---------------------------------------------------------------- kernel ops
+    def on_kernel(self, client: bytes, rid: str, op: str, now: float) -> None:
+        if op == "ping":  # the body is a constant: packed once
+            self._reply(client, {"kind": "reply", "id": rid, "status": _OK}, _PONG)
+            return
+        if op == "status":
+            body = self.status(now)
+        elif op == "shutdown":
+            body = {"stopping": True}
+            self.out.shutdown()
+        else:
+            return self.reply_error(client, rid, ErrorCode.UNKNOWN_OP,
+                                    f"service 'kernel' has no op {op!r}; ops: {list(KERNEL_OPS)}")
+        self._reply(client, Reply(rid, _OK).to_header(), pack(body))
+
+    def status(self, now: float) -> dict[str, Any]:
+        services = sorted((self.expected_services | self.registry.services() | set(self.queues)) - {KERNEL})
+        extra = self.extra_status()
+        scheduler = {"policy": self.config.scheduler.policy, "uptime_s": round(now - (self.started_at or now), 3),
+                     **extra.pop("scheduler", {})}
+        return {
+            "scheduler": scheduler,
+            "managers": [m.row(now) for m in self.registry],
+            "queues": {s: self.queued(s) for s in services},
+            "held": len(self.held),
+            "services": {s: self.stats[s].as_dict() for s in services},
+            "pending": len(self.pending),
+            "reply_cache": {"entries": len(self.reply_cache), "bytes": self.reply_cache_bytes},
+            **extra,
+        }
+
+    def close(self, now: float) -> None:
+        """The kernel is stopping: answer everything still pending."""
+        self.stopping = True
+        for req in list(self.pending.values()):
+            self._fail(req, ErrorCode.SHUTTING_DOWN, "the kernel is shutting down", now)

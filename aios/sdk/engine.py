@@ -1,0 +1,202 @@
+"""The call engine: one system call's life on the caller's side, written once, without I/O.
+
+Agents (the sync and asyncio SDK clients) and managers (`ctx.call`, a handler
+calling another service) all make calls the same way; only how they wait
+differs. `PendingCall` holds everything else: it builds the frames, decides
+when to re-send the same request id (idempotent calls, while no answer comes),
+when to retry under a new id (a retryable error), matches partial and final
+replies, and turns an error reply into a typed exception. A driver loops:
+
+    call = PendingCall(codec, header, args, ...)
+    while True:
+        step = call.step(time.monotonic())
+        if isinstance(step, Send):   send step.frames on the socket
+        elif isinstance(step, Wait): wait for a message until step.until; call.feed(msg) if one came
+        else:                        return step (the final Reply; errors were raised by step())
+
+The driver routes only messages whose id is `call.rid` to `feed` (the id
+changes when the call is retried). `connection_lost()` is the driver's news
+that the kernel connection dropped (the scheduler restarted): idempotent
+calls are re-sent at once, and the others fail with a retryable error that
+says their outcome is unknown, instead of waiting for their timeout.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+from aios import messages
+from aios.protocol import Codec, ErrorCode, Message, Status, new_request_id, pack
+from aios.sdk.errors import AIOSError, KernelError, KernelTimeout, error_from_body
+
+log = logging.getLogger("aios.sdk")
+
+DEFAULT_TIMEOUT_S = 120.0
+#: after the call's own deadline, how long to wait for the kernel's DEADLINE_EXCEEDED verdict
+#: (the kernel's clock for a request starts when it arrives, a little after ours)
+DEADLINE_GRACE_S = 0.25
+#: re-send intervals of an idempotent call that gets no answer: from `resend_interval`, doubling up to this
+MAX_RESEND_INTERVAL_S = 8.0
+#: backoff between retries after a retryable error: from `resend_interval`, doubling up to this
+MAX_BACKOFF_S = 8.0
+
+#: retryable errors the engine retries by itself (idempotent calls only): the kernel is busy or a
+#: manager is restarting, so the same call very likely succeeds in a moment. Other retryable errors
+#: (UNAVAILABLE: a service or its backend is down) go straight to the caller, who decides: retrying
+#: them here would turn a prompt "it is down" into a wait for the whole timeout.
+AUTO_RETRY = frozenset({ErrorCode.MANAGER_DIED.value, ErrorCode.OVERLOADED.value})
+
+PartialHandler = Callable[[Any], None]
+_PARTIAL, _ERROR = Status.PARTIAL.value, Status.ERROR.value
+
+
+@dataclass
+class Reply:
+    """A final reply: the result plus what the scheduler measured about the call."""
+
+    result: Any
+    header: dict[str, Any]
+    partials: list[Any] = field(default_factory=list)
+
+    @property
+    def timing(self) -> dict[str, Any]:
+        return self.header.get("timing", {})
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    until: float
+
+
+Step = Union[Send, Wait, Reply]
+
+
+class PendingCall:
+    """One call in flight. `header` is the typed request (an agent's Request or a manager's Call);
+    its `id` and `deadline` are set here for each attempt."""
+
+    def __init__(self, codec: Codec, header: messages.Request | messages.Call, args: dict[str, Any], *,
+                 timeout: float, idempotent: bool, now: float, resend_interval: float = 1.0,
+                 on_partial: PartialHandler | None = None, where: str = "the kernel") -> None:
+        self.codec = codec
+        self.header = header
+        self.body_raw = pack(args)
+        self.idempotent = idempotent
+        self.on_partial = on_partial
+        self.where = where
+        self.deadline = now + timeout
+        self.resend_interval = resend_interval
+        self._resend_every = resend_interval
+        self._backoff = resend_interval
+        self._send_at: float | None = now
+        self._fresh = True
+        self._reply: Reply | None = None
+        self._error: AIOSError | None = None
+        self.partials: list[Any] = []
+        self.attempts = 0
+        self.rid = ""
+
+    @property
+    def what(self) -> str:
+        return f"{self.header.service}.{self.header.op}"
+
+    # --------------------------------------------------------------- driving
+    def step(self, now: float) -> Step:
+        if self._reply is not None:
+            return self._reply
+        if self._error is not None:
+            err, self._error = self._error, None
+            if not (self.idempotent and err.code in AUTO_RETRY) or now + self._backoff >= self.deadline:
+                raise err
+            log.info("retrying %s after %s", self.what, err.code)
+            self._send_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+            self._fresh = True
+        if self._send_at is not None and now >= self._send_at:
+            remaining = self.deadline - now
+            if remaining <= 0:
+                raise self._timeout()
+            if self._fresh:
+                self.rid = new_request_id()
+                self.partials.clear()
+                self._fresh = False
+            elif self.attempts:
+                log.info("no answer to %s yet; re-sending", self.what)
+            self.attempts += 1
+            self.header.id = self.rid
+            self.header.deadline = remaining
+            if self.idempotent:
+                self._send_at = now + min(self._resend_every, remaining)
+                self._resend_every = min(self._resend_every * 2, MAX_RESEND_INTERVAL_S)
+            else:
+                self._send_at = None
+            return Send(self.codec.encode_raw(pack(self.header.to_header()), self.body_raw))
+        end = self.deadline + DEADLINE_GRACE_S
+        if now >= end:
+            raise self._timeout()
+        return Wait(min(self._send_at, end) if self._send_at is not None else end)
+
+    def _timeout(self) -> KernelTimeout:
+        return KernelTimeout("TIMEOUT", f"{self.what}: no answer from {self.where} within the timeout")
+
+    def feed(self, msg: Message) -> None:
+        """A message for this call's current id (the driver checked `msg.header["id"] == self.rid`)."""
+        h = msg.header
+        status = h.get("status")
+        if status == _PARTIAL:
+            if h.get("reset"):
+                self.partials.clear()
+                body: Any = {"reset": True}
+            else:
+                body = msg.body
+                self.partials.append(body)
+            if self.on_partial is not None:
+                self.on_partial(body)
+            return
+        if status == _ERROR:
+            self._error = error_from_body(msg.body)
+            self._send_at = None
+            return
+        self._reply = Reply(msg.body, h, self.partials)
+
+    def connection_lost(self, now: float) -> None:
+        """The connection to the kernel dropped while this call was in flight."""
+        if self._reply is not None or self._error is not None:
+            return
+        if self.idempotent:
+            if self.attempts:
+                self._send_at = now  # re-send the same id as soon as the connection is back
+            return
+        if self.attempts and self._send_at is None:
+            self._error = KernelError(ErrorCode.UNAVAILABLE.value,
+                                      f"{self.what}: the connection to {self.where} was lost while the call was in "
+                                      "flight (the scheduler restarted or the kernel stopped); it may or may not "
+                                      "have taken effect", retryable=True)
+
+
+def match_id(msg: Message | None) -> str | None:
+    """The request id a received message answers (None for unreadable or anonymous replies)."""
+    if msg is None:
+        return None
+    rid = msg.header.get("id")
+    return rid if isinstance(rid, str) else None
+
+
+def decode(codec: Codec, frames: list[bytes]) -> Message | None:
+    """Verify a reply; a bad one is logged and dropped (it cannot be trusted to name its call)."""
+    from aios.protocol import ProtocolError
+    try:
+        msg = codec.decode(frames)
+    except ProtocolError as exc:
+        log.warning("dropped a reply: %s", exc.message)
+        return None
+    h = msg.header
+    if h.get("id") is None and h.get("status") == _ERROR:
+        log.warning("the kernel rejected a frame: %s", msg.body)
+    return msg

@@ -1,0 +1,110 @@
+"""Service helpers of the SDK, written once and bound to both clients.
+
+`kernel.llm.chat(...)` on a sync `Client` returns the reply; on an
+`AsyncClient` the same method returns an awaitable, because every helper
+only builds the call and hands it to the client's `request`, which waits in
+the client's own way. New services add a class here and one attribute in
+`_ClientBase.__init__`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from aios.sdk.engine import PartialHandler, Reply
+
+
+class Service:
+    """Base of the helpers: `self._client.request(...)` is sync or async depending on the client."""
+
+    service: str = ""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def _request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
+                 idempotent: bool | None = None, target: str | None = None,
+                 on_partial: PartialHandler | None = None, then: Callable[[Reply], Any] | None = None) -> Any:
+        return self._client.request(self.service, op, args, timeout=timeout, idempotent=idempotent,
+                                    target=target, on_partial=on_partial, then=then)
+
+    def _result(self, op: str, args: dict[str, Any], **kw: Any) -> Any:
+        """Call `op` and return just its result."""
+        return self._request(op, args, then=_result, **kw)
+
+
+def _result(reply: Reply) -> Any:
+    return reply.result
+
+
+def chat_args(messages: list[dict[str, Any]] | str, model: str | None, stream: bool,
+              options: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    args = {"messages": messages, "stream": stream, **options}
+    if model is not None:
+        args["model"] = model
+    return args
+
+
+def token_sink(on_token: Callable[[str], None] | None) -> PartialHandler | None:
+    if on_token is None:
+        return None
+
+    def handle(body: Any) -> None:
+        if isinstance(body, dict) and isinstance(body.get("delta"), str):
+            on_token(body["delta"])
+
+    return handle
+
+
+class LLMService(Service):
+    """The `llm` syscalls: generation on the kernel's model cores (scheduled, preemptible)."""
+
+    service = "llm"
+
+    def generate(self, op: str, messages: list[dict[str, Any]] | str, *, model: str | None = None,
+                 on_token: Callable[[str], None] | None = None, timeout: float | None = None,
+                 **options: Any) -> Any:
+        """`llm.<op>` (chat, json or tools) with `messages` (a plain string is one user message)."""
+        return self._request(op, chat_args(messages, model, on_token is not None, options), target=model,
+                             timeout=timeout, idempotent=True, on_partial=token_sink(on_token))
+
+    def chat(self, messages: list[dict[str, Any]] | str, *, model: str | None = None,
+             on_token: Callable[[str], None] | None = None, timeout: float | None = None, **options: Any) -> Any:
+        """The model answers `messages`.
+
+        `on_token` streams the answer's text as it is generated. Options:
+        temperature, max_tokens, stop, seed and the other sampling options.
+        Returns the Reply: `.result` is {message, finish_reason, usage, model},
+        `.timing` says how long the call waited and ran.
+        """
+        return self.generate("chat", messages, model=model, on_token=on_token, timeout=timeout, **options)
+
+    def json(self, messages: list[dict[str, Any]] | str, json_schema: dict[str, Any], *, model: str | None = None,
+             timeout: float | None = None, **options: Any) -> Any:
+        """Like chat, with the output constrained to JSON valid for `json_schema`; `.result["parsed"]` has it."""
+        return self.generate("json", messages, model=model, timeout=timeout, json_schema=json_schema, **options)
+
+    def tools(self, messages: list[dict[str, Any]] | str, tools: list[Any], *, model: str | None = None,
+              timeout: float | None = None, **options: Any) -> Any:
+        """Like chat; the model may answer with OpenAI-style tool calls (`.result["tool_calls"]`)."""
+        return self.generate("tools", messages, model=model, timeout=timeout, tools=tools, **options)
+
+    def info(self, *, model: str | None = None) -> Any:
+        """The serving core's backend, models and context-store figures."""
+        return self._result("info", {}, target=model, idempotent=True)
+
+
+class KernelService(Service):
+    """The scheduler's own `kernel` service."""
+
+    service = "kernel"
+
+    def ping(self) -> Any:
+        return self._result("ping", {}, idempotent=True)
+
+    def status(self) -> Any:
+        return self._result("status", {}, idempotent=True)
+
+    def shutdown(self) -> Any:
+        return self._result("shutdown", {}, idempotent=False)

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
 
 from aios import kernel
 from aios.config import ConfigError

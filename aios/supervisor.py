@@ -42,7 +42,7 @@ import zmq
 
 from aios import messages
 from aios.config import Config, ConfigError, load_config
-from aios.procutil import SUPERVISOR_PID_ENV, pid_alive, set_parent_death_signal
+from aios.procutil import SUPERVISOR_PID_ENV, set_parent_death_signal
 from aios.protocol import Codec, ProtocolError, new_request_id
 from aios.rundir import RunDir, write_atomic
 

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from aios import messages
 from aios.config import Config
-from aios.protocol import Codec, ErrorCode, Message, ProtocolError, Status, error_body, pack
+from aios.protocol import Codec, ErrorCode, Message, ProtocolError, Status, error_body
 from aios.rundir import RunDir
 from aios.sockets import dealer
 from aios.zmqio import NOBLOCK, recv_multipart, send_multipart

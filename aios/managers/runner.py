@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any
+
 
 from pydantic import BaseModel, ValidationError
 

@@ -47,7 +47,7 @@ from aios.messages import (
 )
 from aios.protocol import ErrorCode, Status, error_body, pack
 from aios.scheduler.admission import Admission, AdmitAll, Chain, Decision, QueueQuota, load_admission
-from aios.scheduler.policies import Policy, make_policy, placement
+from aios.scheduler.policies import Policy, make_policy
 from aios.scheduler.registry import ManagerRecord, ManagerRegistry
 from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Request, State
 
@@ -617,6 +617,7 @@ class SchedulerCore:
             "scheduler": scheduler,
             "managers": [m.row(now) for m in self.registry],
             "queues": {s: self.queued(s) for s in services},
+            "policy": {s: st for s, q in self.queues.items() if (st := q.stats())},
             "held": len(self.held),
             "services": {s: self.stats[s].as_dict() for s in services},
             "pending": len(self.pending),

@@ -84,6 +84,10 @@ class Policy(abc.ABC):
     def charge(self, req: Request, run_s: float, tokens: int) -> None:
         """Account for service a request just received."""
 
+    def stats(self) -> dict[str, Any]:
+        """What the policy keeps that an operator may want to see (for `kernel.status`)."""
+        return {}
+
 
 class _Entry:
     """A queued request's slot: `token` must match the request's queue_token to be live."""
@@ -368,6 +372,10 @@ class LeastAttainedServicePolicy(Policy):
 
     def slice_tokens(self, req: Request) -> int | None:
         return self.config.time_slice_tokens
+
+    def stats(self) -> dict[str, Any]:
+        top = sorted(self.attained.items(), key=lambda kv: -kv[1])[:50]
+        return {"attained": {agent: round(units, 3) for agent, units in top}}
 
     def charge(self, req: Request, run_s: float, tokens: int) -> None:
         # Tokens are the unit LLM cores report; other managers are charged by time (1 ms = 1 token).

@@ -41,7 +41,8 @@ import ollama
 import pydantic
 
 from ..types import BackendError
-from .openai_backend import PromptRenderer, RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta, http_status_error
+from .prompting import PromptRenderer
+from .remote import RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta, http_status_error
 
 log = logging.getLogger("aios.llm.ollama")
 

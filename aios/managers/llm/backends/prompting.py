@@ -1,12 +1,19 @@
-"""Backend-neutral helpers: chat rendering for base models, stop handling, JSON / tool-call parsing.
+"""The one prompt and parse toolkit of every LLM backend (llama.cpp and the remote ones).
 
 Why this module exists: the default model (Gemma 3 270M, *base*) has no chat
 template, so every backend that talks to a raw completion model must render
 chat messages itself, cut the answer at the next turn header, and parse the
-structured outputs (JSON, tool calls) a weak model produces.  The llama.cpp
-backend uses all of it; a remote backend that only offers plain completions
-can reuse the same pieces, and one that speaks chat natively still needs the
-tolerant parsers.
+structured outputs (JSON, tool calls) a weak model produces. Its six jobs,
+each done once here:
+
+1. render chat messages into a prompt (`render_alpaca` for the embedded core;
+   `PROMPT_FORMATS` / `render_prompt` for remote completion endpoints);
+2. describe tools to the model (`tools_preamble`);
+3. ask for JSON (`json_instruction`);
+4. parse JSON out of model text (`iter_json_objects`, `parse_json_output`);
+5. parse tool calls out of model text (`parse_tool_calls`);
+6. stop sequences across token and slice boundaries (`find_stop`,
+   `held_suffix`, and `StopStream`, which the embedded core streams through).
 
 Everything here is pure Python and picklable, because streaming state (held
 back text, partial UTF-8) is part of a suspended generation.
@@ -17,8 +24,8 @@ import codecs
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 from aios.managers.llm.types import ChatMessage, ToolCall, ToolSpec
 
@@ -57,7 +64,7 @@ def render_alpaca(
     if tools:
         out.append(tools_preamble(tools))
     if json_schema is not None:
-        out.append(json_preamble(json_schema))
+        out.append(json_instruction(json_schema) + "\n\n")
     for m in messages:
         if m.role == "system":
             continue
@@ -108,12 +115,88 @@ def tools_preamble(tools: Sequence[ToolSpec]) -> str:
     return "\n".join(lines)
 
 
-def json_preamble(schema: dict[str, Any]) -> str:
-    """Tell the model the shape we want; the grammar enforces it, the hint improves content."""
-    return (
-        "The response is a single JSON value that follows this JSON schema:\n"
-        f"{json.dumps(schema, separators=(',', ':'))}\n\n"
-    )
+def json_instruction(schema: dict[str, Any]) -> str:
+    """Ask for JSON valid for `schema`. Where a grammar enforces the shape (llama.cpp) this only
+    improves the content; where nothing constrains decoding (a remote completion endpoint) the
+    "no prose, no code fences" part is what makes the answer parseable."""
+    return ("Answer with only a JSON value, no prose and no code fences. "
+            f"It must be valid for this JSON schema: {json.dumps(schema, separators=(',', ':'))}")
+
+
+def with_system_note(messages: Sequence[ChatMessage], note: str) -> list[ChatMessage]:
+    """Prepend `note` to the first system message (or add one), leaving the caller's list untouched."""
+    out = list(messages)
+    for i, m in enumerate(out):
+        if m.role == "system":
+            out[i] = m.model_copy(update={"content": f"{m.content}\n\n{note}" if m.content else note})
+            return out
+    return [ChatMessage(role="system", content=note), *out]
+
+
+# --------------------------------------------------------------------------- remote prompt layouts
+#: A prompt renderer turns chat messages into (prompt text, stop sequences of the layout).
+PromptRenderer = Callable[[Sequence[ChatMessage]], "tuple[str, list[str]]"]
+
+
+def _render_alpaca_server(messages: Sequence[ChatMessage]) -> tuple[str, list[str]]:
+    """The layout of llama_cpp's ``alpaca`` chat format, so that completion mode and chat mode
+    against ``llama_cpp.server --chat_format alpaca`` see the same prompt for plain chats.
+
+    llama_cpp uses "</s>" after assistant turns, which is not a token of most models; we use
+    the blank line throughout. Tool results become "### Input" sections.
+    """
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    parts = [system + "\n\n"]
+    for m in messages:
+        if m.role == "user":
+            parts.append(f"### Instruction: {m.content}\n\n")
+        elif m.role == "assistant":
+            parts.append(f"### Response: {m.content}\n\n")
+        elif m.role == "tool":
+            label = f" ({m.name})" if m.name else ""
+            parts.append(f"### Input{label}: {m.content}\n\n")
+    return "".join(parts), list(ALPACA_STOPS)
+
+
+def _render_chatml(messages: Sequence[ChatMessage]) -> tuple[str, list[str]]:
+    parts = []
+    for m in messages:
+        parts.append(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n")
+    parts.append("<|im_start|>assistant\n")
+    return "".join(parts), ["<|im_end|>", "<|im_start|>"]
+
+
+def _render_gemma(messages: Sequence[ChatMessage]) -> tuple[str, list[str]]:
+    """Gemma instruction-tuned layout (Gemma has no system role: it is folded into the first user turn)."""
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    parts = []
+    for m in messages:
+        if m.role == "system":
+            continue
+        role = "model" if m.role == "assistant" else "user"
+        content = m.content
+        if system and role == "user":
+            content, system = f"{system}\n\n{content}", ""
+        parts.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
+    parts.append("<start_of_turn>model\n")
+    return "".join(parts), ["<end_of_turn>", "<start_of_turn>"]
+
+
+PROMPT_FORMATS: dict[str, PromptRenderer] = {
+    "alpaca": _render_alpaca_server,
+    "chatml": _render_chatml,
+    "gemma": _render_gemma,
+}
+
+
+def render_prompt(fmt: str | PromptRenderer, messages: Sequence[ChatMessage]) -> tuple[str, list[str]]:
+    """Render chat messages into one completion prompt; returns (prompt, the layout's stop sequences)."""
+    if callable(fmt):
+        return fmt(messages)
+    try:
+        return PROMPT_FORMATS[fmt](messages)
+    except KeyError:
+        raise ValueError(f"unknown prompt format {fmt!r}; known: {sorted(PROMPT_FORMATS)}") from None
 
 
 # --------------------------------------------------------------------------- tool schemas
@@ -145,20 +228,22 @@ def new_tool_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def parse_tool_call(text: str, tools: Sequence[ToolSpec]) -> ToolCall | None:
-    """Turn model output into a ToolCall, tolerating prose or code fences around the JSON.
+def parse_tool_calls(text: str, names: Iterable[str]) -> list[ToolCall]:
+    """Every tool call in model output naming one of `names`, tolerating prose and code fences.
 
-    Returns None when no JSON object naming one of `tools` can be found, so the
-    caller can fall back to returning the text as a plain answer.
+    Accepts {"name": ..., "arguments": {...}} (what `tools_preamble` asks for),
+    {"tool": ...}, {"function": {"name": ...}} and "parameters" for "arguments",
+    with arguments as an object or as JSON text.
     """
-    names = {t.function.name for t in tools}
+    known = set(names)
+    calls: list[ToolCall] = []
     for obj in iter_json_objects(text):
         if not isinstance(obj, dict):
             continue
-        name = obj.get("name")
-        if name not in names:
+        name = obj.get("name", obj.get("tool"))
+        if name not in known:
             fn = obj.get("function")
-            if isinstance(fn, dict) and fn.get("name") in names:
+            if isinstance(fn, dict) and fn.get("name") in known:
                 obj, name = fn, fn.get("name")
             else:
                 continue
@@ -170,11 +255,15 @@ def parse_tool_call(text: str, tools: Sequence[ToolSpec]) -> ToolCall | None:
                 continue
         if not isinstance(args, dict):
             continue
-        return ToolCall(
-            id=new_tool_call_id(),
-            function={"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
-        )
-    return None
+        calls.append(ToolCall(id=new_tool_call_id(),
+                              function={"name": name, "arguments": json.dumps(args, ensure_ascii=False)}))
+    return calls
+
+
+def parse_tool_call(text: str, tools: Sequence[ToolSpec]) -> ToolCall | None:
+    """The first tool call in `text` naming one of `tools`, or None (the caller falls back to text)."""
+    calls = parse_tool_calls(text, (t.function.name for t in tools))
+    return calls[0] if calls else None
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
@@ -209,6 +298,20 @@ def iter_json_objects(text: str) -> Iterable[Any]:
         i = end
 
 
+def parse_json_output(text: str) -> Any:
+    """The first JSON value in model output (whole, in code fences, or embedded in prose).
+
+    Raises ValueError with json's message about the whole text when nothing decodes.
+    """
+    for obj in iter_json_objects(text):
+        return obj
+    try:
+        json.loads(text.strip())
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    raise ValueError("no JSON value found")
+
+
 def parse_json_lenient(text: str) -> Any:
     """The first JSON value in `text`, or None.  For backends that cannot constrain output."""
     for obj in iter_json_objects(text):
@@ -231,6 +334,35 @@ def json_complete(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------- stop sequences
+
+
+def find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:
+    """Earliest index of a stop sequence that ends in text[new_from:], or None."""
+    if not stops:
+        return None
+    longest = max(len(s) for s in stops)
+    lo = max(0, new_from - longest + 1)
+    best: int | None = None
+    for s in stops:
+        k = text.find(s, lo)
+        if k != -1 and (best is None or k < best):
+            best = k
+    return best
+
+
+def held_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop sequence
+    (text that must be held back: it may turn out to be the start of a stop)."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:n]):
+                held = n
+                break
+    return held
 
 
 # --------------------------------------------------------------------------- streaming state
@@ -271,11 +403,9 @@ class StopStream:
     held: str = ""
     started: bool = False
     stopped: bool = False
-    _max_keep: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.stops = tuple(s for s in self.stops if s)
-        self._max_keep = max((len(s) - 1 for s in self.stops), default=0)
 
     def feed(self, piece: str) -> str:
         """Add generated text; return the part that is now safe to emit (maybe "").
@@ -293,22 +423,12 @@ class StopStream:
                 return ""
             self.started = True
         if self.stops:
-            cut = -1
-            for s in self.stops:
-                j = buf.find(s)
-                if j >= 0 and (cut < 0 or j < cut):
-                    cut = j
-            if cut >= 0:
+            cut = find_stop(buf, self.stops, 0)
+            if cut is not None:
                 self.stopped = True
                 self.held = ""
                 return buf[:cut].rstrip()
-            keep = 0
-            tail_from = max(0, len(buf) - self._max_keep)
-            for i in range(tail_from, len(buf)):
-                suffix = buf[i:]
-                if any(s.startswith(suffix) for s in self.stops):
-                    keep = len(buf) - i
-                    break
+            keep = held_suffix(buf, self.stops)
             safe, held = buf[: len(buf) - keep], buf[len(buf) - keep :]
         else:
             safe, held = buf, ""

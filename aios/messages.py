@@ -137,6 +137,15 @@ class Request:
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> "Request":
+        # The hot path of every system call: the common well-formed case is checked inline
+        # (measured: the generic helpers cost ~3 µs per request in the scheduler).
+        rid, service, op, agent = h.get("id"), h.get("service"), h.get("op"), h.get("agent")
+        deadline, target = h.get("deadline"), h.get("target")
+        if (type(rid) is str and type(service) is str and type(op) is str and type(agent) is str
+                and 0 < len(rid) <= MAX_NAME and 0 < len(service) <= MAX_NAME and 0 < len(op) <= MAX_NAME
+                and 0 < len(agent) <= MAX_NAME and target is None
+                and (deadline is None or (type(deadline) is float and 0.0 < deadline <= MAX_DEADLINE_S))):
+            return cls(rid, service, op, agent, deadline, None)
         return cls(id=_name(h, "id"), service=_name(h, "service"), op=_name(h, "op"),
                    agent=_name(h, "agent"), deadline=_deadline(h), target=_opt_name(h, "target"))
 

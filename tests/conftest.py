@@ -1,9 +1,10 @@
 """Fixtures for real-process kernel tests.
 
 `kernel` is a factory: `k = kernel()` writes a TOML config into a fresh short
-run directory under /tmp, starts `bin/aios-start --detach` in a subprocess and
-returns a `Kernel` handle. At teardown every kernel the test started is
-stopped with `bin/aios stop`, and the test fails if any process that ever
+run directory under /tmp, starts it with the lifecycle library
+(`aios.kernel.start`, which runs the supervisor detached, as `aios-start
+--detach` does) and returns a `Kernel` handle. At teardown every kernel the
+test started is stopped with `aios.kernel.stop`, and the test fails if any process that ever
 belonged to it (supervisor, scheduler, managers, including restarted
 incarnations) is still alive, or if an ipc endpoint file was left behind.
 
@@ -94,23 +95,30 @@ class Kernel:
         self._clients: list[Any] = []
 
     # ------------------------------------------------------------ commands
-    def start(self, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def start(self, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str] | None:
+        """Start with the lifecycle library (`aios.kernel.start`); with check=False, through
+        `bin/aios-start --detach` instead, returning its exit code and output for the test to inspect."""
+        if check:
+            from aios import kernel as lifecycle
+            lifecycle.start(self.run_dir, self.config_path, timeout=timeout)
+            self.remember_pids()
+            return None
         result = subprocess.run(
             [sys.executable, str(AIOS_START), "--config", str(self.config_path),
              "--run-dir", str(self.run_dir.path), "--detach"],
             capture_output=True, text=True, timeout=timeout, cwd=REPO,
         )
         self.start_result = result
-        if check:
-            assert result.returncode == 0, f"aios-start failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-            self.remember_pids()
+        self.remember_pids()
         return result
 
     def aios(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(AIOS), *args, "--run-dir", str(self.run_dir.path)],
                               capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
-    def stop(self) -> subprocess.CompletedProcess[str]:
+    def stop(self) -> bool:
+        """Stop with the lifecycle library (`aios.kernel.stop`); True if a kernel was running."""
+        from aios import kernel as lifecycle
         self.remember_pids()
         for c in self._clients:
             try:
@@ -118,7 +126,7 @@ class Kernel:
             except Exception:  # noqa: BLE001
                 pass
         self._clients.clear()
-        return self.aios("stop")
+        return lifecycle.stop(self.run_dir, timeout=15.0)
 
     def status(self) -> dict[str, Any]:
         """`aios status --json`, parsed."""

@@ -53,8 +53,9 @@ def test_start_status_stop(kernel) -> None:
     assert oct(k.run_dir.path.stat().st_mode & 0o777) == "0o700"
     assert oct(k.run_dir.key_file.stat().st_mode & 0o777) == "0o600"
 
-    result = k.stop()
+    result = k.aios("stop")  # the command line's stop, as a user runs it
     assert result.returncode == 0, result.stderr
+    assert "stopped the kernel" in result.stdout
     for pid in pids + [k.supervisor_pid or supervisor.pid]:
         assert not pid_running(pid)
     assert not pid_running(supervisor.pid)

@@ -67,11 +67,20 @@ class _Endpoint:
         self.address = self.run_dir.frontend_endpoint(config)
 
 
+def _check_timeout(timeout: Any, what: str) -> None:
+    """NaN, infinite, negative or absurd timeouts fail here, at the caller, not in the kernel."""
+    try:
+        messages.check_deadline(timeout)
+    except ValueError as exc:
+        raise InvalidArgument(ErrorCode.INVALID_ARGUMENT.value, f"{what}: timeout {timeout!r}: {exc}") from None
+
+
 class _ClientBase(abc.ABC):
     """What both clients share: identity, defaults, the service helpers and call construction."""
 
     def __init__(self, run_dir: str | Path | RunDir | None = None, agent: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 1.0) -> None:
+        _check_timeout(timeout, "client")
         self.agent = agent or f"agent-{os.getpid()}"
         self.timeout = timeout
         self.retry_interval = retry_interval
@@ -82,11 +91,10 @@ class _ClientBase(abc.ABC):
 
     def _new_call(self, service: str, op: str, args: dict[str, Any] | None, timeout: float | None,
                   idempotent: bool | None, target: str | None, on_partial: PartialHandler | None) -> PendingCall:
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            messages.check_deadline(timeout)  # NaN, infinite or absurd timeouts fail here, at the caller
-        except ValueError as exc:
-            raise InvalidArgument(ErrorCode.INVALID_ARGUMENT.value, f"{service}.{op}: timeout {timeout!r}: {exc}") from None
+        if timeout is None:
+            timeout = self.timeout
+        else:
+            _check_timeout(timeout, f"{service}.{op}")
         if idempotent is None:
             idempotent = (service, op) in IDEMPOTENT_OPS
         header = messages.Request(id="", service=service, op=op, agent=self.agent, target=target)
@@ -151,8 +159,9 @@ class Client(_ClientBase):
         if remaining_ms <= 0:
             return None
         # A blocking receive with a timeout: half the system calls of zmq_poll + receive.
-        # (RCVTIMEO is a C int: wait at most an hour at a time; the caller's loop goes on after.)
-        remaining_ms = min(remaining_ms, 3_600_000)
+        # Rounded up to 64 ms steps so the option rarely changes between calls (waking up to 64 ms
+        # late only delays a re-send); at most an hour at a time (RCVTIMEO is a C int).
+        remaining_ms = min((remaining_ms + 63) & ~63, 3_600_000)
         if remaining_ms != self._rcvtimeo:
             self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
             self._rcvtimeo = remaining_ms

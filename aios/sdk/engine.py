@@ -81,6 +81,9 @@ class PendingCall:
     """One call in flight. `header` is the typed request (an agent's Request or a manager's Call);
     its `id` and `deadline` are set here for each attempt."""
 
+    __slots__ = ("codec", "header", "body_raw", "idempotent", "on_partial", "where", "deadline", "resend_interval",
+                 "_resend_every", "_backoff", "_send_at", "_fresh", "_reply", "_error", "partials", "attempts", "rid")
+
     def __init__(self, codec: Codec, header: messages.Request | messages.Call, args: dict[str, Any], *,
                  timeout: float, idempotent: bool, now: float, resend_interval: float = 1.0,
                  on_partial: PartialHandler | None = None, where: str = "the kernel") -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from aios import messages
 from aios.messages import Cancel, Heartbeat, Reregister
 from aios.protocol import ErrorCode, pack
 from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Request, State
@@ -20,7 +21,6 @@ from tests.support.core_harness import (
     PREEMPTIBLE,
     CoreHarness,
     Dispatched,
-    Reply,
     backend_client,
     make_config,
 )
@@ -132,7 +132,7 @@ def test_a_preemptible_op_queued_before_its_manager_registered_gets_a_time_slice
     (agents commonly start while the LLM core is still loading its model)."""
     h = CoreHarness(make_config(scheduler={"policy": "rr", "time_slice_tokens": 16}), expected={"core0": "llm"})
     h.request(A, "r1", "llm", "chat", now=0.0)
-    h.ready(M1, "llm", ops={"chat": PREEMPTIBLE}, now=1.0)
+    h.ready(M1, "llm", ops={"chat": PREEMPTIBLE}, name="core0", now=1.0)
     d = one(h.take()[0])
     assert d.msg.slice == 16
 
@@ -140,9 +140,9 @@ def test_a_preemptible_op_queued_before_its_manager_registered_gets_a_time_slice
 def test_an_idempotent_op_queued_before_its_manager_registered_is_requeued_when_it_dies() -> None:
     h = CoreHarness(expected={"echo1": "echo", "echo2": "echo"})
     h.request(A, "r1", "echo", "get", now=0.0)
-    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, now=1.0)
+    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, name="echo1", now=1.0)
     one(h.take()[0])
-    h.ready(M2, "echo", ops={"get": IDEMPOTENT}, now=1.5)
+    h.ready(M2, "echo", ops={"get": IDEMPOTENT}, name="echo2", now=1.5)
     h.disconnect(M1, now=2.0)
     ds, rs, _ = h.take()
     assert rs == [], [(r.code, r.message) for r in rs]
@@ -155,7 +155,7 @@ def test_an_unknown_target_queued_before_registration_is_answered_once_its_servi
     the request must be answered, not left waiting for a manager that will never come."""
     h = CoreHarness(expected={"tools": "tool"})
     h.request(A, "r1", "tool", "run", target="nosuch", now=0.0)
-    h.ready(M1, "tool", ops={"run": PLAIN}, targets=["calc"], now=1.0)
+    h.ready(M1, "tool", ops={"run": PLAIN}, targets=["calc"], name="tools", now=1.0)
     ds, rs, _ = h.take()
     assert ds == []
     r = one(rs)
@@ -562,7 +562,6 @@ def test_ready_with_busy_at_capacity_dispatches_nothing_until_a_heartbeat_report
 
 
 def test_ready_with_busy_at_capacity_dispatches_after_a_late_reply_reports_work_gone() -> None:
-    from aios import messages
     h = CoreHarness()
     h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=1, busy=1, now=0.0)
     h.request(A, "r1", "echo", "get")
@@ -612,6 +611,22 @@ def test_a_second_final_reply_for_the_same_request_is_ignored() -> None:
     assert [(r.id, r.body) for r in rs] == [("r1", {"n": 1})]
     assert h.core.stats["echo"].completed == 1 and h.core.stats["echo"].errors == 0
     assert h.core.registry.get(M1).completed == 1 and h.core.registry.get(M1).busy == 0
+
+
+def test_replies_and_yields_from_a_manager_not_running_the_request_are_ignored() -> None:
+    h = CoreHarness()
+    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=1, now=0.0)
+    h.ready(M2, "echo", ops={"get": IDEMPOTENT}, capacity=1, now=0.0)
+    h.request(A, "r1", "echo", "get", now=0.1)
+    d = one(h.take()[0])
+    other = M2 if d.to == M1 else M1
+    h.partial(other, d, {"forged": True}, now=0.2)
+    h.reply(other, d, body={"forged": True}, now=0.3)
+    h.yield_(other, d, affinity=True, now=0.4)
+    assert h.take() == ([], [], [])
+    assert h.core.pending[(A, "r1")].state is State.RUNNING
+    h.reply(d.to, d, body={"real": True}, now=0.5)
+    assert [(r.id, r.body) for r in h.take()[1]] == [("r1", {"real": True})]
 
 
 # ============================================================ calls between managers

@@ -12,12 +12,12 @@ Who sends what:
     agent    -> scheduler   Request     a system call
     manager  -> scheduler   Call        a system call made by a handler on behalf of its request's agent
     scheduler-> manager     Dispatch    run this request (or resume it)
-    manager  -> scheduler   Reply       partial or final answer to a Dispatch (carries `client`, `tokens`, `busy`)
+    manager  -> scheduler   Reply       partial or final answer to a Dispatch (carries `client`, `tokens`)
     scheduler-> agent/mgr   Reply       partial or final answer to a Request/Call (carries `timing`, `reset`)
     manager  -> scheduler   Ready       READY(service, capacity, incarnation, ops, targets, limits)
     manager  -> scheduler   Yield       preempted: put the request back in the queue
     scheduler-> manager     Cancel      stop working on a request / drop what you keep for it
-    both ways               Heartbeat   liveness (a manager's says how many requests it is running)
+    both ways               Heartbeat   liveness (a manager's lists the requests it is running)
     scheduler-> manager     Reregister  "I do not know you": send READY again
     manager  -> scheduler   Disconnect  leaving on purpose
 
@@ -89,6 +89,26 @@ def _bool(h: dict[str, Any], key: str) -> bool:
     if type(v) is not bool:
         raise _bad(f"header field {key!r} must be true or false", h)
     return v
+
+
+RunningEntry = tuple[bytes, str, "str | None"]  # (client, request id, target) of a request a manager runs
+
+
+def _running(h: dict[str, Any], key: str) -> list[RunningEntry] | None:
+    """A manager's list of the requests it is running: [[client, id, target], ...]."""
+    v = h.get(key)
+    if v is None:
+        return None
+    if type(v) is not list or len(v) > MAX_READY_ENTRIES:
+        raise _bad(f"header field {key!r} must be a list of [client, id, target]", h)
+    out: list[RunningEntry] = []
+    for e in v:
+        if (type(e) is not list or len(e) != 3 or type(e[0]) is not bytes or len(e[0]) > MAX_NAME
+                or type(e[1]) is not str or not 0 < len(e[1]) <= MAX_NAME
+                or (e[2] is not None and (type(e[2]) is not str or len(e[2]) > MAX_NAME))):
+            raise _bad(f"header field {key!r} must be a list of [client, id, target]", h)
+        out.append((e[0], e[1], e[2]))
+    return out
 
 
 def check_deadline(value: Any) -> float | None:
@@ -231,8 +251,7 @@ class Reply:
     """A partial or final answer.
 
     manager -> scheduler: `client` names the request's caller, `tokens` the service
-    units this run consumed (LLM tokens) and `busy` how many requests the manager
-    is running after this one (so the scheduler's credit follows what really runs).
+    units this run consumed (LLM tokens).
     scheduler -> caller: `timing` (final replies) and `reset` (a partial that says
     the call restarted and what was streamed so far must be discarded).
     `id` is None only in the answer to a frame whose id could not be read.
@@ -243,7 +262,6 @@ class Reply:
     status: str
     client: bytes | None = None
     tokens: int = 0
-    busy: int | None = None
     timing: dict[str, Any] | None = None
     reset: bool = False
 
@@ -257,8 +275,6 @@ class Reply:
             h["client"] = self.client
         if self.tokens:
             h["tokens"] = self.tokens
-        if self.busy is not None:
-            h["busy"] = self.busy
         if self.timing is not None:
             h["timing"] = self.timing
         if self.reset:
@@ -271,17 +287,16 @@ class Reply:
         if rid is not None and (type(rid) is not str or len(rid) > MAX_NAME):
             raise _bad("header field 'id' must be a string or null", h)
         status = h.get("status")
-        if status not in _STATUSES:
+        if type(status) is not str or status not in _STATUSES:
             raise _bad(f"header field 'status' must be one of {sorted(_STATUSES)}", h)
         client = h.get("client")
         if client is not None and type(client) is not bytes:
             raise _bad("header field 'client' must be bytes", h)
-        busy = h.get("busy")
         timing = h.get("timing")
         if timing is not None and type(timing) is not dict:
             raise _bad("header field 'timing' must be a map", h)
-        return cls(id=rid, status=status, client=client, tokens=_int(h, "tokens"),
-                   busy=_int(h, "busy") if busy is not None else None, timing=timing, reset=_bool(h, "reset"))
+        return cls(id=rid, status=status, client=client, tokens=_int(h, "tokens"), timing=timing,
+                   reset=_bool(h, "reset"))
 
 
 # --------------------------------------------------------------------------- manager control
@@ -306,8 +321,9 @@ class Ready:
     models of an LLM core, the tools of the tool manager); a request naming a
     target goes only to a manager that lists it. `default` marks the manager
     for requests that name no target. `limits` caps how many requests per
-    target may run at once (a tool's concurrency limit). `busy` is how many
-    requests it is already running (after a scheduler restart). `health` is
+    target may run at once (a tool's concurrency limit). `running` lists the
+    requests it is already running (after a scheduler restart: work the new
+    scheduler never saw, which still occupies its slots). `health` is
     "ok" or "degraded" with `detail` saying why (a remote LLM server that
     does not answer).
     """
@@ -318,7 +334,7 @@ class Ready:
     capacity: int
     incarnation: str
     pid: int = 0
-    busy: int = 0
+    running: list[RunningEntry] = field(default_factory=list)
     ops: dict[str, OpInfo] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)
     default: bool = False
@@ -328,7 +344,7 @@ class Ready:
 
     def to_header(self) -> dict[str, Any]:
         return {"kind": _READY, "name": self.name, "service": self.service, "capacity": self.capacity,
-                "incarnation": self.incarnation, "pid": self.pid, "busy": self.busy,
+                "incarnation": self.incarnation, "pid": self.pid, "running": [list(e) for e in self.running],
                 "ops": {n: o.to_wire() for n, o in self.ops.items()}, "targets": list(self.targets),
                 "default": self.default, "limits": dict(self.limits), "health": self.health, "detail": self.detail}
 
@@ -341,7 +357,10 @@ class Ready:
         for name, info in ops_raw.items():
             if not name or len(name) > MAX_NAME or type(info) is not dict:
                 raise _bad(f"READY op {name!r} is malformed", h)
-            ops[name] = OpInfo(bool(info.get("idempotent")), bool(info.get("preemptible")))
+            flags = (info.get("idempotent", False), info.get("preemptible", False))
+            if any(type(f) is not bool for f in flags):
+                raise _bad(f"READY op {name!r}: idempotent and preemptible must be true or false", h)
+            ops[name] = OpInfo(*flags)
         if type(targets) is not list or len(targets) > MAX_READY_ENTRIES or any(
                 type(t) is not str or not t or len(t) > MAX_NAME for t in targets):
             raise _bad("header field 'targets' must be a list of names", h)
@@ -355,7 +374,8 @@ class Ready:
         if type(detail) is not str:
             raise _bad("header field 'detail' must be a string", h)
         return cls(name=_name(h, "name"), service=_name(h, "service"), capacity=_int(h, "capacity", 1, 1, 1 << 16),
-                   incarnation=_name(h, "incarnation"), pid=_int(h, "pid"), busy=_int(h, "busy"), ops=ops,
+                   incarnation=_name(h, "incarnation"), pid=_int(h, "pid"), running=_running(h, "running") or [],
+                   ops=ops,
                    targets=list(targets), default=_bool(h, "default"), limits=dict(limits), health=health,
                    detail=detail[:1000])
 
@@ -373,20 +393,15 @@ class Yield:
     client: bytes
     affinity: bool = True
     tokens: int = 0
-    busy: int | None = None
 
     def to_header(self) -> dict[str, Any]:
-        h: dict[str, Any] = {"kind": _YIELD, "id": self.id, "client": self.client, "affinity": self.affinity,
-                             "tokens": self.tokens}
-        if self.busy is not None:
-            h["busy"] = self.busy
-        return h
+        return {"kind": _YIELD, "id": self.id, "client": self.client, "affinity": self.affinity,
+                "tokens": self.tokens}
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> "Yield":
-        busy = h.get("busy")
         return cls(id=_name(h, "id"), client=_bytes(h, "client"), affinity=_bool(h, "affinity"),
-                   tokens=_int(h, "tokens"), busy=_int(h, "busy") if busy is not None else None)
+                   tokens=_int(h, "tokens"))
 
 
 @dataclass(slots=True)
@@ -407,18 +422,21 @@ class Cancel:
 
 @dataclass(slots=True)
 class Heartbeat:
-    """Liveness, both ways. A manager's heartbeat says how many requests it is running."""
+    """Liveness, both ways. A manager's heartbeat lists the requests it is running
+    ([client, id, target] each), so the scheduler's view of its free capacity follows what really
+    runs there (cancelled handlers still finishing, work from before a scheduler restart)."""
 
     KIND: ClassVar[str] = _HEARTBEAT
-    busy: int | None = None
+    running: list[RunningEntry] | None = None
 
     def to_header(self) -> dict[str, Any]:
-        return {"kind": _HEARTBEAT} if self.busy is None else {"kind": _HEARTBEAT, "busy": self.busy}
+        if self.running is None:
+            return {"kind": _HEARTBEAT}
+        return {"kind": _HEARTBEAT, "running": [list(e) for e in self.running]}
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> "Heartbeat":
-        busy = h.get("busy")
-        return cls(busy=_int(h, "busy") if busy is not None else None)
+        return cls(running=_running(h, "running"))
 
 
 @dataclass(slots=True)
@@ -464,7 +482,7 @@ def parse(header: dict[str, Any], allowed: frozenset[str]) -> Message:
 
     An agent's header may omit "kind" (it can only be a request)."""
     kind = header.get("kind", _REQUEST if allowed is FROM_AGENT else None)
-    if kind not in allowed:
+    if type(kind) is not str or kind not in allowed:
         what = "agents may only send requests" if allowed is FROM_AGENT else "unexpected message kind"
         raise _bad(f"{what}, not {kind!r}", header)
     return _BY_KIND[kind].from_header(header)

@@ -38,18 +38,20 @@ SAMPLES: list[Any] = [
     Dispatch(id="r1", client=b"\x00abc", agent="alice", service="llm", op="chat", target="gemma", attempt=3,
              resume=True, slice=32, deadline=4.5, caller="memory"),
     Dispatch(id="r1", client=b"@m1", agent="alice", service="llm", op="chat"),
-    Reply(id="r1", status="ok", client=b"\x00abc", tokens=12, busy=3),
+    Reply(id="r1", status="ok", client=b"\x00abc", tokens=12),
     Reply(id="r1", status="ok", timing={"wait_s": 0.1, "run_s": 0.2}),
     Reply(id="r1", status="partial", reset=True),
     Reply(id=None, status="error"),
-    Ready(name="core0", service="llm", capacity=4, incarnation="abc", pid=42, busy=2,
+    Ready(name="core0", service="llm", capacity=4, incarnation="abc", pid=42,
+          running=[(b"\x00abc", "r1", "gemma"), (b"@m1", "r2", None)],
           ops={"chat": OpInfo(True, True), "count": OpInfo(False, False)}, targets=["gemma", "qwen"],
           default=True, limits={"gemma": 2}, health="degraded", detail="server slow"),
     Ready(name="core0", service="llm", capacity=1, incarnation="abc"),
-    Yield(id="r1", client=b"\x00abc", affinity=False, tokens=32, busy=1),
+    Yield(id="r1", client=b"\x00abc", affinity=False, tokens=32),
     Yield(id="r1", client=b"\x00abc"),
     Cancel(id="r1", client=b"\x00abc"),
-    Heartbeat(busy=5),
+    Heartbeat(running=[(b"\x00abc", "r1", None)]),
+    Heartbeat(running=[]),
     Heartbeat(),
     Reregister(),
     Disconnect(),
@@ -112,9 +114,9 @@ def test_defaults_when_optional_fields_are_absent() -> None:
                               "op": "o"})
     assert (d.attempt, d.resume, d.slice, d.deadline, d.target, d.caller) == (1, False, None, None, None, None)
     r = Ready.from_header({"name": "n", "service": "s", "incarnation": "i"})
-    assert (r.capacity, r.busy, r.ops, r.targets, r.limits, r.default, r.health) == (1, 0, {}, [], {}, False, "ok")
+    assert (r.capacity, r.running, r.ops, r.targets, r.limits, r.default, r.health) == (1, [], {}, [], {}, False, "ok")
     y = Yield.from_header({"id": "r", "client": b"c"})
-    assert y.affinity is False and y.busy is None and y.tokens == 0
+    assert y.affinity is False and y.tokens == 0
     assert Dispatch.from_header({"id": "r", "client": b"c", "agent": "a", "service": "s", "op": "o",
                                  "deadline": 3}).deadline == 3.0
 
@@ -173,6 +175,8 @@ NAME_BAD = [_DROP, 1, b"bytes", "", LONG, None, ["x"]]
 OPT_NAME_BAD = [1, "", LONG, b"x"]
 BYTES_BAD = [_DROP, "text", 5, b"b" * (MAX_NAME + 1)]
 COUNT_BAD = [-1, "3", 1.5, True, 1 << 32]
+RUNNING_BAD = [5, "r", [b"c"], [[b"c", "r"]], [["c", "r", None]], [[b"c", "", None]], [[b"c", "r", 5]],
+               [[b"c", "r", None]] * (messages.MAX_READY_ENTRIES + 1)]
 
 CASES: list[tuple[str, Any, str, list[Any]]] = [
     # (message class name, header builder, field, bad values)
@@ -193,13 +197,12 @@ CASES: list[tuple[str, Any, str, list[Any]]] = [
     ("Reply", _reply, "status", [_DROP, "done", 1, None]),
     ("Reply", _reply, "client", ["c", 1]),
     ("Reply", _reply, "tokens", COUNT_BAD),
-    ("Reply", _reply, "busy", COUNT_BAD),
     ("Reply", _reply, "timing", [[1], "fast", 3]),
     ("Reply", _reply, "reset", [1, "true"]),
     *[("Ready", _ready, f, NAME_BAD) for f in ("name", "service", "incarnation")],
     ("Ready", _ready, "capacity", [0, -1, (1 << 16) + 1, "2", 2.0]),
     ("Ready", _ready, "pid", COUNT_BAD),
-    ("Ready", _ready, "busy", COUNT_BAD),
+    ("Ready", _ready, "running", RUNNING_BAD),
     ("Ready", _ready, "default", [1, "yes"]),
     ("Ready", _ready, "ops", [["chat"], "chat", {f"op{i}": {} for i in range(messages.MAX_READY_ENTRIES + 1)}]),
     ("Ready", _ready, "targets", ["gemma", [1], [""], [LONG], {"gemma": 1},
@@ -211,10 +214,9 @@ CASES: list[tuple[str, Any, str, list[Any]]] = [
     ("Yield", _yield, "client", BYTES_BAD),
     ("Yield", _yield, "affinity", [1, "no"]),
     ("Yield", _yield, "tokens", COUNT_BAD),
-    ("Yield", _yield, "busy", COUNT_BAD),
     ("Cancel", _cancel, "id", NAME_BAD),
     ("Cancel", _cancel, "client", BYTES_BAD),
-    ("Heartbeat", lambda **o: {"kind": "heartbeat", **o}, "busy", COUNT_BAD),
+    ("Heartbeat", lambda **o: {"kind": "heartbeat", **o}, "running", RUNNING_BAD),
 ]
 
 

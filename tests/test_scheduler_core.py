@@ -22,6 +22,7 @@ from tests.support.core_harness import (
     CoreHarness,
     Dispatched,
     backend_client,
+    ghosts,
     make_config,
 )
 
@@ -182,7 +183,7 @@ def test_the_reply_reaches_the_caller_with_timing_and_a_retry_is_answered_from_t
     h.request(A, "r1", "echo", "get", body={"k": 1}, now=0.0)
     h.ready(M1, "echo", ops={"get": IDEMPOTENT}, now=1.0)
     d = one(h.take()[0])
-    h.reply(M1, d, body={"value": 42}, tokens=7, busy=0, now=3.0)
+    h.reply(M1, d, body={"value": 42}, tokens=7, now=3.0)
     ds, rs, _ = h.take()
     r = one(rs)
     assert ds == []
@@ -288,7 +289,7 @@ def test_deadline_of_a_running_request_cancels_it_on_the_manager() -> None:
     assert cancels(other) == [(M1, "r1", A)]
     # the handler may still be running: the slot stays counted until the manager says otherwise
     assert ds == []
-    h.reply(M1, d1, busy=0, now=2.5)  # the late reply: not forwarded, but it frees the slot
+    h.reply(M1, d1, now=2.5)  # the late reply: not forwarded, but it frees the slot
     ds, rs, _ = h.take()
     assert rs == [] and [d.id for d in ds] == ["r2"]
 
@@ -302,12 +303,13 @@ def test_a_cancelled_running_request_keeps_its_slot_until_the_manager_reports() 
     h.request(A, "r1", "echo", "get", deadline=2.0, now=0.0)
     h.request(A, "r2", "echo", "get", now=0.0)
     h.request(A, "r3", "echo", "get", now=0.0)
-    assert [d.id for d in h.take()[0]] == ["r1", "r2"]
+    ds0 = h.take()[0]
+    assert [d.id for d in ds0] == ["r1", "r2"]
     h.core.expire_deadlines(2.0)
     ds, rs, other = h.take()
     assert [r.id for r in rs] == ["r1"] and cancels(other) == [(M1, "r1", A)]
     assert ds == [], "r3 was dispatched while both of the manager's handler threads were still busy"
-    h.heartbeat(M1, busy=1, now=2.1)  # r1's handler stopped
+    h.heartbeat(M1, running=[d for d in ds0 if d.id == "r2"], now=2.1)  # r1's handler stopped
     assert [d.id for d in h.take()[0]] == ["r3"]
 
 
@@ -318,7 +320,7 @@ def test_a_late_final_reply_after_the_deadline_is_not_forwarded_or_cached() -> N
     d = one(h.take()[0])
     h.tick(now=1.0)
     assert one(h.take()[1]).code == "DEADLINE_EXCEEDED"
-    h.reply(M1, d, body={"late": True}, busy=0, now=1.2)
+    h.reply(M1, d, body={"late": True}, now=1.2)
     assert h.take()[1] == []
     assert (A, "r1") not in h.core.reply_cache
 
@@ -332,7 +334,7 @@ def test_a_request_whose_deadline_passed_is_never_dispatched() -> None:
     h.request(A, "r1", "echo", "get", now=0.0)
     h.request(B, "r2", "echo", "get", agent="bob", deadline=1.0, now=0.0)
     d1 = one(h.take()[0])
-    h.reply(M1, d1, busy=0, now=1.05)
+    h.reply(M1, d1, now=1.05)
     ds, rs, _ = h.take()
     assert [d.id for d in ds] == [], f"dispatched with deadline {[d.msg.deadline for d in ds]}"
     h.core.expire_deadlines(1.05)
@@ -344,7 +346,9 @@ def test_deadline_of_a_yielded_request_drops_its_saved_context() -> None:
     h.ready(M1, "llm", ops={"chat": PREEMPTIBLE}, capacity=1, now=0.0)
     h.request(A, "r1", "llm", "chat", deadline=2.0, now=0.1)
     d = one(h.take()[0])
-    h.yield_(M1, d, affinity=True, busy=1, now=0.5)  # m1 keeps the context, is busy for now
+    h.ready(M1, "llm", ops={"chat": PREEMPTIBLE}, capacity=1, incarnation="inc1",
+            running=[("\x00x".encode(), "other", None)], now=0.4)  # m1 now busy with something else
+    h.yield_(M1, d, affinity=True, now=0.5)  # m1 keeps the context
     assert h.take() == ([], [], [])
     h.tick(now=2.1)
     ds, rs, other = h.take()
@@ -360,20 +364,20 @@ def _two_requests_on_m1(h: CoreHarness) -> tuple[Dispatched, Dispatched]:
     h.request(A, "put1", "echo", "put", now=0.0)
     g, p = h.take()[0]
     assert (g.id, p.id) == ("get1", "put1") and g.to == p.to == M1
-    h.ready(M2, "echo", ops={"get": IDEMPOTENT, "put": PLAIN}, capacity=2, busy=2, now=0.5)
+    h.ready(M2, "echo", ops={"get": IDEMPOTENT, "put": PLAIN}, capacity=2, running=ghosts(2), now=0.5)
     return g, p
 
 
 def test_a_manager_missing_heartbeats_is_lost_and_its_work_requeued_or_failed() -> None:
     h = CoreHarness()  # heartbeat every 1 s, dead after 3 silent ones
     _two_requests_on_m1(h)
-    h.heartbeat(M2, busy=2, now=3.0)
+    h.heartbeat(M2, running=ghosts(2), now=3.0)
     h.tick(now=3.0)  # m1 silent for exactly 3 s: still alive
     ds, rs, other = h.take()
     assert ds == [] and rs == []
     assert any(isinstance(s.msg, Heartbeat) and s.to == M1 for s in other)  # the scheduler beats too
     assert h.core.registry.get(M1) is not None
-    h.heartbeat(M2, busy=0, now=3.2)  # m2 has room now; still nothing may be dispatched there
+    h.heartbeat(M2, running=[], now=3.2)  # m2 has room now; still nothing may be dispatched there
     h.tick(now=3.5)
     ds, rs, _ = h.take()
     assert h.core.registry.get(M1) is None
@@ -388,7 +392,7 @@ def test_a_manager_missing_heartbeats_is_lost_and_its_work_requeued_or_failed() 
 def test_a_manager_that_disconnects_loses_its_work_the_same_way() -> None:
     h = CoreHarness()
     _two_requests_on_m1(h)
-    h.heartbeat(M2, busy=0, now=1.0)
+    h.heartbeat(M2, running=[], now=1.0)
     h.disconnect(M1, now=1.0)
     ds, rs, _ = h.take()
     assert [(d.id, d.to, d.msg.attempt) for d in ds] == [("get1", M2, 2)]
@@ -431,7 +435,9 @@ def test_a_new_incarnation_replaces_the_old_one() -> None:
     h.request(A, "p", "echo", "put")
     h.take()
     # the same process announcing itself again: nothing lost
-    h.ready(M1, "echo", ops={"get": IDEMPOTENT, "put": PLAIN}, capacity=2, incarnation="one", busy=2, now=0.5)
+    g, p = h.core.registry.get(M1).inflight.values()
+    h.ready(M1, "echo", ops={"get": IDEMPOTENT, "put": PLAIN}, capacity=2, incarnation="one",
+            running=[(g.client, g.id, None), (p.client, p.id, None)], now=0.5)
     assert h.take() == ([], [], [])
     assert len(h.core.registry.get(M1).inflight) == 2
     # a restarted process under the same name and a new routing id: the old one's work is lost
@@ -445,7 +451,7 @@ def test_a_new_incarnation_replaces_the_old_one() -> None:
 
 def test_a_message_from_an_unknown_manager_asks_it_to_register() -> None:
     h = CoreHarness()
-    h.heartbeat(M1, busy=0)
+    h.heartbeat(M1, running=[])
     s = one(h.new())
     assert s.to == M1 and isinstance(s.msg, Reregister)
 
@@ -468,16 +474,18 @@ def test_yield_with_affinity_brings_the_request_back_only_to_that_manager() -> N
     h.partial(M1, d1, {"text": "Par"}, now=0.2)
     p = one(h.take()[1])
     assert (p.to, p.id, p.status, p.body) == (A, "r1", "partial", {"text": "Par"})
-    h.yield_(M1, d1, affinity=True, tokens=32, busy=1, now=0.5)  # m1 still finishing something
-    assert h.take() == ([], [], [])
-    h.reply(M2, d2, busy=0, now=0.6)  # m2 is free, but it does not hold r1's context
+    busy_elsewhere = [(b"\x00x", "other", None)]
+    h.heartbeat(M1, running=[d1] + busy_elsewhere, now=0.45)  # m1 also started something we do not track
+    h.yield_(M1, d1, affinity=True, tokens=32, now=0.5)
+    assert h.take() == ([], [], [])  # m1 still finishing that other work
+    h.reply(M2, d2, now=0.6)  # m2 is free, but it does not hold r1's context
     ds, rs, _ = h.take()
     assert ds == [] and [r.id for r in rs] == ["r2"]
     assert h.core.queued("llm") == 1
-    h.heartbeat(M1, busy=0, now=0.7)
+    h.heartbeat(M1, running=[], now=0.7)
     d = one(h.take()[0])
     assert (d.id, d.to, d.msg.resume, d.msg.attempt) == ("r1", M1, True, 1)
-    h.reply(M1, d, tokens=10, busy=0, now=1.0)
+    h.reply(M1, d, tokens=10, now=1.0)
     r = one(h.take()[1])
     assert r.msg.timing["preemptions"] == 1 and r.msg.timing["attempts"] == 2
     assert r.msg.timing["run_s"] == pytest.approx(0.4 + 0.3)  # both slices, not the wait between them
@@ -487,9 +495,10 @@ def test_yield_with_affinity_brings_the_request_back_only_to_that_manager() -> N
 def test_yield_without_affinity_may_resume_anywhere() -> None:
     h = CoreHarness(make_config(scheduler={"policy": "rr"}))
     d1, d2 = _two_llm_cores(h)
-    h.reply(M2, d2, busy=0, now=0.3)
+    h.reply(M2, d2, now=0.3)
     h.take()
-    h.yield_(M1, d1, affinity=False, busy=1, now=0.5)
+    h.heartbeat(M1, running=[d1, (b"\x00x", "other", None)], now=0.45)  # m1 busy with other work too
+    h.yield_(M1, d1, affinity=False, now=0.5)
     d = one(h.take()[0])
     assert (d.id, d.to, d.msg.resume) == ("r1", M2, False)
 
@@ -498,7 +507,8 @@ def test_when_the_affinity_manager_dies_the_request_starts_over_elsewhere_with_a
     h = CoreHarness(make_config(scheduler={"policy": "rr"}))
     d1, d2 = _two_llm_cores(h)
     h.partial(M1, d1, {"text": "Par"}, now=0.1)
-    h.yield_(M1, d1, affinity=True, busy=1, now=0.5)
+    h.heartbeat(M1, running=[d1, (b"\x00x", "other", None)], now=0.45)
+    h.yield_(M1, d1, affinity=True, now=0.5)
     h.take()
     h.disconnect(M1, now=0.6)
     ds, rs, _ = h.take()
@@ -506,7 +516,7 @@ def test_when_the_affinity_manager_dies_the_request_starts_over_elsewhere_with_a
     assert (reset.to, reset.id, reset.status, reset.msg.reset) == (A, "r1", "partial", True)
     assert reset.body == {"reset": True}
     assert ds == []  # m2 is still busy with r2
-    h.reply(M2, d2, busy=0, now=0.7)
+    h.reply(M2, d2, now=0.7)
     ds, rs, _ = h.take()
     d = one(ds)
     assert (d.id, d.to, d.msg.resume) == ("r1", M2, False)
@@ -522,7 +532,7 @@ def test_a_streamed_request_requeued_after_its_manager_died_gets_a_reset() -> No
     ds, rs, _ = h.take()
     assert [(r.id, r.status, r.msg.reset) for r in rs] == [("r1", "partial", True)]
     assert ds == []
-    h.reply(M2, d2, busy=0, now=0.3)
+    h.reply(M2, d2, now=0.3)
     assert [(d.id, d.to, d.msg.attempt) for d in h.take()[0]] == [("r1", M2, 2)]
 
 
@@ -543,31 +553,31 @@ def test_a_client_gone_cancels_its_queued_and_running_work() -> None:
     assert set(h.core.pending) == {(B, "r3")} and h.core.queued("echo") == 1
     assert h.core.queued_by_agent("alice") == 0
     assert pending[(A, "r1")].state is State.FAILED and pending[(A, "r2")].state is State.FAILED
-    h.heartbeat(M1, busy=0, now=1.1)
+    h.heartbeat(M1, running=[], now=1.1)
     assert [d.id for d in h.take()[0]] == ["r3"]
 
 
 # ======================================================= busy after a restart
 def test_ready_with_busy_at_capacity_dispatches_nothing_until_a_heartbeat_reports_work_gone() -> None:
     h = CoreHarness()
-    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=2, busy=2, now=0.0)
+    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=2, running=ghosts(2), now=0.0)
     for rid in ("r1", "r2", "r3"):
         h.request(A, rid, "echo", "get")
     assert h.take()[0] == []
-    h.heartbeat(M1, busy=2, now=1.0)
+    h.heartbeat(M1, running=ghosts(2), now=1.0)
     assert h.take()[0] == []
-    h.heartbeat(M1, busy=0, now=2.0)
+    h.heartbeat(M1, running=[], now=2.0)
     assert [d.id for d in h.take()[0]] == ["r1", "r2"]
     assert h.core.queued("echo") == 1
 
 
 def test_ready_with_busy_at_capacity_dispatches_after_a_late_reply_reports_work_gone() -> None:
     h = CoreHarness()
-    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=1, busy=1, now=0.0)
+    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=1, running=[(b"\x00gone", "old", None)], now=0.0)
     h.request(A, "r1", "echo", "get")
     assert h.take()[0] == []
     # the reply for work this scheduler never saw (dispatched by its previous incarnation)
-    h.manager(M1, messages.Reply("old", "ok", client=b"\x00gone", busy=0), {"x": 1}, now=2.0)
+    h.manager(M1, messages.Reply("old", "ok", client=b"\x00gone"), {"x": 1}, now=2.0)
     ds, rs, _ = h.take()
     assert [d.id for d in ds] == ["r1"] and rs == []  # and nothing forwarded to anyone
 
@@ -576,11 +586,16 @@ def test_work_reported_busy_and_new_dispatches_add_up() -> None:
     """After a restart the manager reports 1 of its 2 slots busy with old work: exactly one new
     request may go there, not two (the report does not include what is dispatched after it)."""
     h = CoreHarness()
-    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=2, busy=2, now=0.0)
+    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=2, running=ghosts(2), now=0.0)
     for rid in ("r1", "r2", "r3"):
         h.request(A, rid, "echo", "get")
-    h.heartbeat(M1, busy=1, now=1.0)
+    h.heartbeat(M1, running=ghosts(1), now=1.0)
     assert [d.id for d in h.take()[0]] == ["r1"], "the manager got more requests than it has free slots"
+    # a report made before r1 arrived there does not free r1's slot: r1 is in flight
+    h.heartbeat(M1, running=ghosts(1), now=1.5)
+    assert h.take()[0] == []
+    h.heartbeat(M1, running=[], now=2.0)  # the old work finished: one more slot
+    assert [d.id for d in h.take()[0]] == ["r2"]
 
 
 # ============================================================ per-target limits

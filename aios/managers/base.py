@@ -258,18 +258,19 @@ class Manager:
                 self._send_ready()
                 last_heard = last_beat = now
             elif now - last_beat >= hb_interval:
-                # Beat on a fixed rhythm even while replies flow: it carries how many requests run
-                # here, which is how the scheduler's view of our capacity heals after it restarts.
-                self._send_frames(self._encode(messages.Heartbeat(busy=self._busy())))
+                # Beat on a fixed rhythm even while replies flow: it lists the requests running here,
+                # which is how the scheduler's view of our capacity heals after it restarts or
+                # cancels a handler that is still winding down.
+                self._send_frames(self._encode(messages.Heartbeat(running=self._running())))
                 last_beat = now
         self._shutdown()
 
     def stop(self) -> None:
         self._stopping.set()
 
-    def _busy(self) -> int:
+    def _running(self) -> list[messages.RunningEntry]:
         with self._lock:
-            return len(self._active)
+            return [(c.client, c.id, c.target) for c in self._active.values()]
 
     def _encode(self, msg: Any, body: Any = None) -> list[bytes]:
         return self.codec.encode(msg.to_header(), body)
@@ -283,7 +284,7 @@ class Manager:
     def ready_message(self) -> messages.Ready:
         return messages.Ready(
             name=self.name, service=self.service, capacity=self.capacity, incarnation=self.incarnation,
-            pid=os.getpid(), busy=self._busy(),
+            pid=os.getpid(), running=self._running(),
             ops={n: messages.OpInfo(s.idempotent, s.preemptible) for n, s in self.ops.items()},
             targets=list(self.targets), default=self.default_target, limits=dict(self.limits),
             health=self.health, detail=self.health_detail)
@@ -380,12 +381,10 @@ class Manager:
 
     def _post(self, ctx: RequestContext, header: dict[str, Any], body: Any, final: bool = False) -> None:
         """Send a reply (or yield) for `ctx` from any thread."""
-        busy = self._busy() if final else None
         if "yield" in header:
-            msg: Any = messages.Yield(ctx.id, ctx.client, affinity=header["yield"], tokens=ctx.tokens, busy=busy)
+            msg: Any = messages.Yield(ctx.id, ctx.client, affinity=header["yield"], tokens=ctx.tokens)
         else:
-            msg = messages.Reply(ctx.id, header["status"], client=ctx.client,
-                                 tokens=ctx.tokens if final else 0, busy=busy)
+            msg = messages.Reply(ctx.id, header["status"], client=ctx.client, tokens=ctx.tokens if final else 0)
         self._post_frames(self._encode(msg, body))
 
     def _post_frames(self, frames: list[bytes]) -> None:

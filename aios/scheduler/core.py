@@ -293,11 +293,19 @@ class SchedulerCore:
             if req is None:
                 return
             self._dequeued(req)
+            if req.deadline is not None and req.deadline <= now:
+                # its deadline passed between the last expiry sweep and this free slot
+                self._fail(req, ErrorCode.DEADLINE_EXCEEDED,
+                           f"deadline passed after {now - req.created:.3f}s (still queued)", now)
+                continue
             mgr = pick(managers, req.target, req.affinity)
             assert mgr is not None
             self._start(req, mgr, q, now)
 
     def _start(self, req: Request, mgr: ManagerRecord, q: Policy, now: float) -> None:
+        info = mgr.ops.get(req.op)
+        if info is not None:  # a request queued before its manager registered learns its op's nature here
+            req.idempotent, req.preemptible = info.idempotent, info.preemptible
         req.move(State.RUNNING)
         if req.started is None:
             req.started = now
@@ -328,26 +336,24 @@ class SchedulerCore:
         elif isinstance(msg, Call):
             self.on_request(BACKEND_CLIENT + identity, msg, body_raw, now, caller=mgr)
         elif isinstance(msg, Heartbeat):
-            if msg.busy is not None:
-                self._reported_busy(mgr, msg.busy, now)
+            if msg.running is not None and mgr.report(msg.running):
+                self.dispatch(mgr.service, now)
         elif isinstance(msg, Yield):
             self.on_yield(mgr, msg, now)
         elif isinstance(msg, Disconnect):
             self.manager_lost(mgr, "disconnected", now)
 
-    def _reported_busy(self, mgr: ManagerRecord, busy: int, now: float) -> None:
-        before = mgr.free
-        mgr.reported_busy = min(busy, mgr.capacity)
-        if mgr.free > before:
-            self.dispatch(mgr.service, now)
-
     def on_ready(self, identity: bytes, msg: Ready, now: float) -> None:
         old = self.registry.get(identity)
         if old is not None:
             if old.incarnation == msg.incarnation:
-                # the same process announcing itself again (it thought we had gone): refresh
+                # the same process announcing itself again (it thought we had gone, or its health
+                # changed): refresh what it says about itself
                 old.health, old.detail = msg.health, msg.detail
-                self._reported_busy(old, msg.busy, now)
+                old.ops, old.targets, old.limits, old.default = dict(msg.ops), frozenset(msg.targets), \
+                    dict(msg.limits), msg.default
+                old.report(msg.running)
+                self.dispatch(msg.service, now)
                 return
             self.manager_lost(old, f"replaced by incarnation {msg.incarnation}", now)
         same_name = self.registry.by_name(msg.name)
@@ -357,17 +363,32 @@ class SchedulerCore:
         mgr = ManagerRecord.from_ready(identity, msg, now)
         self.registry.add(mgr)
         self.expected_services.add(msg.service)
-        log.info("manager %s ready: service=%s capacity=%d busy=%d incarnation=%s%s", msg.name, msg.service,
-                 msg.capacity, msg.busy, msg.incarnation, f" ({msg.health}: {msg.detail})" if msg.detail else "")
+        self._refuse_unknown_targets(msg.service, now)
+        log.info("manager %s ready: service=%s capacity=%d running=%d incarnation=%s%s", msg.name, msg.service,
+                 msg.capacity, len(msg.running), msg.incarnation, f" ({msg.health}: {msg.detail})" if msg.detail else "")
         self.dispatch(msg.service, now)
 
+    def _refuse_unknown_targets(self, service: str, now: float) -> None:
+        """Once every configured manager of a service has registered, requests queued for a target
+        none of them serves will never run: answer them now instead of at their deadline."""
+        names = [n for n, s in self.expected.items() if s == service]
+        if not all(self.registry.by_name(n) is not None for n in names):
+            return
+        q = self.queues.get(service)
+        if not q:
+            return
+        served = {t for m in self.registry.of(service) for t in m.targets}
+        for r in [r for r in q if r.target is not None and r.target not in served]:
+            self._fail(r, ErrorCode.UNKNOWN_TARGET,
+                       f"no {service} manager serves {r.target!r}; available: {sorted(served)}", now)
+
     def on_manager_reply(self, mgr: ManagerRecord, msg: Reply, body_raw: bytes, now: float) -> None:
-        if msg.busy is not None:
-            mgr.reported_busy = min(msg.busy, mgr.capacity)
-        req = mgr.inflight.get((msg.client, msg.id)) if msg.client is not None and msg.id is not None else None
+        key = (msg.client, msg.id) if msg.client is not None and msg.id is not None else None
+        req = mgr.inflight.get(key) if key is not None else None
         if req is None:
-            # late: timed out, cancelled or re-queued; its `busy` still counted above
-            self.dispatch(mgr.service, now)
+            # late: timed out, cancelled or re-queued; a final one means that handler returned
+            if key is not None and msg.status != _PARTIAL and mgr.ghost_gone(key):
+                self.dispatch(mgr.service, now)
             return
         if msg.status == _PARTIAL:
             req.streamed = True
@@ -395,11 +416,10 @@ class SchedulerCore:
         self.dispatch(mgr.service, now)
 
     def on_yield(self, mgr: ManagerRecord, msg: Yield, now: float) -> None:
-        if msg.busy is not None:
-            mgr.reported_busy = min(msg.busy, mgr.capacity)
         req = mgr.inflight.get((msg.client, msg.id))
         if req is None:
-            self.dispatch(mgr.service, now)
+            if mgr.ghost_gone((msg.client, msg.id)):
+                self.dispatch(mgr.service, now)
             return
         self._release(mgr, req, now, msg.tokens)
         req.preemptions += 1
@@ -412,7 +432,7 @@ class SchedulerCore:
     def _release(self, mgr: ManagerRecord, req: Request, now: float, tokens: int) -> None:
         """A request stops running on `mgr`: free its slot and charge the service it used."""
         mgr.discard(req)
-        run_s = now - (req.dispatched_at or now)
+        run_s = now - (req.dispatched_at if req.dispatched_at is not None else now)
         req.run_s += run_s
         req.tokens += tokens
         req.manager = None
@@ -426,7 +446,7 @@ class SchedulerCore:
         limit = self.config.scheduler.max_requeues
         for req in list(mgr.inflight.values()):
             mgr.discard(req)
-            req.run_s += now - (req.dispatched_at or now)
+            req.run_s += now - (req.dispatched_at if req.dispatched_at is not None else now)
             req.manager = None
             if req.affinity == mgr.identity:
                 req.affinity = None  # its saved context died with the manager
@@ -504,10 +524,9 @@ class SchedulerCore:
         target = req.manager or req.affinity
         mgr = self.registry.get(target) if target else None
         if mgr is not None:
-            if req.manager is not None and mgr.discard(req):
-                req.run_s += now - (req.dispatched_at or now)
-                # until the manager says its handler stopped, the slot stays counted as busy
-                mgr.reported_busy = min(mgr.reported_busy + 1, mgr.capacity)
+            # until the manager says its handler returned, the slot stays counted (a ghost)
+            if req.manager is not None and mgr.discard(req, still_running=True):
+                req.run_s += now - (req.dispatched_at if req.dispatched_at is not None else now)
             self.out.to_manager(mgr.identity, Cancel(req.id, req.client).to_header())
         req.manager = None
         req.affinity = None
@@ -611,7 +630,8 @@ class SchedulerCore:
     def status(self, now: float) -> dict[str, Any]:
         services = sorted((self.expected_services | self.registry.services() | set(self.queues)) - {KERNEL})
         extra = self.extra_status()
-        scheduler = {"policy": self.config.scheduler.policy, "uptime_s": round(now - (self.started_at or now), 3),
+        up = now - (self.started_at if self.started_at is not None else now)
+        scheduler = {"policy": self.config.scheduler.policy, "uptime_s": round(up, 3),
                      **extra.pop("scheduler", {})}
         return {
             "scheduler": scheduler,

@@ -1,12 +1,15 @@
 """Which managers are registered, what each may run, and how much it is running.
 
 Pure bookkeeping for the scheduler core (no sockets). A manager's free
-capacity follows what it really runs: `capacity` minus the larger of the
-requests the scheduler has in flight on it and the number the manager last
-reported busy. The second term matters after a scheduler restart, when a
-manager re-registers while still finishing requests the new scheduler never
-saw; its replies then report the work draining away and the credit comes
-back, instead of being lost for good.
+capacity follows what it really runs: `capacity` minus the requests the
+scheduler has in flight on it, minus its *ghosts*: requests the manager is
+still running that the scheduler no longer tracks. Ghosts are handlers that
+were cancelled (deadline, caller gone) but have not returned yet, and, after
+a scheduler restart, work the new scheduler never saw. The manager's READY
+and heartbeats list what it runs; whatever on that list the scheduler is not
+tracking is a ghost until a later report (or its late reply) shows it gone.
+So no capacity is lost after a restart, and none is double-booked while a
+cancelled handler winds down, per target limits included.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from aios.messages import OpInfo, Ready
+from aios.messages import OpInfo, Ready, RunningEntry
 from aios.scheduler.request import Request
 
 
@@ -34,21 +37,49 @@ class ManagerRecord:
     detail: str
     last_seen: float
     last_sent: float
-    reported_busy: int = 0
     inflight: dict[tuple[bytes, str], Request] = field(default_factory=dict)
-    per_target: Counter[str] = field(default_factory=Counter)
+    ghosts: dict[tuple[bytes, str], str | None] = field(default_factory=dict)  # key -> target
+    per_target: Counter[str] = field(default_factory=Counter)  # in flight and ghosts
     completed: int = 0
 
     @classmethod
     def from_ready(cls, identity: bytes, msg: Ready, now: float) -> "ManagerRecord":
-        return cls(identity=identity, name=msg.name, service=msg.service, capacity=msg.capacity,
-                   incarnation=msg.incarnation, pid=msg.pid, ops=dict(msg.ops), targets=frozenset(msg.targets),
-                   default=msg.default, limits=dict(msg.limits), health=msg.health, detail=msg.detail,
-                   last_seen=now, last_sent=now, reported_busy=msg.busy)
+        rec = cls(identity=identity, name=msg.name, service=msg.service, capacity=msg.capacity,
+                  incarnation=msg.incarnation, pid=msg.pid, ops=dict(msg.ops), targets=frozenset(msg.targets),
+                  default=msg.default, limits=dict(msg.limits), health=msg.health, detail=msg.detail,
+                  last_seen=now, last_sent=now)
+        rec.report(msg.running)
+        return rec
 
     @property
     def busy(self) -> int:
-        return max(len(self.inflight), self.reported_busy)
+        return len(self.inflight) + len(self.ghosts)
+
+    def report(self, running: list[RunningEntry]) -> bool:
+        """The manager's list of what it runs: anything on it we do not track is a ghost.
+        Returns whether capacity was freed."""
+        before = len(self.ghosts)
+        for target in self.ghosts.values():
+            self._count(target, -1)
+        self.ghosts = {(c, i): t for c, i, t in running if (c, i) not in self.inflight}
+        for target in self.ghosts.values():
+            self._count(target, +1)
+        return len(self.ghosts) < before
+
+    def ghost_gone(self, key: tuple[bytes, str]) -> bool:
+        """A late reply: that handler has returned."""
+        if key not in self.ghosts:
+            return False
+        self._count(self.ghosts.pop(key), -1)
+        return True
+
+    def _count(self, target: str | None, delta: int) -> None:
+        if target is not None:
+            n = self.per_target[target] + delta
+            if n > 0:
+                self.per_target[target] = n
+            else:
+                self.per_target.pop(target, None)
 
     @property
     def free(self) -> int:
@@ -69,22 +100,24 @@ class ManagerRecord:
 
     def add(self, req: Request) -> None:
         self.inflight[req.key] = req
-        if req.target is not None:
-            self.per_target[req.target] += 1
+        self._count(req.target, +1)
 
-    def discard(self, req: Request) -> bool:
+    def discard(self, req: Request, still_running: bool = False) -> bool:
+        """Stop tracking `req`. `still_running`: it was cancelled and its handler may not have
+        returned yet, so it stays counted (a ghost) until the manager reports it gone."""
         if self.inflight.pop(req.key, None) is None:
             return False
-        if req.target is not None:
-            self.per_target[req.target] -= 1
-            if self.per_target[req.target] <= 0:
-                del self.per_target[req.target]
+        if still_running:
+            self.ghosts[req.key] = req.target
+        else:
+            self._count(req.target, -1)
         return True
 
     def row(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "service": self.service, "pid": self.pid, "incarnation": self.incarnation,
                 "capacity": self.capacity, "busy": self.busy, "targets": sorted(self.targets),
                 "default": self.default, "limits": dict(self.limits), "running": dict(self.per_target),
+                "finishing": len(self.ghosts),
                 "ops": sorted(self.ops), "completed": self.completed, "health": self.health,
                 "detail": self.detail, "last_seen_s": round(now - self.last_seen, 3)}
 

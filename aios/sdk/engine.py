@@ -121,10 +121,10 @@ class PendingCall:
             self._send_at = now + self._backoff
             self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
             self._fresh = True
+        if self._send_at is not None and now >= self._send_at and now >= self.deadline:
+            self._send_at = None  # too late to send again: wait out the grace for the kernel's verdict
         if self._send_at is not None and now >= self._send_at:
             remaining = self.deadline - now
-            if remaining <= 0:
-                raise self._timeout()
             if self._fresh:
                 self.rid = new_request_id()
                 self.partials.clear()

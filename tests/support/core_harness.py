@@ -125,6 +125,21 @@ def make_config(**sections: Any) -> Config:
     return Config.model_validate(sections)
 
 
+def _entries(running: Any) -> list[tuple[bytes, str, str | None]]:
+    out = []
+    for r in running:
+        if isinstance(r, Dispatched):
+            out.append((r.msg.client, r.id, r.msg.target))
+        else:
+            out.append(tuple(r))
+    return out
+
+
+def ghosts(n: int, target: str | None = None) -> list[tuple[bytes, str, str | None]]:
+    """`n` requests a manager runs that this scheduler never dispatched (from before its restart)."""
+    return [(b"\x00old-client", f"old-{i}", target) for i in range(n)]
+
+
 class CoreHarness:
     def __init__(self, config: Config | None = None, *, expected: dict[str, str] | None = None,
                  admission: Admission | None = None,
@@ -150,31 +165,33 @@ class CoreHarness:
 
     def ready(self, identity: bytes, service: str, *, ops: dict[str, OpInfo], capacity: int = 1,
               targets: tuple[str, ...] | list[str] = (), default: bool = False,
-              limits: dict[str, int] | None = None, busy: int = 0, name: str | None = None,
+              limits: dict[str, int] | None = None, running: list[Any] = (), name: str | None = None,
               incarnation: str | None = None, now: float | None = None) -> None:
+        """`running`: what the manager says it already runs: Dispatched records or (client, id, target)."""
         if incarnation is None:
             self._incarnations += 1
             incarnation = f"inc{self._incarnations}"
         self.manager(identity, messages.Ready(
             name=name or identity.decode(), service=service, capacity=capacity, incarnation=incarnation,
-            pid=1000, busy=busy, ops=dict(ops), targets=list(targets), default=default,
+            pid=1000, running=_entries(running), ops=dict(ops), targets=list(targets), default=default,
             limits=dict(limits or {})), now=now)
 
     def reply(self, identity: bytes, d: Dispatched, *, status: str = "ok", body: Any = None, tokens: int = 0,
-              busy: int | None = None, now: float | None = None) -> None:
-        self.manager(identity, messages.Reply(d.id, status, client=d.msg.client, tokens=tokens, busy=busy),
+              now: float | None = None) -> None:
+        self.manager(identity, messages.Reply(d.id, status, client=d.msg.client, tokens=tokens),
                      body if body is not None else {"ok": True}, now)
 
     def partial(self, identity: bytes, d: Dispatched, body: Any, now: float | None = None) -> None:
         self.manager(identity, messages.Reply(d.id, "partial", client=d.msg.client), body, now)
 
     def yield_(self, identity: bytes, d: Dispatched, *, affinity: bool = True, tokens: int = 0,
-               busy: int | None = None, now: float | None = None) -> None:
-        self.manager(identity, messages.Yield(d.id, d.msg.client, affinity=affinity, tokens=tokens, busy=busy),
-                     now=now)
+               now: float | None = None) -> None:
+        self.manager(identity, messages.Yield(d.id, d.msg.client, affinity=affinity, tokens=tokens), now=now)
 
-    def heartbeat(self, identity: bytes, busy: int | None = None, now: float | None = None) -> None:
-        self.manager(identity, messages.Heartbeat(busy=busy), now=now)
+    def heartbeat(self, identity: bytes, running: list[Any] | None = None, now: float | None = None) -> None:
+        """A manager's heartbeat; `running` (Dispatched records or (client, id, target)) is what it
+        says it runs; None sends a heartbeat without a list."""
+        self.manager(identity, messages.Heartbeat(running=None if running is None else _entries(running)), now=now)
 
     def disconnect(self, identity: bytes, now: float | None = None) -> None:
         self.manager(identity, messages.Disconnect(), now=now)

@@ -40,6 +40,7 @@ from typing import Any, Callable, ClassVar
 
 import zmq
 from pydantic import BaseModel, ConfigDict, ValidationError
+from zmq.utils.monitor import recv_monitor_message
 
 from aios import messages
 from aios.config import Config
@@ -55,6 +56,7 @@ _OK, _ERROR = Status.OK.value, Status.ERROR.value
 DEFAULT_CALL_TIMEOUT_S = 300.0
 #: how often a handler waiting on a call checks whether its own request was cancelled
 CALL_POLL_S = 0.05
+_LOST = object()  # put in a waiting call's inbox when the scheduler connection drops
 
 
 class OpError(Exception):
@@ -189,7 +191,7 @@ class Manager:
         self.health_detail = ""
         self._stopping = threading.Event()
         self._active: dict[str, RequestContext] = {}
-        self._calls: dict[str, "queue.Queue[Message]"] = {}
+        self._calls: dict[str, "queue.Queue[Any]"] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -226,6 +228,9 @@ class Manager:
         self._local = threading.local()
         self.pool = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix=self.name)
         self.sock = dealer(self.zctx, self.run_dir, self.config, role="manager", identity=self.identity)
+        # The connection monitor tells us at once when the scheduler goes away and comes back, so we
+        # re-register within milliseconds of its restart instead of after a heartbeat expiry.
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(self.run_dir.backend_endpoint(self.config))
         hb_interval, hb_expiry = k.heartbeat_interval_s, k.heartbeat_interval_s * k.heartbeat_liveness
         last_heard = last_beat = time.monotonic()
@@ -233,10 +238,27 @@ class Manager:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._results, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         self.log.info("serving %s (capacity %d, ops %s)", self.service, self.capacity, sorted(self.ops))
+        disconnected = False
         while not self._stopping.is_set():
             events = dict(poller.poll(int(hb_interval * 250)))
             now = time.monotonic()
+            if monitor in events:
+                while True:
+                    try:
+                        event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+                    except zmq.Again:
+                        break
+                    if event == zmq.EVENT_DISCONNECTED:
+                        disconnected = True
+                        for inbox in list(self._calls.values()):
+                            inbox.put(_LOST)  # calls in flight: re-send or fail, as the engine decides
+                    elif event == zmq.EVENT_CONNECTED and disconnected:
+                        disconnected = False
+                        self.log.info("scheduler connection back; announcing READY")
+                        self._send_ready()
+                        last_heard = last_beat = now
             if self._results in events:
                 while True:
                     try:
@@ -263,6 +285,8 @@ class Manager:
                 # cancels a handler that is still winding down.
                 self._send_frames(self._encode(messages.Heartbeat(running=self._running())))
                 last_beat = now
+        self.sock.disable_monitor()
+        monitor.close(0)
         self._shutdown()
 
     def stop(self) -> None:
@@ -414,7 +438,7 @@ class Manager:
                                target=target)
         call = PendingCall(self.codec, header, args, timeout=timeout, idempotent=idempotent, now=now,
                            where="the scheduler")
-        inbox: queue.Queue[Message] = queue.Queue()
+        inbox: queue.Queue[Any] = queue.Queue()
         rid = ""
         try:
             while True:
@@ -437,7 +461,9 @@ class Manager:
                         msg = inbox.get(timeout=wait)
                     except queue.Empty:
                         continue
-                    if msg.header.get("id") == call.rid:
+                    if msg is _LOST:
+                        call.connection_lost(time.monotonic())
+                    elif msg.header.get("id") == call.rid:
                         call.feed(msg)
                 else:
                     return step.result

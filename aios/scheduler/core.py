@@ -54,7 +54,7 @@ from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Request, S
 log = logging.getLogger("aios.scheduler")
 
 KERNEL = "kernel"
-KERNEL_OPS = ("ping", "shutdown", "status")
+KERNEL_OPS = ("ops", "ping", "shutdown", "status")
 #: calls between managers may nest this deep (agent -> memory -> storage is 2)
 MAX_CALL_DEPTH = 8
 #: rough per-entry overhead of a cached reply beyond its body, for the byte bound
@@ -619,6 +619,13 @@ class SchedulerCore:
             return
         if op == "status":
             body = self.status(now)
+        elif op == "ops":
+            # what the registered managers declare about their ops: the SDK re-sends the idempotent
+            # ones after a scheduler restart (kernel ops are answered here, and are all safe to repeat)
+            body = {KERNEL: {o: {"idempotent": o != "shutdown", "preemptible": False} for o in KERNEL_OPS}}
+            for m in self.registry:
+                for name, info in m.ops.items():
+                    body.setdefault(m.service, {})[name] = info.to_wire()
         elif op == "shutdown":
             body = {"stopping": True}
             self.out.shutdown()

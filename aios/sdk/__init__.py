@@ -7,11 +7,12 @@ from aios.sdk.errors import (
     KernelError,
     KernelNotRunning,
     KernelTimeout,
+    KernelUnavailable,
     NotFound,
     PermissionDenied,
 )
 
 __all__ = [
     "AIOSError", "AsyncClient", "Client", "InvalidArgument", "KernelError", "KernelNotRunning",
-    "KernelTimeout", "NotFound", "PermissionDenied", "Reply", "connect", "connect_async",
+    "KernelTimeout", "KernelUnavailable", "NotFound", "PermissionDenied", "Reply", "connect", "connect_async",
 ]

@@ -12,6 +12,15 @@ after a retryable error under a new id, matching replies, typed errors) is the
 call engine's (`aios.sdk.engine`); the sync and asyncio clients here differ
 only in how they wait. Service helpers (`kernel.llm.chat`, ...) are written
 once in `aios.sdk.services` and bound to both.
+
+Failing fast. A socket monitor tells the client when its connection to the
+scheduler drops. If the kernel is gone (its supervisor no longer runs), every
+call in flight and every new call fails at once with `KernelUnavailable`
+instead of waiting for its timeout. If only the scheduler restarted,
+idempotent calls are re-sent as soon as it is back and the others fail at
+once with a retryable UNAVAILABLE that says their outcome is unknown. Which
+ops are idempotent the client learns from the kernel (`kernel.ops`), so an
+op a manager declares safe to repeat is re-sent too.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from aios import messages
 from aios.config import Config
@@ -39,15 +49,21 @@ from aios.sdk.engine import (
     match_id,
 )
 from aios.protocol import ErrorCode
-from aios.sdk.errors import InvalidArgument, KernelNotRunning
+from aios.sdk.errors import AIOSError, InvalidArgument, KernelUnavailable
 from aios.sdk.services import KernelService, LLMService
 from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
 
 __all__ = ["AsyncClient", "Client", "Reply", "connect", "connect_async", "DEFAULT_TIMEOUT_S"]
 
-#: ops known to be safe to repeat without the caller saying so
-IDEMPOTENT_OPS = {("kernel", "ping"), ("kernel", "status")}
+#: ops known to be safe to repeat without the caller saying so (the kernel adds its managers' ops)
+IDEMPOTENT_OPS = {("kernel", "ping"), ("kernel", "status"), ("kernel", "ops")}
+#: how long a waiting call blocks before it looks at the connection monitor
+MONITOR_CHECK_S = 0.25
+#: how often the table of idempotent ops may be fetched again when it lacks an op
+OPS_REFRESH_S = 5.0
+_MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class _Endpoint:
@@ -60,11 +76,22 @@ class _Endpoint:
         try:
             key = self.run_dir.load_key()
             config: Config = self.run_dir.load_config()
-        except FileNotFoundError as exc:
-            raise KernelNotRunning("UNAVAILABLE", str(exc), retryable=True) from None
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            raise KernelUnavailable("UNAVAILABLE", f"no kernel running in {self.run_dir.path} ({exc})",
+                                    retryable=True) from None
         self.codec = Codec(key)
         self.config = config
         self.address = self.run_dir.frontend_endpoint(config)
+        if self.kernel_gone():
+            raise KernelUnavailable("UNAVAILABLE", self.gone_message(), retryable=True)
+
+    def kernel_gone(self) -> bool:
+        """Whether this machine's kernel for the run directory is certainly not running. Over tcp
+        the kernel may be on another machine, so only its silence can tell."""
+        return self.config.kernel.transport == "ipc" and self.run_dir.supervisor_pid() is None
+
+    def gone_message(self) -> str:
+        return f"no kernel running in {self.run_dir.path} (start one with: aios start --run-dir {self.run_dir.path})"
 
 
 def _check_timeout(timeout: Any, what: str) -> None:
@@ -88,6 +115,23 @@ class _ClientBase(abc.ABC):
         self.run_dir = self._endpoint.run_dir
         self.llm = LLMService(self)
         self.kernel = KernelService(self)
+        self._connected = False
+        self._idempotent: set[tuple[str, str]] | None = None  # learned from kernel.ops
+        self._ops_fetched = 0.0
+
+    def _is_idempotent(self, service: str, op: str) -> bool | None:
+        """What the kernel says about (service, op); None if the client must ask it first."""
+        if (service, op) in IDEMPOTENT_OPS:
+            return True
+        if self._idempotent is not None and ((service, op) in self._idempotent
+                                             or time.monotonic() - self._ops_fetched < OPS_REFRESH_S):
+            return (service, op) in self._idempotent
+        return None
+
+    def _learn_ops(self, table: Any) -> None:
+        self._ops_fetched = time.monotonic()
+        self._idempotent = {(svc, op) for svc, ops in (table or {}).items() if isinstance(ops, dict)
+                            for op, info in ops.items() if isinstance(info, dict) and info.get("idempotent")}
 
     def _new_call(self, service: str, op: str, args: dict[str, Any] | None, timeout: float | None,
                   idempotent: bool | None, target: str | None, on_partial: PartialHandler | None) -> PendingCall:
@@ -96,7 +140,7 @@ class _ClientBase(abc.ABC):
         else:
             _check_timeout(timeout, f"{service}.{op}")
         if idempotent is None:
-            idempotent = (service, op) in IDEMPOTENT_OPS
+            idempotent = bool(self._is_idempotent(service, op))
         header = messages.Request(id="", service=service, op=op, agent=self.agent, target=target)
         return PendingCall(self._endpoint.codec, header, args or {}, timeout=timeout, idempotent=idempotent,
                            now=time.monotonic(), resend_interval=self.retry_interval, on_partial=on_partial,
@@ -122,6 +166,7 @@ class Client(_ClientBase):
         super().__init__(run_dir, agent, timeout=timeout, retry_interval=retry_interval)
         self._ctx = zmq.Context.instance()
         self._sock = dealer(self._ctx, self.run_dir, self._endpoint.config, role="agent")
+        self._monitor = self._sock.get_monitor_socket(_MONITOR_EVENTS)
         self._sock.connect(self._endpoint.address)
         self._rcvtimeo = -1  # the socket's RCVTIMEO in ms, set by _recv_until only when it changes
 
@@ -139,20 +184,54 @@ class Client(_ClientBase):
         and what was streamed so far should be discarded. Returns the `Reply`
         (or `then(reply)`).
         """
+        if idempotent is None and self._is_idempotent(service, op) is None:
+            self._fetch_ops()
         call = self._new_call(service, op, args, timeout, idempotent, target, on_partial)
         codec = self._endpoint.codec
         while True:
             step = call.step(time.monotonic())
             if type(step) is Send:
+                if self._monitor.getsockopt(_EVENTS) & _POLLIN:  # 1.4 µs; recv(NOBLOCK) costs twice that
+                    self._connection_events()
+                if not self._connected:
+                    self._check_kernel(call)
                 send_multipart(self._sock, step.frames)
             elif type(step) is Wait:
-                frames = self._recv_until(step.until)
+                frames = self._recv_until(min(step.until, time.monotonic() + MONITOR_CHECK_S))
                 if frames is not None:
                     msg = decode(codec, frames)
                     if match_id(msg) == call.rid:
                         call.feed(msg)  # type: ignore[arg-type]
+                elif self._connection_events():
+                    self._check_kernel(call)
+                    call.connection_lost(time.monotonic())
             else:
                 return then(step) if then is not None else step
+
+    def _fetch_ops(self) -> None:
+        try:
+            self._learn_ops(self.request("kernel", "ops", {}, timeout=min(self.timeout, 10.0)).result)
+        except AIOSError:
+            self._learn_ops({})  # an older kernel, or none: only the built-in list applies
+
+    def _connection_events(self) -> bool:
+        """Read the connection monitor; True if the connection dropped since the last look."""
+        lost = False
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return lost
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._connected = False
+                lost = True
+
+    def _check_kernel(self, call: PendingCall) -> None:
+        """Not connected: fail at once if the kernel is gone (otherwise the scheduler is restarting)."""
+        if self._endpoint.kernel_gone():
+            raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._endpoint.gone_message()}", retryable=True)
 
     def _recv_until(self, until: float) -> list[bytes] | None:
         remaining_ms = int((until - time.monotonic()) * 1000)
@@ -171,6 +250,8 @@ class Client(_ClientBase):
             return None
 
     def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(0)
         self._sock.close(0)
 
     def __enter__(self) -> "Client":
@@ -178,6 +259,9 @@ class Client(_ClientBase):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_LOST = object()  # put in a waiting call's inbox when the connection drops
 
 
 class AsyncClient(_ClientBase):
@@ -188,9 +272,11 @@ class AsyncClient(_ClientBase):
         super().__init__(run_dir, agent, timeout=timeout, retry_interval=retry_interval)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = dealer(self._ctx, self.run_dir, self._endpoint.config, role="agent")
+        self._monitor = self._sock.get_monitor_socket(_MONITOR_EVENTS)
         self._sock.connect(self._endpoint.address)
         self._waiters: dict[str, asyncio.Queue[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def call(self, service: str, op: str, /, **args: Any) -> Any:
         return (await self.request(service, op, args)).result
@@ -202,6 +288,12 @@ class AsyncClient(_ClientBase):
         """Async `Client.request`."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read())
+            self._watcher = asyncio.ensure_future(self._watch())
+        if idempotent is None and self._is_idempotent(service, op) is None:
+            try:
+                self._learn_ops((await self.request("kernel", "ops", {}, timeout=min(self.timeout, 10.0))).result)
+            except AIOSError:
+                self._learn_ops({})
         call = self._new_call(service, op, args, timeout, idempotent, target, on_partial)
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         rid = ""
@@ -209,6 +301,9 @@ class AsyncClient(_ClientBase):
             while True:
                 step = call.step(time.monotonic())
                 if type(step) is Send:
+                    if not self._connected and self._endpoint.kernel_gone():
+                        raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._endpoint.gone_message()}",
+                                                retryable=True)
                     if call.rid != rid:
                         self._waiters.pop(rid, None)
                         rid = call.rid
@@ -221,7 +316,13 @@ class AsyncClient(_ClientBase):
                             msg = await asyncio.wait_for(inbox.get(), left)
                         except asyncio.TimeoutError:
                             continue
-                        if match_id(msg) == call.rid:
+                        if msg is _LOST:
+                            if self._endpoint.kernel_gone():
+                                raise KernelUnavailable("UNAVAILABLE",
+                                                        f"{call.what}: {self._endpoint.gone_message()}",
+                                                        retryable=True)
+                            call.connection_lost(time.monotonic())
+                        elif match_id(msg) == call.rid:
                             call.feed(msg)
                 else:
                     return then(step) if then is not None else step
@@ -237,9 +338,23 @@ class AsyncClient(_ClientBase):
             if waiter is not None:
                 waiter.put_nowait(msg)
 
+    async def _watch(self) -> None:
+        """Follow the connection; tell every waiting call when it drops."""
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._connected = False
+                for inbox in list(self._waiters.values()):
+                    inbox.put_nowait(_LOST)
+
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+        self._sock.disable_monitor()
+        self._monitor.close(0)
         self._sock.close(0)
 
     async def __aenter__(self) -> "AsyncClient":

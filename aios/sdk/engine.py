@@ -41,11 +41,12 @@ MAX_RESEND_INTERVAL_S = 8.0
 #: backoff between retries after a retryable error: from `resend_interval`, doubling up to this
 MAX_BACKOFF_S = 8.0
 
-#: retryable errors the engine retries by itself (idempotent calls only): the kernel is busy or a
-#: manager is restarting, so the same call very likely succeeds in a moment. Other retryable errors
+#: retryable errors the engine retries by itself (idempotent calls only): the kernel is busy, a
+#: manager is restarting, or the kernel is being restarted, so the same call very likely succeeds in
+#: a moment (and if the kernel does not come back, the client says so at the next send). Other retryable errors
 #: (UNAVAILABLE: a service or its backend is down) go straight to the caller, who decides: retrying
 #: them here would turn a prompt "it is down" into a wait for the whole timeout.
-AUTO_RETRY = frozenset({ErrorCode.MANAGER_DIED.value, ErrorCode.OVERLOADED.value})
+AUTO_RETRY = frozenset({ErrorCode.MANAGER_DIED.value, ErrorCode.OVERLOADED.value, ErrorCode.SHUTTING_DOWN.value})
 
 PartialHandler = Callable[[Any], None]
 _PARTIAL, _ERROR = Status.PARTIAL.value, Status.ERROR.value

@@ -16,8 +16,13 @@ class AIOSError(Exception):
         self.retryable = retryable
 
 
-class KernelNotRunning(AIOSError):
-    """No kernel at the run directory (no key / config there)."""
+class KernelUnavailable(AIOSError):
+    """No kernel is running at the run directory (never started, stopped, or its files are gone),
+    or it stopped while a call was in flight. Retryable: a kernel started there later serves calls."""
+
+
+#: the older name of KernelUnavailable
+KernelNotRunning = KernelUnavailable
 
 
 class KernelTimeout(AIOSError):

@@ -124,6 +124,7 @@ def stop(run_dir: RunDir | str | Path | None = None, timeout: float = 30.0) -> b
     for f in rd.ipc_files():
         f.unlink(missing_ok=True)
     if rd.supervisor_pid() is None:
+        rd.remove_external_ipc_dir()
         rd.pid_file.unlink(missing_ok=True)
     return bool(pid)
 

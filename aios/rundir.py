@@ -11,14 +11,16 @@
         storage.db        SQLite database
 
 Unix socket paths are limited to about 107 bytes. When the run directory is
-too deep for that, the ipc endpoints move to a short private directory under
-/tmp named after a hash of the run directory, so the mapping stays stable.
+too deep for that, the ipc endpoints move to a private directory with a
+random name under the temporary directory, recorded in `ipc-dir` (see
+`RunDir.ipc_dir`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import zmq
 
 from aios.config import Config, config_from_json, config_to_json
-from aios.protocol import new_key
+from aios.protocol import KEY_BYTES, new_key
 
 IPC_PATH_LIMIT = 100
 
@@ -76,12 +78,46 @@ class RunDir:
         return self.path / "snapshots"
 
     @property
+    def ipc_pointer_file(self) -> Path:
+        return self.path / "ipc-dir"
+
+    @property
     def ipc_dir(self) -> Path:
+        """Where the ipc endpoints live: `<run dir>/ipc`, or, when that path is too long for a
+        socket address, a private directory under the temporary directory.
+
+        That directory's name is random (made by `mkdtemp`) and recorded in `ipc-dir` inside the
+        0700 run directory; every process checks it is a real directory owned by this user with
+        mode 0700 before using it. (A name derived from a hash of the run directory, as before,
+        could be created first by another local user, who would then receive agents' traffic.)
+        """
         local = self.path / "ipc"
         if len(str(local / "frontend.ipc")) <= IPC_PATH_LIMIT:
             return local
-        digest = hashlib.sha256(str(self.path).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"aios-{digest}"
+        try:
+            recorded = Path(self.ipc_pointer_file.read_text().strip())
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            raise RunDirError(f"no ipc directory recorded for {self.path} (is a kernel running there?)") from None
+        verify_private_dir(recorded)
+        return recorded
+
+    def _make_external_ipc_dir(self) -> Path:
+        d = Path(tempfile.mkdtemp(prefix="aios-ipc-"))  # random name, mode 0700, created by us
+        write_atomic(self.ipc_pointer_file, str(d))
+        return d
+
+    def remove_external_ipc_dir(self) -> None:
+        """After a stop: remove the private ipc directory (only if it is verifiably ours)."""
+        try:
+            recorded = Path(self.ipc_pointer_file.read_text().strip())
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return
+        try:
+            verify_private_dir(recorded)
+        except RunDirError:
+            return
+        shutil.rmtree(recorded, ignore_errors=True)
+        self.ipc_pointer_file.unlink(missing_ok=True)
 
     # --- lifecycle ----------------------------------------------------------
     def prepare_dir(self) -> None:
@@ -102,23 +138,38 @@ class RunDir:
 
     def create(self, config: Config) -> None:
         """Create the directory tree with private modes, a fresh key and the config."""
-        for d in (self.path, self.log_dir, self.ipc_dir, self.snapshot_dir):
+        for d in (self.path, self.log_dir, self.snapshot_dir):
             self._private_dir(d)
-        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, new_key())
-        finally:
-            os.close(fd)
-        os.chmod(self.key_file, 0o600)
+        local = self.path / "ipc"
+        if len(str(local / "frontend.ipc")) <= IPC_PATH_LIMIT:
+            self._private_dir(local)
+        else:
+            self.remove_external_ipc_dir()
+            self._make_external_ipc_dir()
+        # The signing key survives restarts of the kernel in the same run directory, so agents that
+        # were connected carry on after `aios stop` + `aios start` (a new key would make every frame
+        # of theirs a bad signature). It is replaced only when it is missing or not private.
+        if not self._private_file_ok(self.key_file, KEY_BYTES):
+            _write_private(self.key_file, new_key())
         if self.uses_curve(config):
-            public, secret = zmq.curve_keypair()
-            fd = os.open(self.curve_secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, secret)
-            finally:
-                os.close(fd)
-            write_atomic(self.curve_public_file, public.decode())
+            # The scheduler's server key pair, and the key pair managers authenticate with: the
+            # backend admits only that client key (ZAP), so a peer without it cannot even connect.
+            for secret_file, public_file in ((self.curve_secret_file, self.curve_public_file),
+                                             (self.manager_secret_file, self.manager_public_file)):
+                if not (self._private_file_ok(secret_file, 40) and public_file.exists()):
+                    public, secret = zmq.curve_keypair()
+                    _write_private(secret_file, secret)
+                    write_atomic(public_file, public.decode())
         write_atomic(self.config_file, config_to_json(config))
+
+    @staticmethod
+    def _private_file_ok(path: Path, size: int) -> bool:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        return (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o600
+                and st.st_size == size)
 
     def exists(self) -> bool:
         return self.key_file.exists() and self.config_file.exists()
@@ -160,24 +211,43 @@ class RunDir:
     def curve_public_file(self) -> Path:
         return self.path / "curve.public"
 
+    @property
+    def manager_secret_file(self) -> Path:
+        return self.path / "curve-manager.secret"
+
+    @property
+    def manager_public_file(self) -> Path:
+        return self.path / "curve-manager.public"
+
     @staticmethod
     def uses_curve(config: Config) -> bool:
         return config.kernel.transport == "tcp" and config.kernel.curve
 
     def secure_server(self, sock: zmq.Socket, config: Config, role: str = "frontend") -> None:
+        """A scheduler socket: a CURVE server whose ZAP domain is its role (see `Broker`)."""
         if self.uses_curve(config):
             sock.curve_secretkey = self.curve_secret_file.read_bytes()
             sock.curve_server = True
+            sock.zap_domain = role.encode()
 
     def secure_client(self, sock: zmq.Socket, config: Config, role: str = "agent") -> None:
+        """An agent gets a fresh key pair per socket (any agent key is accepted; the HMAC signature
+        authenticates it); a manager uses the kernel's manager key pair, the only key the backend admits."""
         if self.uses_curve(config):
-            public, secret = zmq.curve_keypair()
+            if role == "manager":
+                public = self.manager_public_file.read_bytes().strip()
+                secret = self.manager_secret_file.read_bytes()
+            else:
+                public, secret = zmq.curve_keypair()
             sock.curve_publickey = public
             sock.curve_secretkey = secret
             sock.curve_serverkey = self.curve_public_file.read_bytes().strip()
 
     def ipc_files(self) -> list[Path]:
-        d = self.ipc_dir
+        try:
+            d = self.ipc_dir
+        except RunDirError:
+            return []
         return sorted(d.glob("*.ipc")) if d.exists() else []
 
     # --- supervisor state ---------------------------------------------------
@@ -223,6 +293,8 @@ class RunDir:
                 return None
             if created is not None and abs(proc.create_time() - created) > 0.01:
                 return None
+            if created is None and "aios" not in " ".join(proc.cmdline()):
+                return None  # an old-style pid file: at least the process must be an AIOS one
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
         return pid
@@ -238,6 +310,31 @@ class RunDir:
             return json.loads(self.state_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret with mode 0600 from the start (never readable by others, even briefly)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def verify_private_dir(d: Path) -> None:
+    """Refuse a directory that is not a real directory owned by this user with mode 0700."""
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        raise RunDirError(f"ipc directory {d} does not exist (is a kernel running?)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"refusing to use ipc directory {d}: it is not a directory (a link?)")
+    if st.st_uid != os.getuid():
+        raise RunDirError(f"refusing to use ipc directory {d}: it belongs to uid {st.st_uid}, not to us")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise RunDirError(f"refusing to use ipc directory {d}: its mode is {oct(stat.S_IMODE(st.st_mode))}, not 0o700")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -300,6 +300,7 @@ class Supervisor:
             return
         for f in self.run_dir.ipc_files():
             f.unlink(missing_ok=True)
+        self.run_dir.remove_external_ipc_dir()
         self.write_state()
         if self.run_dir.read_pid() == os.getpid():
             self.run_dir.pid_file.unlink(missing_ok=True)

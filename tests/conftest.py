@@ -250,10 +250,8 @@ class KernelFactory:
             if k.run_dir.ipc_files():
                 problems.append(f"{k.run_dir.path}: ipc files left behind: {k.run_dir.ipc_files()}")
         for d in self.run_dirs:
-            ipc = RunDir(d).ipc_dir
+            RunDir(d).remove_external_ipc_dir()
             shutil.rmtree(d, ignore_errors=True)
-            if ipc != RunDir(d).path / "ipc":
-                shutil.rmtree(ipc, ignore_errors=True)
         assert not problems, "\n".join(problems)
 
 

@@ -245,11 +245,41 @@ def test_header_field_wrong_type(raw: Raw, field: str, value: Any) -> None:
     expect_error(raw, ErrorCode.BAD_FRAME, rid=h["id"] if isinstance(h["id"], str) else None, text=repr(field))
 
 
-@pytest.mark.parametrize("deadline", [-1, 0, "soon", [1]])
+@pytest.mark.parametrize("deadline", [-1, 0, "soon", [1], float("nan"), float("inf"), -float("inf"), 1e12, True])
 def test_bad_deadline(raw: Raw, deadline: Any) -> None:
     h = good_header(deadline=deadline)
     raw.send(raw.request(h, {"text": "x"}))
     expect_error(raw, ErrorCode.BAD_FRAME, rid=h["id"], text="deadline")
+
+
+def test_deadlines_still_expire_after_a_nan_deadline_was_sent(raw: Raw, k: Kernel) -> None:
+    """A NaN deadline once stopped deadline expiry for every request in the kernel."""
+    h = good_header(deadline=float("nan"))
+    raw.send(raw.request(h, {"text": "x"}))
+    expect_error(raw, ErrorCode.BAD_FRAME, rid=h["id"], text="deadline")
+    with sdk.connect(k.run_dir, agent="busy", timeout=10) as c1, sdk.connect(k.run_dir, agent="late", timeout=10) as c2:
+        import threading
+        blockers = [threading.Thread(target=lambda: sdk.connect(k.run_dir, agent=f"b{i}", timeout=10).call(
+            "echo", "sleep", seconds=1.5)) for i in range(2)]
+        for t in blockers:
+            t.start()
+        wait_until(lambda: next(m for m in c1.call("kernel", "status")["managers"] if m["name"] == "echo")["busy"] == 2,
+                   timeout=5, message="echo busy")
+        with pytest.raises(sdk.KernelTimeout) as info:
+            c2.request("echo", "echo", {"text": "queued"}, timeout=0.3)
+        assert info.value.code == "DEADLINE_EXCEEDED"
+        for t in blockers:
+            t.join(10)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 0, 1e12])
+def test_sdk_refuses_absurd_timeouts_at_the_caller(k: Kernel, timeout: float) -> None:
+    with sdk.connect(k.run_dir, agent="careless", timeout=5) as c:
+        with pytest.raises(sdk.InvalidArgument) as info:
+            c.request("echo", "echo", {"text": "x"}, timeout=timeout)
+        assert "timeout" in info.value.message
+    with pytest.raises(sdk.InvalidArgument):
+        sdk.connect(k.run_dir, agent="careless", timeout=timeout)
 
 
 def test_bad_target(raw: Raw) -> None:

@@ -100,3 +100,227 @@ def test_an_op_the_manager_declares_idempotent_is_resent_and_completes(kernel) -
     t.join(40)
     assert out.get("result", {}).get("tag") == "again", out
     assert out["elapsed"] < 15
+
+
+# ------------------------------------------------------------------ 8. a dead agent's work
+AGENT_WITH_50_SLEEPS = """
+import asyncio, sys
+from aios import sdk
+async def main():
+    async with sdk.connect_async(sys.argv[1], agent="doomed", timeout=600) as c:
+        await asyncio.gather(*(c.call("echo", "sleep", seconds=2, tag=str(i)) for i in range(50)))
+asyncio.run(main())
+"""
+
+
+def test_a_dead_agents_queued_and_running_work_is_cancelled_promptly(kernel) -> None:
+    import subprocess
+    import sys
+    k = kernel(capacity=2, kernel={"heartbeat_interval_s": 0.5})
+    agent = subprocess.Popen([sys.executable, "-c", AGENT_WITH_50_SLEEPS, str(k.run_dir.path)])
+    try:
+        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) >= 40 and _busy(k, "echo") == 2,
+                   timeout=20, message="the agent's 50 sleeps queued and running")
+        agent.kill()
+        agent.wait(10)
+        t0 = time.monotonic()
+        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) == 0 and _busy(k, "echo") == 0,
+                   timeout=5, message="the dead agent's work cancelled")
+        gone_after = time.monotonic() - t0
+    finally:
+        agent.kill()
+    assert gone_after < 5  # not 50 sleeps x 2 s / 2 slots = 50 s
+    status = k.kernel_status()
+    assert status["services"]["echo"]["completed"] <= 4  # at most the ones that finished before the kill
+    with k.client("survivor", timeout=10) as c:
+        assert c.call("echo", "echo", text="next")["text"] == "next"
+
+
+# ----------------------------------------------------------------------- 9. one agent's flood
+def test_one_agents_flood_is_capped_and_others_are_served(kernel) -> None:
+    """A 10,000-request flood from one agent under fifo: beyond [scheduler] max_queued_per_agent
+    its requests are refused with a retryable OVERLOADED, so another agent's call does not wait
+    behind all of it, and kernel.ping stays answered."""
+    import zmq
+
+    from aios.protocol import Codec, new_request_id
+    k = kernel(capacity=2, scheduler={"policy": "fifo", "max_queued_per_agent": 500})
+    codec = Codec(k.run_dir.load_key())
+    ctx = zmq.Context()
+    flood = ctx.socket(zmq.DEALER)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.connect(k.run_dir.frontend_endpoint(k.run_dir.load_config()))
+    try:
+        for _ in range(10_000):
+            flood.send_multipart(codec.encode({"kind": "request", "id": new_request_id(), "agent": "flooder",
+                                               "service": "echo", "op": "sleep_once"}, {"seconds": 0.001}))
+        with k.client("patient", timeout=30) as c:
+            assert c.call("kernel", "ping") == {"pong": True}
+            reply = c.request("echo", "echo", {"text": "my turn"})
+            assert reply.result["text"] == "my turn"
+            assert reply.timing["wait_s"] < 10  # behind at most 500 of the flood, not 10,000
+            assert c.call("kernel", "status")["queues"]["echo"] <= 500
+        answers: dict[str, int] = {}
+        first: dict[str, Any] | None = None
+        while sum(answers.values()) < 10_000 and flood.poll(20_000):
+            msg = codec.decode(flood.recv_multipart())
+            err = msg.body.get("error") if isinstance(msg.body, dict) else None
+            code = err["code"] if err else "OK"
+            answers[code] = answers.get(code, 0) + 1
+            if code == "OVERLOADED" and first is None:
+                first = err
+        assert sum(answers.values()) == 10_000 and set(answers) == {"OK", "OVERLOADED"}, answers
+        assert answers["OVERLOADED"] > 8_000, answers  # every flood request answered, most refused at once
+        assert first is not None and first["retryable"] and "max_queued_per_agent" in first["message"]
+    finally:
+        flood.close(0)
+        ctx.term()
+
+
+# ------------------------------------------------------------------ 11. a stale pid file
+@pytest.mark.parametrize("style", ["recorded start time", "plain pid"])
+def test_stop_and_status_never_trust_a_stale_pid_file(kernel, style: str) -> None:
+    """After a crash the pid in the run directory's pid file can belong to an unrelated process:
+    `aios stop` must not signal it, and `aios status` must not call it a kernel."""
+    import json
+    import subprocess
+    import sys
+    k = kernel(start=False)
+    k.run_dir.path.mkdir(parents=True, exist_ok=True)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if style == "plain pid":
+            k.run_dir.pid_file.write_text(f"{stranger.pid}\n")
+        else:
+            k.run_dir.pid_file.write_text(json.dumps({"pid": stranger.pid, "create_time": 12345.0}))
+        status = k.aios("status")
+        assert status.returncode == 1 and "no kernel running" in status.stdout
+        stop = k.aios("stop")
+        assert stop.returncode == 0 and "no kernel running" in stop.stdout
+        time.sleep(0.3)  # give a wrongly sent SIGTERM time to land
+        assert stranger.poll() is None, "aios stop signalled an unrelated process"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+# ------------------------------------------------------- 5. the ipc directory of a deep run directory
+def test_a_deep_run_directory_gets_a_private_unpredictable_ipc_directory(tmp_path) -> None:
+    import stat as stat_mod
+
+    from aios import kernel as lifecycle
+    from aios.rundir import RunDir
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    rd = RunDir(deep)
+    config = tmp_path / "k.toml"
+    config.write_text('llm = []\n[[managers]]\nname = "echo"\ntarget = "tests.support.echo_manager:EchoManager"\n')
+    # an attacker pre-creates the directory the old scheme would have used: it must not matter
+    import hashlib
+    import tempfile
+    squat = os.path.join(tempfile.gettempdir(), f"aios-{hashlib.sha256(str(rd.path).encode()).hexdigest()[:12]}")
+    os.makedirs(squat, exist_ok=True)
+    try:
+        lifecycle.start(rd, config)
+        try:
+            ipc = rd.ipc_dir
+            assert ipc != rd.path / "ipc" and str(ipc) != squat
+            st = os.lstat(ipc)
+            assert stat_mod.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat_mod.S_IMODE(st.st_mode) == 0o700
+            with sdk.connect(rd, agent="deep", timeout=10) as c:
+                assert c.call("echo", "echo", text="deep")["text"] == "deep"
+        finally:
+            lifecycle.stop(rd)
+        assert not ipc.exists(), "the private ipc directory is removed at stop"
+    finally:
+        os.rmdir(squat)
+
+
+def test_a_recorded_ipc_directory_that_is_not_ours_is_refused(tmp_path) -> None:
+    from aios.rundir import RunDir, RunDirError
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    rd = RunDir(deep)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)  # someone else could have planted sockets here
+    rd.ipc_pointer_file.write_text(str(shared))
+    with pytest.raises(RunDirError, match="mode"):
+        rd.ipc_dir
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    rd.ipc_pointer_file.write_text(str(link))
+    with pytest.raises(RunDirError, match="not a directory"):
+        rd.ipc_dir
+
+
+# ------------------------------------------------------------------ 4. manager impersonation
+IDENTIFIED = {"name": "echo", "target": "tests.support.echo_manager:IdentifiedEchoManager"}
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp without curve"])
+def test_a_peer_claiming_a_managers_routing_id_gets_none_of_its_work(kernel, transport: str) -> None:
+    import zmq
+
+    from aios.protocol import Codec
+    options: dict[str, Any] = {}
+    if transport != "ipc":
+        options = {"transport": "tcp", "curve": False, "frontend_port": _free_port(), "backend_port": _free_port()}
+    k = kernel(echo=False, managers=[IDENTIFIED], kernel=options)
+    identity = wait_until(lambda: (k.run_dir.path / "echo.identity").read_bytes(), timeout=10)
+    config = k.run_dir.load_config()
+    ctx = zmq.Context()
+    impostor = ctx.socket(zmq.DEALER)
+    impostor.setsockopt(zmq.LINGER, 0)
+    impostor.setsockopt(zmq.IDENTITY, identity)
+    impostor.connect(k.run_dir.backend_endpoint(config))
+    try:
+        # without the key it cannot register either: a forged READY is dropped
+        forged = Codec(b"x" * 32).encode({"kind": "ready", "name": "echo", "service": "echo", "capacity": 8,
+                                         "incarnation": "evil"})
+        impostor.send_multipart(forged)
+        with k.client("victim", timeout=10) as c:
+            for i in range(20):
+                assert c.call("echo", "echo", text=f"secret {i}")["text"] == f"secret {i}"
+        assert impostor.poll(500) == 0, "the impostor received traffic meant for the manager"
+        assert k.manager_info("echo")["incarnation"] != "evil"
+    finally:
+        impostor.close(0)
+        ctx.term()
+
+
+def test_over_curve_only_the_kernels_manager_key_may_connect_to_the_backend(kernel) -> None:
+    """With CURVE, knowing the server's public key is not enough to reach the backend: ZAP admits only
+    the kernel's manager key, so an outsider's handshake fails and it can neither register nor listen."""
+    import zmq
+    k = kernel(kernel={"transport": "tcp", "curve": True, "frontend_port": _free_port(),
+                       "backend_port": _free_port()})
+    config = k.run_dir.load_config()
+    ctx = zmq.Context()
+    outsider = ctx.socket(zmq.DEALER)
+    outsider.setsockopt(zmq.LINGER, 0)
+    public, secret = zmq.curve_keypair()
+    outsider.curve_publickey, outsider.curve_secretkey = public, secret
+    outsider.curve_serverkey = k.run_dir.curve_public_file.read_bytes().strip()
+    monitor = outsider.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                          | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    outsider.connect(k.run_dir.backend_endpoint(config))
+    try:
+        from zmq.utils.monitor import recv_monitor_message
+        assert monitor.poll(5000), "no handshake outcome"
+        event = recv_monitor_message(monitor)["event"]
+        assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH, event
+        with k.client("agent", timeout=10) as c:  # agents (any key) are still welcome on the frontend
+            assert c.call("echo", "echo", text="fine")["text"] == "fine"
+        assert "refused a CURVE client on the backend" in k.log("scheduler")
+    finally:
+        outsider.disable_monitor()
+        monitor.close(0)
+        outsider.close(0)
+        ctx.term()

@@ -81,6 +81,7 @@ class Broker:
         self.started_at = time.monotonic()
         k = config.kernel
         self.ctx = zmq.Context()
+        self.auth = self._start_authenticator() if run_dir.uses_curve(config) else None
         self.frontend = router(self.ctx, run_dir, config, max_message_bytes=k.max_message_bytes, role="frontend")
         self.backend = router(self.ctx, run_dir, config,
                               max_message_bytes=max(k.max_message_bytes, BACKEND_MIN_MAX_MESSAGE), role="backend")
@@ -94,6 +95,31 @@ class Broker:
                                   process_state=self._process_state, extra_status=self._extra_status)
         self.core.started_at = self.started_at
         self.stopping = False
+
+    def _start_authenticator(self) -> Any:
+        """ZAP for CURVE over tcp: any agent key on the frontend (the HMAC signature authenticates
+        agents), and on the backend only the kernel's manager key, so a peer that merely knows the
+        server's public key cannot connect where managers register and work is handed out."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        manager_key = self.run_dir.manager_public_file.read_bytes().strip()
+
+        class Keys:
+            """ZAP credentials: (pyzmq's allow-any switch is global, so each domain gets a callback)."""
+
+            def callback(self, domain: str, key: bytes) -> bool:
+                if domain == "frontend":
+                    return True
+                if domain == "backend" and key == manager_key:
+                    return True
+                log.warning("refused a CURVE client on the %s socket: not the kernel's manager key", domain)
+                return False
+
+        auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("aios.scheduler.zap"))
+        auth.start()
+        for domain in ("frontend", "backend"):
+            auth.configure_curve_callback(domain=domain, credentials_provider=Keys())
+        return auth
 
     # ---------------------------------------------------------------- outbox
     def to_caller(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
@@ -177,6 +203,8 @@ class Broker:
         self._guard(core.close, time.monotonic())
         self.frontend.close(0)
         self.backend.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> None:

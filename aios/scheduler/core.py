@@ -62,6 +62,7 @@ _CACHE_ENTRY_BYTES = 200
 
 _OK, _PARTIAL, _ERROR = Status.OK.value, Status.PARTIAL.value, Status.ERROR.value
 _PONG = pack({"pong": True})
+_CALLER_HEARTBEAT = Heartbeat().to_header()
 
 
 class Outbox(Protocol):
@@ -140,6 +141,7 @@ class SchedulerCore:
         self.stats: dict[str, ServiceStats] = defaultdict(ServiceStats)
         self.stopping = False
         self.started_at: float | None = None
+        self._probed: dict[bytes, float] = {}
 
     # ------------------------------------------------------------ view (admission)
     def queued_by_agent(self, agent: str) -> int:
@@ -580,9 +582,24 @@ class SchedulerCore:
             elif now - mgr.last_sent >= self.hb_interval:
                 mgr.last_sent = now
                 self.out.to_manager(mgr.identity, Heartbeat().to_header())
+        self._probe_callers(now)
         for req, decision in self.admission.poll(now):
             self._release_held(req, decision, now)
         self.expire_deadlines(now)
+
+    def _probe_callers(self, now: float) -> None:
+        """Heartbeat every agent that has work here, once per interval. Sending to a vanished agent
+        fails at once (ROUTER_MANDATORY), and its queued and running work is cancelled: so a dead
+        agent's work stops within about a heartbeat interval, not when its reply finally bounces."""
+        probed = self._probed
+        for client in list(self.by_client):
+            if client[:1] == BACKEND_CLIENT:
+                continue  # managers making calls are watched by their own heartbeats
+            if now - probed.get(client, -1e9) >= self.hb_interval:
+                probed[client] = now
+                self._reply(client, _CALLER_HEARTBEAT, b"")
+        if len(probed) > 2 * len(self.by_client) + 64:
+            self._probed = {c: t for c, t in probed.items() if c in self.by_client}
 
     def _release_held(self, req: Request, decision: Decision, now: float) -> None:
         if self.held.pop(req.key, None) is not req or req.state != State.HELD:

@@ -73,3 +73,11 @@ class EchoManager(Manager):
     @op(EchoArgs)
     def fail(self, args: EchoArgs, ctx: RequestContext) -> dict:
         raise OpError("NOT_FOUND", f"nothing called {args.text!r}")
+
+
+class IdentifiedEchoManager(EchoManager):
+    """An echo manager that leaves its routing id in the run directory, so an impersonation test
+    can try to claim it (an attacker would have to guess it: it is random per incarnation)."""
+
+    def setup(self) -> None:
+        (self.run_dir.path / f"{self.name}.identity").write_bytes(self.identity)

@@ -122,6 +122,7 @@ class ManagerConfig(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     target: str = Field(description="'package.module:ClassName' of a aios.managers.base.Manager subclass")
     capacity: int | None = Field(default=None, ge=1)
+    memory_limit_mb: int | None = Field(default=None, ge=16, description="kill and restart above this RSS")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("target")
@@ -141,6 +142,7 @@ class ManagerSpec:
     options: dict[str, Any]
     capacity: int | None
     where: str  # the place in the configuration, for error messages
+    memory_limit_mb: int | None = None
 
 
 class Config(_Strict):
@@ -177,6 +179,10 @@ class Config(_Strict):
             enabled = table.get("enabled", True)
             if not isinstance(enabled, bool):
                 raise ValueError(f"[{name}] enabled must be true or false")
+            for key in ("capacity", "memory_limit_mb"):
+                value = table.get(key)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise ValueError(f"[{name}] {key} must be a positive integer")
         names = [s.name for s in self.manager_specs()]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -187,14 +193,17 @@ class Config(_Strict):
 
     def manager_specs(self) -> list[ManagerSpec]:
         """Every manager process, in start order: LLM cores, built-in managers, then [[managers]]."""
-        specs = [ManagerSpec(c.name, LLM_CORE_TARGET, c.model_dump(), None, f'[[llm]] #{i + 1} (name "{c.name}")')
+        specs = [ManagerSpec(c.name, LLM_CORE_TARGET, c.model_dump(), None, f'[[llm]] #{i + 1} (name "{c.name}")',
+                             c.memory_limit_mb)
                  for i, c in enumerate(self.llm)]
         for name, target in BUILTIN_MANAGERS.items():
             table = self.builtin.get(name, {})
             if table.get("enabled", True):
-                options = {k: v for k, v in table.items() if k not in ("enabled", "capacity")}
-                specs.append(ManagerSpec(name, target, options, table.get("capacity"), f"[{name}]"))
-        specs += [ManagerSpec(m.name, m.target, dict(m.options), m.capacity, f'[[managers]] #{i + 1} (name "{m.name}")')
+                options = {k: v for k, v in table.items() if k not in ("enabled", "capacity", "memory_limit_mb")}
+                specs.append(ManagerSpec(name, target, options, table.get("capacity"), f"[{name}]",
+                                         table.get("memory_limit_mb")))
+        specs += [ManagerSpec(m.name, m.target, dict(m.options), m.capacity,
+                              f'[[managers]] #{i + 1} (name "{m.name}")', m.memory_limit_mb)
                   for i, m in enumerate(self.managers)]
         return specs
 

@@ -66,6 +66,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     MANAGER_DIED = "MANAGER_DIED"
+    RETRIES_EXHAUSTED = "RETRIES_EXHAUSTED"  # its manager died each time it ran: the request may be the cause
     UNAVAILABLE = "UNAVAILABLE"
     OVERLOADED = "OVERLOADED"
     DENIED = "DENIED"

@@ -49,6 +49,10 @@ from aios.rundir import RunDir, write_atomic
 log = logging.getLogger("aios.supervisor")
 
 
+#: how often the supervisor compares each process's resident memory with its limit
+MEMORY_CHECK_S = 0.5
+
+
 class State(str, enum.Enum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
@@ -71,13 +75,17 @@ class Proc:
     next_start: float = 0.0
     unseen_since: float | None = None
     message: str = ""
+    memory_limit_mb: int | None = None
+    kill_reason: str = ""
+    last_exit: str = ""  # why it last stopped running (kept across restarts, for the scheduler's errors)
 
     @property
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None
 
     def row(self) -> dict[str, Any]:
-        return {"name": self.name, "service": self.service,
+        return {"name": self.name, "service": self.service, "memory_limit_mb": self.memory_limit_mb,
+                "last_exit": self.last_exit,
                 "pid": self.pid if self.state not in (State.STOPPED, State.FATAL, State.BACKOFF) else None,
                 "state": self.state.value, "restarts": self.restarts, "message": self.message}
 
@@ -140,11 +148,13 @@ class Supervisor:
         py = sys.executable
         rd = str(run_dir.path)
         self.procs = [Proc("scheduler", [py, "-m", "aios.scheduler.broker", "--run-dir", rd], "kernel")]
-        self.procs += [Proc(r.name, [py, "-m", "aios.managers.runner", "--run-dir", rd, "--name", r.name], r.service)
+        self.procs += [Proc(r.name, [py, "-m", "aios.managers.runner", "--run-dir", rd, "--name", r.name], r.service,
+                            memory_limit_mb=r.spec.memory_limit_mb or r.cls.default_memory_limit_mb(r.options, config))
                        for r in resolve_managers(config)]
         self.stopping = False
         self._probe: Probe | None = None
         self._last_probe = 0.0
+        self._last_memory_check = 0.0
 
     # ------------------------------------------------------------ public
     def prepare(self) -> None:
@@ -198,6 +208,7 @@ class Supervisor:
         proc.started_at = time.monotonic()
         proc.unseen_since = None
         proc.message = ""
+        proc.kill_reason = ""
         log.info("started %s (pid %d)", proc.name, proc.popen.pid)
         self.write_state()
 
@@ -266,7 +277,30 @@ class Supervisor:
             elif proc.state == State.BACKOFF and now >= proc.next_start:
                 proc.restarts += 1
                 self.spawn(proc)
+        if now - self._last_memory_check >= MEMORY_CHECK_S:
+            self._last_memory_check = now
+            self.enforce_memory_limits()
         self.probe()
+
+    def enforce_memory_limits(self) -> None:
+        """Kill a process whose resident memory passed its limit; it is restarted like any crash.
+        Resident memory, not address space (RLIMIT_AS): thread arenas and mapped model files make a
+        healthy llama.cpp process reserve far more address space than it ever touches."""
+        import psutil
+        for proc in self.procs:
+            if proc.memory_limit_mb is None or proc.popen is None or proc.state not in (State.STARTING, State.RUNNING):
+                continue
+            try:
+                rss = psutil.Process(proc.popen.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > proc.memory_limit_mb * 1024 * 1024:
+                proc.kill_reason = (f"killed: its resident memory ({rss >> 20} MB) passed its limit of "
+                                    f"{proc.memory_limit_mb} MB (memory_limit_mb)")
+                log.error("%s %s", proc.name, proc.kill_reason)
+                self._signal_group(proc, signal.SIGKILL)
+                proc.message = proc.kill_reason
+                self.write_state()
 
     def _crashed(self, proc: Proc, code: int, now: float) -> None:
         ran = now - proc.started_at
@@ -279,7 +313,9 @@ class Supervisor:
             delay = min(self.cfg.backoff_initial_s * 2 ** (proc.fast_crashes - 1), self.cfg.backoff_max_s)
             proc.state = State.BACKOFF
             proc.next_start = now + delay
-            proc.message = f"exited with code {code} after {ran:.1f}s; restarting in {delay:.2f}s"
+            why = proc.kill_reason or f"exited with code {code}"
+            proc.last_exit = f"{why} after {ran:.1f}s"
+            proc.message = f"{why} after {ran:.1f}s; restarting in {delay:.2f}s"
             log.warning("%s %s", proc.name, proc.message)
         self.write_state()
 

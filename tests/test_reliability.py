@@ -324,3 +324,57 @@ def test_over_curve_only_the_kernels_manager_key_may_connect_to_the_backend(kern
         monitor.close(0)
         outsider.close(0)
         ctx.term()
+
+
+# ------------------------------------------------------------------------ 3. poison requests
+HOG = {"name": "hog", "target": "tests.support.crash_managers:HogManager", "memory_limit_mb": 200}
+
+
+def test_a_request_that_blows_its_managers_memory_is_stopped_and_failed_with_the_cause(kernel) -> None:
+    """A (safe to repeat) request that makes its manager's memory run away: the supervisor kills the
+    manager at its memory limit, the request is re-queued at most [scheduler] max_requeues times, then
+    failed with an error that names the cause, and everyone else carries on."""
+    k = kernel(managers=[HOG], kernel={"heartbeat_interval_s": 0.25}, scheduler={"max_requeues": 1},
+               supervisor={"backoff_initial_s": 0.05, "fast_crash_s": 0.5})
+    with k.client("poisoner", timeout=60) as c:
+        t0 = time.monotonic()
+        with pytest.raises(sdk.KernelError) as info:
+            c.call("hog", "hog", mb=400)
+        elapsed = time.monotonic() - t0
+    err = info.value
+    assert err.code == "RETRIES_EXHAUSTED" and not err.retryable  # repeating it would only kill it again
+    assert "2 times" in err.message and "max_requeues = 1" in err.message
+    assert "memory" in err.message and "200 MB" in err.message, err.message
+    assert elapsed < 30
+    assert k.processes()["hog"]["restarts"] == 2
+    k.wait_running("hog")
+    with k.client("bystander", timeout=10) as c:
+        assert c.call("echo", "echo", text="unharmed")["text"] == "unharmed"
+        assert c.call("hog", "ping")["pid"] == k.pid("hog")
+
+
+@pytest.mark.parametrize("args, where", [
+    ({"json_schema": {"type": "string", "maxLength": 1_000_000_000}}, "maxLength"),
+    ({"json_schema": {"type": "array", "items": {"type": "string"}, "maxItems": 10**7}}, "maxItems"),
+    ({"json_schema": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}},
+     "bytes"),
+    ({"json_schema": {"type": "no such type"}}, "not a valid JSON schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "maxLength": 10**9}}}}}]}, "maxLength"),
+    ({"seed": -1, "temperature": 0.7}, "seed"),
+    ({"messages": [{"role": "user", "content": "word " * 200_000}]}, "context"),
+])
+def test_requests_that_would_cost_more_than_any_answer_are_refused_up_front(kernel, args: dict, where: str) -> None:
+    """The same checks run for every backend (here the labelled SIMULATED one): a poison request
+    gets INVALID_ARGUMENT at once and the core never sees the work."""
+    k = kernel(echo=False, llm=[{"name": "llm-0", "backend": "sim", "n_ctx": 2048}])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **args}
+    op = "json" if "json_schema" in args else "tools" if "tools" in args else "chat"
+    with k.client("poisoner", timeout=20) as c:
+        t0 = time.monotonic()
+        with pytest.raises(sdk.InvalidArgument) as info:
+            c.request("llm", op, body)
+        assert time.monotonic() - t0 < 5
+        assert info.value.code == "INVALID_ARGUMENT" and where in info.value.message, info.value.message
+        assert c.chat("still fine?", max_tokens=3).result["usage"]["completion_tokens"] == 3
+    assert k.processes()["llm-0"]["restarts"] == 0

@@ -412,7 +412,7 @@ def test_requeues_are_capped_by_max_requeues() -> None:
     assert one(h.take()[0]).msg.attempt == 2
     h.disconnect(M2, now=3.0)
     r = one(h.take()[1])
-    assert (r.id, r.code, r.retryable) == ("r1", "MANAGER_DIED", True)
+    assert (r.id, r.code, r.retryable) == ("r1", "RETRIES_EXHAUSTED", False)
     assert "[scheduler] max_requeues = 1" in r.message and "2 times" in r.message
     assert "m2" in r.message and "disconnected" in r.message
     assert not h.core.pending and h.core.queued("echo") == 0
@@ -425,7 +425,7 @@ def test_max_requeues_zero_fails_at_the_first_death() -> None:
     h.take()
     h.disconnect(M1, now=1.0)
     r = one(h.take()[1])
-    assert r.code == "MANAGER_DIED" and "max_requeues = 0" in r.message
+    assert r.code == "RETRIES_EXHAUSTED" and "max_requeues = 0" in r.message
 
 
 def test_a_new_incarnation_replaces_the_old_one() -> None:
@@ -878,3 +878,20 @@ def test_close_answers_everything_pending_and_refuses_new_work() -> None:
     assert cancels(other) == [(M1, "r1", A)]
     h.request(A, "r3", "echo", "get", now=1.5)
     assert one(h.take()[1]).code == "SHUTTING_DOWN"
+
+
+def test_callers_with_pending_work_are_probed_once_per_heartbeat_interval() -> None:
+    """The probe is how a vanished agent is noticed: sending to it fails, and its work is cancelled."""
+    h = CoreHarness()
+    h.ready(M1, "echo", ops={"get": IDEMPOTENT}, capacity=1, now=0.0)
+    h.request(A, "r1", "echo", "get", now=0.0)
+    h.request(B, "r2", "echo", "get", agent="bob", now=0.0)
+    h.tick(now=0.1)
+    assert sorted(c for c, _ in h.out.probes) == sorted([A, B])
+    h.tick(now=0.5)
+    assert len(h.out.probes) == 2  # not again within the interval (1 s)
+    d1 = one(h.take()[0])
+    h.reply(M1, d1, now=0.6)  # A has nothing pending any more
+    h.tick(now=1.2)
+    assert [c for c, _ in h.out.probes[2:]] == [B]
+    assert h.out.probes[-1][1] == {"kind": "heartbeat"}

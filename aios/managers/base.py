@@ -195,6 +195,12 @@ class Manager:
         self._lock = threading.Lock()
 
     @classmethod
+    def default_memory_limit_mb(cls, options: Any, config: Config) -> int | None:
+        """The resident memory above which the supervisor kills and restarts this manager, when its
+        configuration sets none (`memory_limit_mb`). None: no limit."""
+        return None
+
+    @classmethod
     def op_specs(cls) -> dict[str, OpSpec]:
         specs: dict[str, OpSpec] = {}
         for klass in reversed(cls.__mro__):

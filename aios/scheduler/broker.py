@@ -154,17 +154,17 @@ class Broker:
                 self._gone.append(client)  # handled after the current message, never re-entrantly
 
     # -------------------------------------------------------- supervisor state
-    def _refresh_states(self) -> None:
+    def _refresh_states(self, fresh: bool = False) -> None:
         now = time.monotonic()
-        if now - self._states_read < 0.5:
+        if not fresh and now - self._states_read < 0.5:
             return
         self._states_read = now
         state = self.run_dir.read_state() or {}
-        self._states = {p["name"]: (p.get("state", ""), p.get("message", ""))
+        self._states = {p["name"]: (p.get("state", ""), p.get("message") or p.get("last_exit") or "")
                         for p in state.get("processes", []) if isinstance(p, dict) and "name" in p}
 
-    def _process_state(self, name: str) -> tuple[str, str] | None:
-        self._refresh_states()
+    def _process_state(self, name: str, fresh: bool = False) -> tuple[str, str] | None:
+        self._refresh_states(fresh)
         return self._states.get(name)
 
     def _extra_status(self) -> dict[str, Any]:

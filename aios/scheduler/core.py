@@ -117,7 +117,7 @@ class SchedulerCore:
 
     def __init__(self, config: Config, outbox: Outbox, *, expected: dict[str, str] | None = None,
                  admission: Admission | None = None,
-                 process_state: Callable[[str], tuple[str, str] | None] = lambda name: None,
+                 process_state: Callable[..., tuple[str, str] | None] = lambda name, fresh=False: None,
                  extra_status: Callable[[], dict[str, Any]] = dict) -> None:
         self.config = config
         self.out = outbox
@@ -443,6 +443,9 @@ class SchedulerCore:
     def manager_lost(self, mgr: ManagerRecord, why: str, now: float) -> None:
         """Forget a manager; re-queue or fail what it was running, and cancel the calls it made."""
         self.registry.remove(mgr)
+        state = self.process_state(mgr.name, fresh=True)
+        if state is not None and state[1]:
+            why = f"{why}; the supervisor says: {state[1]}"
         log.warning("manager %s (incarnation %s) lost: %s; %d request(s) in flight",
                     mgr.name, mgr.incarnation, why, len(mgr.inflight))
         limit = self.config.scheduler.max_requeues
@@ -460,7 +463,7 @@ class SchedulerCore:
                 self._reset_stream(req)
                 self._enqueue(req, requeue=True)
             elif req.idempotent:
-                self._fail(req, ErrorCode.MANAGER_DIED,
+                self._fail(req, ErrorCode.RETRIES_EXHAUSTED,
                            f"the {req.service} manager died {req.failures} times while running this request "
                            f"(last: {mgr.name}, {why}); not re-queued again ([scheduler] max_requeues = {limit}): "
                            f"the request itself may be what kills it", now)

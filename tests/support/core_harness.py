@@ -59,9 +59,13 @@ class RecordingOutbox:
 
     def __init__(self) -> None:
         self.sent: list[Sent] = []
+        self.probes: list[tuple[bytes, dict[str, Any]]] = []
         self.shutdowns = 0
 
     def to_caller(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
+        if header.get("kind") == "heartbeat":
+            self.probes.append((client, dict(header)))  # the scheduler checking a caller is still there
+            return
         self.sent.append(Sent("caller", client, dict(header), body_raw))
 
     def to_manager(self, identity: bytes, header: dict[str, Any], body_raw: bytes = b"") -> None:
@@ -148,7 +152,7 @@ class CoreHarness:
         self.out = RecordingOutbox()
         kwargs: dict[str, Any] = {}
         if process_state is not None:
-            kwargs["process_state"] = process_state
+            kwargs["process_state"] = lambda name, fresh=False: process_state(name)
         self.core = SchedulerCore(self.config, self.out, expected=expected, admission=admission, **kwargs)
         self.now = 0.0
         self._seen = 0

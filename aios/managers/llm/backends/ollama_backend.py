@@ -40,13 +40,24 @@ import httpx
 import ollama
 import pydantic
 
-from ..types import BackendError
+from ..types import SAMPLING_DEFAULTS, BackendError
 from .prompting import PromptRenderer
 from .remote import RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta, http_status_error
 
 log = logging.getLogger("aios.llm.ollama")
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
+
+
+def _arguments(raw: Any) -> dict[str, Any]:
+    """Ollama wants a tool call's arguments as an object; OpenAI-shaped history carries JSON text."""
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class OllamaBackend(RemoteBackend):
@@ -58,6 +69,7 @@ class OllamaBackend(RemoteBackend):
     """
 
     log = log
+    sampling = frozenset(SAMPLING_DEFAULTS)
 
     def __init__(
         self,
@@ -98,6 +110,8 @@ class OllamaBackend(RemoteBackend):
     def _options(self, gen: RemoteGeneration, n_tokens: int) -> dict[str, Any]:
         opts = dict(self.options)
         opts.update(temperature=gen.args.temperature, num_predict=n_tokens, seed=gen.args.seed)
+        for key in gen.args.sampling_set():  # Ollama's option names are the same
+            opts[key] = getattr(gen.args, key)
         stops = self._server_stops(gen)
         if stops:
             opts["stop"] = stops
@@ -110,6 +124,10 @@ class OllamaBackend(RemoteBackend):
             d: dict[str, Any] = {"role": m.role, "content": m.content}
             if m.role == "tool" and m.name:
                 d["tool_name"] = m.name
+            if m.tool_calls:
+                d["tool_calls"] = [{"function": {"name": c.function.get("name", ""),
+                                                 "arguments": _arguments(c.function.get("arguments"))}}
+                                   for c in m.tool_calls]
             out.append(d)
         return out
 

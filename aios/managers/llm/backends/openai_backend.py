@@ -73,7 +73,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import openai
 
-from ..types import BackendError
+from ..types import SAMPLING_DEFAULTS, BackendError
 from .prompting import PromptRenderer
 from .remote import RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta, http_status_error
 
@@ -108,6 +108,7 @@ class OpenAIBackend(RemoteBackend):
     """
 
     log = log
+    sampling = frozenset(SAMPLING_DEFAULTS)
 
     def __init__(
         self,
@@ -177,6 +178,9 @@ class OpenAIBackend(RemoteBackend):
                 d["name"] = m.name
             if m.tool_call_id is not None:
                 d["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+                d["content"] = m.content or None
             out.append(d)
         return out
 
@@ -200,7 +204,13 @@ class OpenAIBackend(RemoteBackend):
         stops = self._server_stops(gen)
         if stops:
             common["stop"] = stops
+        for key in args.sampling_set() & {"top_p", "frequency_penalty", "presence_penalty"}:
+            common[key] = getattr(args, key)
         extra = dict(self.extra_body)
+        # not in OpenAI's API, but understood by vLLM and llama.cpp servers (OpenAI itself refuses
+        # them with HTTP 400, which reaches the agent as INVALID_ARGUMENT naming the parameter)
+        for key in args.sampling_set() & {"top_k", "min_p", "repeat_penalty"}:
+            extra[key] = getattr(args, key)
         if gen.requests == 0 and args.json_schema is not None:
             gen.json_strategy = self._json_strategy_hint
         while True:

@@ -72,13 +72,26 @@ def render_alpaca(
         if m.role == "user":
             out.append(f"{INSTRUCTION_HEADER}\n{content}\n\n")
         elif m.role == "assistant":
-            if content:  # an assistant turn that only carried tool calls has no text to show
-                out.append(f"{RESPONSE_HEADER}\n{content}\n\n")
+            calls = [_call_text(c) for c in m.tool_calls or []]
+            shown = "\n".join(x for x in [content, *calls] if x)
+            if shown:  # the model sees its earlier tool calls as it would have written them
+                out.append(f"{RESPONSE_HEADER}\n{shown}\n\n")
         else:  # tool
             who = m.name or m.tool_call_id or "tool"
             out.append(f"### Tool result ({who}):\n{content}\n\n")
     out.append(f"{RESPONSE_HEADER}\n")
     return "".join(out)
+
+
+def _call_text(call: ToolCall) -> str:
+    """A tool call as the JSON `tools_preamble` asks the model to write."""
+    name = call.function.get("name", "")
+    raw = call.function.get("arguments") or "{}"
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        args = raw
+    return json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
 
 
 def _signature(params: dict[str, Any]) -> str:
@@ -151,7 +164,8 @@ def _render_alpaca_server(messages: Sequence[ChatMessage]) -> tuple[str, list[st
         if m.role == "user":
             parts.append(f"### Instruction: {m.content}\n\n")
         elif m.role == "assistant":
-            parts.append(f"### Response: {m.content}\n\n")
+            shown = "\n".join(x for x in [m.content, *(_call_text(c) for c in m.tool_calls or [])] if x)
+            parts.append(f"### Response: {shown}\n\n")
         elif m.role == "tool":
             label = f" ({m.name})" if m.name else ""
             parts.append(f"### Input{label}: {m.content}\n\n")

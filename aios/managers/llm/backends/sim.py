@@ -10,7 +10,16 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from aios.managers.llm.types import Backend, BackendError, ChatArgs, ChatMessage, ChatResult, Generation, Usage
+from aios.managers.llm.types import (
+    SAMPLING_DEFAULTS,
+    Backend,
+    BackendError,
+    ChatArgs,
+    ChatMessage,
+    ChatResult,
+    Generation,
+    Usage,
+)
 
 
 class SimGeneration(Generation):
@@ -25,7 +34,11 @@ class SimGeneration(Generation):
 
 
 class SimBackend(Backend):
-    """SIMULATED LLM: sleeps `seconds_per_token` per token; not a model."""
+    """SIMULATED LLM: sleeps `seconds_per_token` per token; not a model. It accepts every sampling
+    option (its words do not depend on them) and runs the same argument checks as the real backends
+    (they live in ChatArgs)."""
+
+    sampling = frozenset(SAMPLING_DEFAULTS)
 
     def __init__(self, seconds_per_token: float = 0.01, name: str = "sim", n_ctx: int = 1 << 20) -> None:
         self.seconds_per_token = seconds_per_token

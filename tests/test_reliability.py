@@ -378,3 +378,84 @@ def test_requests_that_would_cost_more_than_any_answer_are_refused_up_front(kern
         assert info.value.code == "INVALID_ARGUMENT" and where in info.value.message, info.value.message
         assert c.chat("still fine?", max_tokens=3).result["usage"]["completion_tokens"] == 3
     assert k.processes()["llm-0"]["restarts"] == 0
+
+
+# ----------------------------------------------------------------------- 6. scheduler memory
+def test_scheduler_memory_stays_bounded_under_large_calls(kernel) -> None:
+    """1,600 echo calls of 1 MB once grew the scheduler from 36 MB to 2.47 GB, never released: the
+    reply cache is bounded by bytes and request bodies are dropped as soon as a request is done."""
+    import psutil
+    k = kernel(capacity=2, kernel={"reply_cache_mb": 16})
+    sched = psutil.Process(k.pid("scheduler"))
+    big = "x" * 1_000_000
+    with k.client("bulk", timeout=60) as c:
+        c.call("echo", "echo", text="warm up")
+        before = sched.memory_info().rss
+        for i in range(1600):
+            assert len(c.call("echo", "echo", text=big)["text"]) == len(big)
+        status = c.call("kernel", "status")
+    growth = sched.memory_info().rss - before
+    assert status["reply_cache"]["bytes"] <= 16 * 1024 * 1024
+    assert growth < 200 * 1024 * 1024, f"the scheduler grew by {growth >> 20} MB"
+
+
+# ------------------------------------------------------------------ 10. restarted streams
+def test_streams_restarted_by_a_dying_core_are_marked_and_never_show_text_twice(kernel) -> None:
+    """Under rr with short slices, two streamed chats share one (labelled SIMULATED) core, which is
+    killed mid-stream. Each restarted stream gets a reset, and the SDK's token callback shows every
+    piece of text exactly once: what it shows adds up to the final answer."""
+    k = kernel(echo=False, llm=[{"name": "llm-0", "backend": "sim", "sim_seconds_per_token": 0.01}],
+               scheduler={"policy": "rr", "time_slice_tokens": 3}, kernel={"heartbeat_interval_s": 0.25},
+               supervisor={"backoff_initial_s": 0.05})
+    streams: list[dict[str, Any]] = []
+
+    def chat(i: int) -> Any:
+        from aios.sdk.services import chat_args, token_sink
+        record: dict[str, Any] = {"tokens": [], "resets": 0}
+        streams.append(record)
+        sink = token_sink(record["tokens"].append)
+
+        def on_partial(body: Any) -> None:
+            record["resets"] += bool(body.get("reset"))
+            sink(body)
+
+        with k.client(f"streamer-{i}", timeout=60) as c:
+            reply = c.request("llm", "chat", chat_args("count", None, True, {"max_tokens": 150}),
+                              idempotent=True, on_partial=on_partial)
+            return reply.result["message"]["content"]
+
+    threads = [_in_thread(lambda i=i: chat(i)) for i in range(2)]
+    wait_until(lambda: all(len(s["tokens"]) >= 20 for s in streams) and len(streams) == 2, timeout=20,
+               message="both streams under way")
+    old = k.pid("llm-0")
+    os.kill(old, signal.SIGKILL)
+    for t, out in threads:
+        t.join(60)
+        assert "error" not in out, out
+    for (t, out), record in zip(threads, streams):
+        shown = "".join(record["tokens"])
+        assert shown.strip() == out["result"], (shown[:200], out["result"][:200])
+        assert shown.count(" w0 ") == 1 and shown.count(" w10 ") == 1
+        assert record["resets"] == 1, "the restarted stream was marked"
+    assert k.processes()["llm-0"]["restarts"] == 1
+
+
+# ------------------------------------------------------------------------- 12. small ones
+def test_rejected_frames_are_summarised_not_logged_one_line_each(kernel) -> None:
+    import zmq
+    k = kernel()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(k.run_dir.frontend_endpoint(k.run_dir.load_config()))
+    try:
+        for i in range(2000):
+            sock.send_multipart([b"", b"AIOS1", b"s" * 32, b"\x80", f"junk {i}".encode()])
+        with k.client("after-junk", timeout=10) as c:
+            wait_until(lambda: c.call("kernel", "status")["scheduler"]["rejected_frames"] >= 2000, timeout=10,
+                       message="all junk seen")
+    finally:
+        sock.close(0)
+        ctx.term()
+    lines = [line for line in k.log("scheduler").splitlines() if "rejected" in line]
+    assert 1 <= len(lines) <= 3, lines  # the first at once; the rest in a summary per interval

@@ -8,6 +8,7 @@ the client's own way. New services add a class here and one attribute in
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from aios.sdk.engine import PartialHandler, Reply
@@ -47,12 +48,41 @@ def chat_args(messages: list[dict[str, Any]] | str, model: str | None, stream: b
 
 
 def token_sink(on_token: Callable[[str], None] | None) -> PartialHandler | None:
+    """Turn streamed partials into `on_token(text)` calls that never show text twice.
+
+    When the kernel restarts a call (its LLM core died, or the core holding its saved context did),
+    it sends a reset and streams the answer again from the start. The text already shown is then
+    skipped while the new stream repeats it (at temperature 0 it does, token for token); only what
+    goes beyond it is passed on. If the new stream differs, what differs is passed on from where it
+    diverged: the final reply's content is the authority.
+    """
     if on_token is None:
         return None
+    shown = ""
+    replay: str | None = None  # text of the restarted stream, while it is still catching up
 
     def handle(body: Any) -> None:
-        if isinstance(body, dict) and isinstance(body.get("delta"), str):
-            on_token(body["delta"])
+        nonlocal shown, replay
+        if not isinstance(body, dict):
+            return
+        if body.get("reset"):
+            replay = ""
+            return
+        delta = body.get("delta")
+        if not isinstance(delta, str) or not delta:
+            return
+        if replay is None:
+            shown += delta
+            on_token(delta)
+            return
+        replay += delta
+        if shown.startswith(replay):
+            return  # still repeating what the caller has seen
+        common = len(os.path.commonprefix([shown, replay]))
+        fresh = replay[common:]
+        shown, replay = replay, None
+        if fresh:
+            on_token(fresh)
 
     return handle
 

@@ -66,7 +66,9 @@ def _start(args: argparse.Namespace, prog: str) -> int:
     say = (lambda line: None) if args.quiet else (lambda line: print(f"[aios-start] {line}", flush=True))
     try:
         if args.detach:
-            kernel.start(run_dir, args.config, policy=args.policy, progress=say)
+            verdict = kernel.start(run_dir, args.config, policy=args.policy, progress=say)
+            for warning in verdict.warnings:
+                print(f"{prog}: warning: {warning}", file=sys.stderr)
             say(f"kernel ready in {run_dir.path}; stop it with: aios stop --run-dir {run_dir.path}")
             return 0
         config = kernel.load(args.config, args.policy)

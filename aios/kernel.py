@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,17 @@ def load(config: str | Path | Mapping[str, Any] | None = None, policy: str | Non
     return cfg
 
 
+@dataclass(frozen=True)
+class Started:
+    """A kernel `start` brought up: its run directory, and warnings (a degraded LLM backend)."""
+
+    run_dir: RunDir
+    warnings: list[str]
+
+
 def start(run_dir: RunDir | str | Path | None = None, config: str | Path | Mapping[str, Any] | None = None, *,
           policy: str | None = None, timeout: float | None = None,
-          progress: Any = None) -> RunDir:
+          progress: Any = None) -> Started:
     """Start a kernel in the background and return once every process said READY.
 
     `config` is a TOML file, a mapping written out as TOML, or None for the
@@ -100,7 +109,8 @@ def start(run_dir: RunDir | str | Path | None = None, config: str | Path | Mappi
     if not verdict.get("ok"):
         child.wait(timeout=30)
         raise KernelStartError(str(verdict.get("message")))
-    return rd
+    message = str(verdict.get("message", ""))
+    return Started(rd, [w.strip() for w in message.split("; warning: ")[1:]])
 
 
 def stop(run_dir: RunDir | str | Path | None = None, timeout: float = 30.0) -> bool:
@@ -125,7 +135,10 @@ def stop(run_dir: RunDir | str | Path | None = None, timeout: float = 30.0) -> b
         f.unlink(missing_ok=True)
     if rd.supervisor_pid() is None:
         rd.remove_external_ipc_dir()
-        rd.pid_file.unlink(missing_ok=True)
+        try:
+            rd.pid_file.unlink(missing_ok=True)
+        except OSError:
+            pass  # not a directory there at all: nothing of ours to remove
     return bool(pid)
 
 

@@ -455,16 +455,21 @@ class Reregister:
 
 @dataclass(slots=True)
 class Disconnect:
-    """manager -> scheduler: leaving on purpose; fail or re-queue what I was running."""
+    """manager -> scheduler: leaving on purpose; fail or re-queue what I was running.
+    `reason` "stopping" means the manager was asked to stop (the kernel is shutting down)."""
 
     KIND: ClassVar[str] = _DISCONNECT
+    reason: str = ""
 
     def to_header(self) -> dict[str, Any]:
-        return {"kind": _DISCONNECT}
+        return {"kind": _DISCONNECT, "reason": self.reason} if self.reason else {"kind": _DISCONNECT}
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> "Disconnect":
-        return cls()
+        reason = h.get("reason", "")
+        if type(reason) is not str or len(reason) > MAX_NAME:
+            raise _bad("header field 'reason' must be a short string", h)
+        return cls(reason)
 
 
 Message = Union[Request, Call, Dispatch, Reply, Ready, Yield, Cancel, Heartbeat, Reregister, Disconnect]

@@ -183,7 +183,10 @@ class RunDir:
             ) from None
 
     def load_config(self) -> Config:
-        return config_from_json(self.config_file.read_text())
+        try:
+            return config_from_json(self.config_file.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no kernel configuration in {self.path} (is a kernel running there?)") from None
 
     # --- endpoints ----------------------------------------------------------
     def frontend_endpoint(self, config: Config, bind: bool = False) -> str:
@@ -307,9 +310,10 @@ class RunDir:
 
     def read_state(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.state_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            data = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):  # missing, unreadable, a file where the directory should be, torn
             return None
+        return data if isinstance(data, dict) else None
 
 
 def _write_private(path: Path, data: bytes) -> None:

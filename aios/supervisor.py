@@ -85,7 +85,7 @@ class Proc:
 
     def row(self) -> dict[str, Any]:
         return {"name": self.name, "service": self.service, "memory_limit_mb": self.memory_limit_mb,
-                "last_exit": self.last_exit,
+                "last_exit": self.last_exit, "fast_crashes": self.fast_crashes,
                 "pid": self.pid if self.state not in (State.STOPPED, State.FATAL, State.BACKOFF) else None,
                 "state": self.state.value, "restarts": self.restarts, "message": self.message}
 
@@ -155,6 +155,7 @@ class Supervisor:
         self._probe: Probe | None = None
         self._last_probe = 0.0
         self._last_memory_check = 0.0
+        self.last_status: dict[str, Any] = {}
 
     # ------------------------------------------------------------ public
     def prepare(self) -> None:
@@ -245,6 +246,7 @@ class Supervisor:
         status = self._probe.status()
         if status is None:
             return
+        self.last_status = status
         changed = False
         if sched.state == State.STARTING:
             sched.state, changed = State.RUNNING, True
@@ -435,7 +437,11 @@ def run_supervisor(run_dir: RunDir, config: Config, ready_fd: int | None = None,
         return 1
     pids = ", ".join(f"{p.name}={p.pid}" for p in sup.procs)
     progress(f"kernel ready ({pids})")
-    report(True, f"kernel ready in {run_dir.path}")
+    warnings = [f"{m['name']} is DEGRADED: {m.get('detail')}" for m in sup.last_status.get("managers", [])
+                if m.get("health") == "degraded"]
+    for w in warnings:
+        progress(f"warning: {w}")
+    report(True, f"kernel ready in {run_dir.path}" + "".join(f"; warning: {w}" for w in warnings))
     sup.run_forever()
     return 0
 

@@ -61,10 +61,15 @@ class Raw:
         self.sock.send_multipart(frames)
 
     def recv(self, timeout: float = 5.0) -> Message | None:
-        if not self.sock.poll(int(timeout * 1000), zmq.POLLIN):
-            return None
-        frames = self.sock.recv_multipart()
-        return self.codec.decode(frames)  # the kernel's own replies are always well formed
+        """The next reply; the scheduler's heartbeats (it probes agents with work pending) are skipped."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                return None
+            msg = self.codec.decode(self.sock.recv_multipart())  # the kernel's own replies are well formed
+            if msg.header.get("kind") != "heartbeat":
+                return msg
+        return None
 
     def request(self, header: dict[str, Any], body: Any = None) -> list[bytes]:
         return self.codec.encode(header, {} if body is None else body)

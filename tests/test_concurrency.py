@@ -235,9 +235,14 @@ def test_agent_gone_mid_stream_frees_its_slot_for_waiting_work(idle_k2: Kernel) 
                                           "service": "echo", "op": "drip"}, {"seconds": 10.0}))
         leavers.append(sock)
     for sock in leavers:
-        for _ in range(3):
+        partials = 0
+        while partials < 3:
             assert sock.poll(5000), "no partial reply"
-            assert codec.decode(sock.recv_multipart()).header["status"] == "partial"
+            header = codec.decode(sock.recv_multipart()).header
+            if header.get("kind") == "heartbeat":
+                continue  # the scheduler checking that this agent is still there
+            assert header["status"] == "partial"
+            partials += 1
     results: dict[str, Any] = {}
     waiter = threading.Thread(target=lambda: results.setdefault(
         "reply", k.client("waiter").request("echo", "echo", {"text": "my turn"}, timeout=5.0)))

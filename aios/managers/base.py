@@ -330,7 +330,7 @@ class Manager:
                 self._post_frames(self._encode(self.ready_message()))
 
     def _shutdown(self) -> None:
-        self._send_frames(self._encode(messages.Disconnect()))
+        self._send_frames(self._encode(messages.Disconnect("stopping")))
         for ctx in list(self._active.values()):
             ctx.cancelled.set()
         self.pool.shutdown(wait=True, cancel_futures=True)

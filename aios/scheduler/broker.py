@@ -160,8 +160,14 @@ class Broker:
             return
         self._states_read = now
         state = self.run_dir.read_state() or {}
-        self._states = {p["name"]: (p.get("state", ""), p.get("message") or p.get("last_exit") or "")
-                        for p in state.get("processes", []) if isinstance(p, dict) and "name" in p}
+        self._states = {}
+        for p in state.get("processes", []):
+            if not (isinstance(p, dict) and "name" in p):
+                continue
+            st = p.get("state", "")
+            if st in ("BACKOFF", "STARTING") and int(p.get("fast_crashes") or 0) >= 2:
+                st = "CRASH-LOOPING"  # restarted again and again within seconds: not coming up soon
+            self._states[p["name"]] = (st, p.get("message") or p.get("last_exit") or "")
 
     def _process_state(self, name: str, fresh: bool = False) -> tuple[str, str] | None:
         self._refresh_states(fresh)

@@ -263,7 +263,7 @@ class SchedulerCore:
         """Why nothing can serve `service` now, if the supervisor says its processes are down for good."""
         names = [n for n, s in self.expected.items() if s == service]
         states = [(n, self.process_state(n)) for n in names]
-        if names and all(st is not None and st[0] in ("FATAL", "STOPPED") for _, st in states):
+        if names and all(st is not None and st[0] in ("FATAL", "STOPPED", "CRASH-LOOPING") for _, st in states):
             parts = [f"{n} is {st[0]}" + (f" ({st[1]})" if st and st[1] else "") for n, st in states if st]
             return f"service {service!r} cannot serve: " + "; ".join(parts)
         return None
@@ -343,7 +343,8 @@ class SchedulerCore:
         elif isinstance(msg, Yield):
             self.on_yield(mgr, msg, now)
         elif isinstance(msg, Disconnect):
-            self.manager_lost(mgr, "disconnected", now)
+            self.manager_lost(mgr, "it was stopped" if msg.reason == "stopping" else "disconnected", now,
+                              stopping=msg.reason == "stopping")
 
     def on_ready(self, identity: bytes, msg: Ready, now: float) -> None:
         old = self.registry.get(identity)
@@ -440,7 +441,7 @@ class SchedulerCore:
         req.manager = None
         self.queue(req.service).charge(req, run_s, tokens)
 
-    def manager_lost(self, mgr: ManagerRecord, why: str, now: float) -> None:
+    def manager_lost(self, mgr: ManagerRecord, why: str, now: float, stopping: bool = False) -> None:
         """Forget a manager; re-queue or fail what it was running, and cancel the calls it made."""
         self.registry.remove(mgr)
         state = self.process_state(mgr.name, fresh=True)
@@ -467,6 +468,11 @@ class SchedulerCore:
                            f"the {req.service} manager died {req.failures} times while running this request "
                            f"(last: {mgr.name}, {why}); not re-queued again ([scheduler] max_requeues = {limit}): "
                            f"the request itself may be what kills it", now)
+            elif stopping:
+                self._fail(req, ErrorCode.SHUTTING_DOWN,
+                           f"the {req.service} manager {mgr.name} was stopped while running this request (the "
+                           f"kernel is stopping); it is not safe to repeat, so it was not re-run: it may or may not "
+                           f"have taken effect", now)
             else:
                 self._fail(req, ErrorCode.MANAGER_DIED,
                            f"the {req.service} manager {mgr.name} died while running this request ({why}); "

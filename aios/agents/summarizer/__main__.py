@@ -1,7 +1,7 @@
 """Summarising: condense a paragraph into one sentence (medium-length output)."""
 from __future__ import annotations
 
-from aios.agents.common import agent_client, report
+from aios.agents.common import LONG_ANSWER_SAMPLING, agent_client, report, token_printer
 
 TEXT = (
     "An operating system manages a computer's hardware and software resources and provides common services "
@@ -15,7 +15,7 @@ TEXT = (
 def main() -> None:
     client, args = agent_client("summarizer", __doc__)
     reply = client.chat([{"role": "user", "content": f"Summarize this text in one sentence.\n\n{TEXT}"}],
-                        max_tokens=64, temperature=0.0)
+                        max_tokens=64, on_token=token_printer(args.name, args.stream), **LONG_ANSWER_SAMPLING)
     report(args.name, "summarize a paragraph about operating systems", reply)
 
 

@@ -37,6 +37,8 @@ CANCEL_CHECK_TOKENS = 16
 #: an upper bound on characters per token for the cheap prompt-size check (Gemma's longest tokens are
 #: runs of whitespace and punctuation of a few dozen characters; 64 leaves room for other vocabularies)
 MAX_CHARS_PER_TOKEN = 64
+#: while a remote backend is unreachable, how often the core checks it again
+HEALTH_RECHECK_S = 10.0
 
 
 class JsonArgs(ChatArgs):
@@ -117,6 +119,35 @@ class LLMCore(Manager):
         marked = [c.name for c in self.config.llm if c.default]
         self.default_target = self.name in marked if marked else self.name == self.config.llm[0].name
         self.log.info("%s backend ready in %.2fs, models %s", self.core.backend, time.monotonic() - t0, self.models)
+        self._watch_health()
+
+    def _watch_health(self) -> None:
+        """Report the backend's health with READY (shown by `aios status`, and by `aios start` when
+        it is not ok), and while it is degraded check again every HEALTH_RECHECK_S: a remote server
+        that comes up makes the core healthy without a restart."""
+        assert self.backend is not None
+        problem = self.backend.check()
+        self.set_health("degraded" if problem else "ok", problem or "")
+        if problem:
+            self.log.warning("backend degraded: %s", problem)
+        if self.core.backend in ("openai", "ollama"):
+            import threading
+            threading.Thread(target=self._health_loop, name="health", daemon=True).start()
+
+    def _health_loop(self) -> None:
+        while not self._stopping.wait(HEALTH_RECHECK_S):
+            backend = self.backend
+            if backend is None or self.health == "ok":
+                continue
+            problem = backend.check()
+            self.set_health("degraded" if problem else "ok", problem or "")
+            if not problem:
+                self.log.info("backend reachable again")
+
+    def _backend_failed(self, code: str, message: str) -> None:
+        """A request could not reach the backend: report degraded until a check says otherwise."""
+        if code == ErrorCode.UNAVAILABLE.value and self.core.backend in ("openai", "ollama"):
+            self.set_health("degraded", message[:300])
 
     def teardown(self) -> None:
         self.contexts.clear()
@@ -238,9 +269,9 @@ class LLMCore(Manager):
         ctx.tokens += gen.usage.completion_tokens - before  # the policy is charged for all of it
         return self._call(backend.finish, gen)
 
-    @staticmethod
-    def _call(fn: Any, *a: Any) -> Any:
+    def _call(self, fn: Any, *a: Any) -> Any:
         try:
             return fn(*a)
         except BackendError as exc:
+            self._backend_failed(exc.code, exc.message)
             raise OpError(exc.code, exc.message) from None

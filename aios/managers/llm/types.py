@@ -285,3 +285,8 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release the model."""
+
+    def check(self) -> str | None:
+        """Whether the backend can serve now: None if so, else why not in one line (a remote server
+        that does not answer). Cheap; called at start and while the core reports itself degraded."""
+        return None

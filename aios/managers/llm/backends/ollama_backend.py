@@ -103,6 +103,9 @@ class OllamaBackend(RemoteBackend):
     def close(self) -> None:
         self.client.close()
 
+    def _check_url(self) -> str:
+        return self.host + "/api/version"
+
     def _server_constrained(self, gen: RemoteGeneration) -> bool:
         a = gen.args
         return a.json_schema is not None or (self.mode == "chat" and bool(a.tools))

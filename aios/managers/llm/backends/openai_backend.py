@@ -150,6 +150,9 @@ class OpenAIBackend(RemoteBackend):
     def close(self) -> None:
         self.client.close()
 
+    def _check_url(self) -> str:
+        return self.base_url + "/models"
+
     # ---- protocol specifics
     def _server_constrained(self, gen: RemoteGeneration) -> bool:
         a = gen.args

@@ -164,6 +164,22 @@ class RemoteBackend(Backend):
         self.chat_resume = chat_resume
         self.max_server_stops = max_server_stops
 
+    #: seconds a health check may take
+    CHECK_TIMEOUT_S = 3.0
+
+    def check(self) -> str | None:
+        """Reachability of the server: any HTTP answer means it is up (some servers have no
+        endpoint to list models); only a refused or silent connection means it is not."""
+        import httpx
+        try:
+            httpx.get(self._check_url(), timeout=self.CHECK_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            return f"cannot reach {self.url}: {exc or type(exc).__name__}"
+        return None
+
+    def _check_url(self) -> str:
+        return self.url
+
     # ---- hooks
     @abc.abstractmethod
     def _open(self, gen: RemoteGeneration, n_tokens: int, prefill: bool) -> tuple[Iterator[StreamEvent], Callable[[], None]]:

@@ -44,7 +44,8 @@ def fails(code: ErrorCode, fn: Callable[..., Any], *args: Any, match: str | None
 def snapshot(engine: StorageEngine, agents: tuple[str, ...] = ("a", "b")) -> dict[str, Any]:
     """Everything an agent can observe, to check that a failed call changed nothing."""
     out: dict[str, Any] = {"stats": engine.stats()}
-    out["stats"].pop("commits"), out["stats"].pop("write_operations"), out["stats"].pop("database_bytes")
+    for volatile in ("commits", "write_operations", "database_bytes", "checkpoints"):
+        out["stats"].pop(volatile)
     for agent in agents:
         files = engine.list(agent, include_deleted=True)
         out[agent] = {
@@ -700,3 +701,28 @@ def test_commit_per_write_mode_never_batches(db: Path) -> None:
             th.join()
         s = e.stats()
         assert s["commits"] == s["write_operations"] == 160
+
+
+# ----------------------------------------------------------- checkpoints
+def test_background_checkpoints_keep_the_wal_bounded(db: Path) -> None:
+    with StorageEngine(db) as e:
+        assert e._writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # none inside commits
+        for i in range(3000):
+            e.write(f"agent-{i % 3}", f"f{i % 40}", f"write {i} ".encode() * 20)
+        wait_until(lambda: e.stats()["checkpoints"] >= 20, message="background checkpoints")
+        # the log restarted: without that it would hold every page of every commit (3000 x ~12 x 4 KiB)
+        assert Path(f"{db}-wal").stat().st_size < 16 * MiB
+        assert e.integrity_check() == "ok"
+
+
+def test_an_idle_writer_is_checkpointed(db: Path) -> None:
+    with StorageEngine(db) as e:
+        e.write("a", "f", b"one write")
+        # idle_s after the last commit, the log is copied into the database file
+        wait_until(lambda: e.stats()["checkpoints"] >= 1, timeout=10, message="an idle checkpoint")
+        conn = sqlite3.connect(db)
+        try:
+            busy, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            assert log_frames == done  # nothing left to copy
+        finally:
+            conn.close()

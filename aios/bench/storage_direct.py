@@ -304,10 +304,48 @@ def _used_bytes(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------- main
+def compare(n_ops: int = 2000, *, threads: int = 16, synchronous: str = "NORMAL", payload_bytes: int = 200,
+            rounds: int = 3) -> dict[str, Any]:
+    """Direct SQLite against the engine (1 thread; `threads` threads with and without group
+    commit), in interleaved rounds so that load from elsewhere on a shared machine weighs on
+    every side alike. Each figure is the median over the rounds."""
+    configs: dict[str, Callable[[], dict[str, Any]]] = {
+        "direct": lambda: run_direct(n_ops, synchronous=synchronous, payload_bytes=payload_bytes),
+        "engine_1_thread": lambda: run_engine(n_ops, threads=1, synchronous=synchronous, payload_bytes=payload_bytes),
+        f"engine_{threads}_threads_group_commit": lambda: run_engine(
+            n_ops, threads=threads, synchronous=synchronous, payload_bytes=payload_bytes),
+        f"engine_{threads}_threads_commit_per_write": lambda: run_engine(
+            n_ops, threads=threads, group_commit=False, synchronous=synchronous, payload_bytes=payload_bytes),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            runs[name].append(configs[name]())
+    out: dict[str, Any] = {"settings": {"ops": n_ops, "threads": threads, "synchronous": synchronous,
+                                        "payload_bytes": payload_bytes, "rounds": rounds}}
+    for name, results in runs.items():
+        out[name] = {kind: {key: _median([res[kind][key] for res in results if res[kind].get(key) is not None])
+                            for key in ("ops_per_s", "p50_us", "p99_us", "writes_per_commit")
+                            if any(res[kind].get(key) is not None for res in results)}
+                     for kind in ("write", "read", "search")}
+    direct = out["direct"]["write"]["ops_per_s"]
+    for name in names[1:]:
+        out[name]["write"]["vs_direct"] = round(out[name]["write"]["ops_per_s"] / direct, 2)
+    return out
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else round((values[n // 2 - 1] + values[n // 2]) / 2, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aios.bench.storage_direct", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=2000, help="writes (and reads) per measurement")
-    parser.add_argument("--threads", type=int, default=16, help="writer threads for the engine's concurrent run")
+    parser.add_argument("--threads", type=int, default=16, help="writer threads for the engine's concurrent runs")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (figures are medians)")
     parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL"])
     parser.add_argument("--payload", type=int, default=200, help="bytes per small write")
     parser.add_argument("--compression", action="store_true", help="measure 100 appends instead (chunk size sweep)")
@@ -322,16 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr)
         print(json.dumps(rows, indent=2))
         return 0
-    out = {
-        "direct": run_direct(args.ops, synchronous=args.synchronous, payload_bytes=args.payload),
-        "engine_1_thread": run_engine(args.ops, threads=1, synchronous=args.synchronous, payload_bytes=args.payload),
-        f"engine_{args.threads}_threads_group_commit": run_engine(
-            args.ops, threads=args.threads, synchronous=args.synchronous, payload_bytes=args.payload),
-        f"engine_{args.threads}_threads_commit_per_write": run_engine(
-            args.ops, threads=args.threads, group_commit=False, synchronous=args.synchronous,
-            payload_bytes=args.payload),
-    }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(compare(args.ops, threads=args.threads, synchronous=args.synchronous,
+                             payload_bytes=args.payload, rounds=args.rounds), indent=2))
     return 0
 
 

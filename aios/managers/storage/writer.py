@@ -62,8 +62,10 @@ class _Op(Generic[T]):
 class GroupCommitter:
     """Serializes write operations on one connection, committing queued ones together."""
 
-    def __init__(self, conn: sqlite3.Connection, *, group: bool = True, max_batch: int = 128) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, group: bool = True, max_batch: int = 128,
+                 on_commit: Callable[[sqlite3.Connection], None] | None = None) -> None:
         self.conn = conn
+        self.on_commit = on_commit
         self.max_batch = max_batch if group else 1
         self._cond = threading.Condition()
         self._queue: list[_Op[Any]] = []
@@ -106,6 +108,23 @@ class GroupCommitter:
         if op.error is not None:
             raise op.error
         return op.result
+
+    def exclusive(self, fn: Callable[[], T]) -> T | None:
+        """Run `fn()` while no write transaction runs (writers queue meanwhile, then go in one
+        batch). Used to finish a WAL checkpoint at a moment no new frames can be appended.
+        Returns None without running `fn` once the committer is closed."""
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+            if self._closed:
+                return None
+            self._leading = True
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Refuse new operations and wait for the running batch; queued ones get UNAVAILABLE."""
@@ -162,6 +181,11 @@ class GroupCommitter:
             return
         self.commits += 1
         self.operations += len(ok)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(conn)
+            except Exception:  # noqa: BLE001 - the data is committed; a hook must not undo the answer
+                log.exception("after-commit hook failed")
         for op in ok:
             for action in op.after:
                 try:

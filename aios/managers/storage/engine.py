@@ -204,7 +204,7 @@ class StorageEngine:
         if applied:
             log.info("storage database %s: applied schema migrations %s", self.path, applied)
         # With synchronous=NORMAL checkpoints run in the background, not inside a commit
-        # (checkpoint.py): measured here, commit p99 3.4 ms -> 0.26 ms and 10-20% more writes/s.
+        # (checkpoint.py): measured here, half as many commits over 2 ms and 10-30% more writes/s.
         # With FULL every commit fsyncs the log, and a background checkpoint's fsync of the
         # database file then competes with it (measured 5-10% fewer writes/s): SQLite's own
         # checkpoint inside the commit that fills 1000 log pages is the better choice there.

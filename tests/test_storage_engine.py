@@ -507,8 +507,10 @@ def test_a_closed_engine_is_unavailable(db: Path) -> None:
 def test_engine_settings_are_validated(db: Path) -> None:
     with pytest.raises(ValueError, match="synchronous"):
         StorageEngine(db, synchronous="OFF")
-    with pytest.raises(OpError):
-        StorageEngine(db, versions_kept=0)
+    for bad in ({"versions_kept": 0}, {"max_file_bytes": "big"}, {"max_agent_bytes": True},
+                {"max_index_bytes": 1 << 40}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            StorageEngine(db, **bad)
 
 
 # ----------------------------------------------------------- opening
@@ -726,3 +728,54 @@ def test_an_idle_writer_is_checkpointed(db: Path) -> None:
             assert log_frames == done  # nothing left to copy
         finally:
             conn.close()
+
+
+def test_busy_writers_cannot_starve_the_checkpointer(db: Path) -> None:
+    """16 threads writing back to back: the short exclusive pass still gets its turn, so the
+    writer never has to fall back to checkpointing inline."""
+    with StorageEngine(db) as e:
+        def worker(t: int) -> None:
+            for i in range(250):
+                e.write(f"agent-{t % 4}", f"t{t}/f{i % 10}", f"thread {t} write {i} ".encode() * 10)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert e._checkpointer.finishing_passes >= 1
+        assert e._checkpointer.inline_checkpoints == 0
+        # never restarted, the log would hold every frame written (~4000 x 12 x 4 KiB, ~190 MiB)
+        assert Path(f"{db}-wal").stat().st_size < 64 * MiB
+        assert e.integrity_check() == "ok"
+
+
+def test_an_exclusive_turn_goes_before_queued_writers(db: Path) -> None:
+    """What keeps busy writers from starving the checkpointer's short pass."""
+    with StorageEngine(db) as e:
+        writer = e._writer
+        gate, inside = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def slow(tx: Any) -> None:
+            inside.set()
+            gate.wait(10)
+            order.append("slow")
+
+        def queued(tx: Any) -> None:
+            order.append("write")
+
+        threads = [threading.Thread(target=writer.run, args=(slow,))]
+        threads[0].start()
+        assert inside.wait(10)
+        threads += [threading.Thread(target=writer.run, args=(queued,)) for _ in range(4)]
+        for th in threads[1:]:
+            th.start()
+        wait_until(lambda: len(writer._queue) == 4, message="four writers queued")
+        ex = threading.Thread(target=writer.exclusive, args=(lambda: order.append("exclusive"),))
+        ex.start()
+        wait_until(lambda: writer._exclusive_waiting == 1, message="the exclusive caller waiting")
+        gate.set()
+        for th in [*threads, ex]:
+            th.join(10)
+        assert order == ["slow", "exclusive", "write", "write", "write", "write"]

@@ -59,6 +59,7 @@ class Checkpointer:
         self._stop = False
         self.checkpoints = 0
         self.finishing_passes = 0
+        self.inline_checkpoints = 0
         self._thread = threading.Thread(target=self._run, name="storage-checkpoint", daemon=True)
         self._thread.start()
 
@@ -67,9 +68,13 @@ class Checkpointer:
         with self._lock:
             self._pending += 1
             pending = self._pending
+            if pending >= self.hard_limit_commits:
+                self._pending = 0
         if pending >= self.hard_limit_commits:
+            # between transactions on the writer's own connection: the log restarts after this
             log.warning("storage: background checkpoints fell behind (%d commits); checkpointing inline", pending)
             self._passive(conn)
+            self.inline_checkpoints += 1
         elif pending >= self.every_commits:
             self._wake.set()
 

@@ -70,6 +70,7 @@ class GroupCommitter:
         self._cond = threading.Condition()
         self._queue: list[_Op[Any]] = []
         self._leading = False
+        self._exclusive_waiting = 0  # exclusive() callers waiting: they go before queued writers
         self._closed = False
         # counters for the benchmark and for stats(): transactions and operations committed
         self.commits = 0
@@ -84,7 +85,7 @@ class GroupCommitter:
                 raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
             self._queue.append(op)
             while True:
-                while self._leading and not op.done:
+                while (self._leading or self._exclusive_waiting) and not op.done:
                     cond.wait()
                 if op.done:
                     break
@@ -112,11 +113,18 @@ class GroupCommitter:
     def exclusive(self, fn: Callable[[], T]) -> T | None:
         """Run `fn()` while no write transaction runs (writers queue meanwhile, then go in one
         batch). Used to finish a WAL checkpoint at a moment no new frames can be appended.
-        Returns None without running `fn` once the committer is closed."""
+        Returns None without running `fn` once the committer is closed. It waits for the
+        running batch only: queued writers wait for it (else busy writers, which hand the
+        turn from one to the next, could starve it)."""
         with self._cond:
-            while self._leading:
-                self._cond.wait()
+            self._exclusive_waiting += 1
+            try:
+                while self._leading:
+                    self._cond.wait()
+            finally:
+                self._exclusive_waiting -= 1
             if self._closed:
+                self._cond.notify_all()
                 return None
             self._leading = True
         try:

@@ -435,6 +435,15 @@ def test_agent_b_cannot_reach_agent_a_by_any_spelling(engine: StorageEngine) -> 
     assert engine.stats("b")["files"] == 0
 
 
+def test_unicode_spellings_of_one_name_are_one_file(engine: StorageEngine) -> None:
+    composed, decomposed = "caf\u00e9/r\u00e9sum\u00e9.md", "cafe\u0301/re\u0301sume\u0301.md"
+    engine.write("a", decomposed, b"one")
+    engine.write("a", composed, b"two")
+    assert [f.path for f in engine.list("a")] == [composed]
+    assert engine.read("a", decomposed)[0] == b"two"
+    assert engine.stat("a", decomposed).version == 2
+
+
 def test_agent_names_are_namespaces_not_paths(engine: StorageEngine) -> None:
     engine.write("a", "f", b"a's")
     for other in ("a/", "a/..", "A", "a\u0000", "", "../a", "a "):
@@ -779,3 +788,52 @@ def test_an_exclusive_turn_goes_before_queued_writers(db: Path) -> None:
         for th in [*threads, ex]:
             th.join(10)
         assert order == ["slow", "exclusive", "write", "write", "write", "write"]
+
+
+def test_a_full_disk_fails_writes_cleanly_and_recovers(db: Path) -> None:
+    with StorageEngine(db) as e:
+        e.write("a", "kept", b"small")
+        conn = e._writer.conn
+        conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+        before = snapshot(e)
+        err = fails(ErrorCode.UNAVAILABLE, e.write, "a", "big", random.Random(14).randbytes(300_000))
+        assert "disk is full" in err.message and err.code.retryable
+        assert snapshot(e) == before
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        assert e.write("a", "big", b"fits now").version == 1
+        assert e.integrity_check() == "ok"
+
+
+def test_a_full_disk_inside_a_batch_loses_no_acknowledged_write(db: Path) -> None:
+    """Writes queued together: each one that returned is stored, each one that failed is not."""
+    with StorageEngine(db) as e:
+        e.write("a", "seed", b"x")
+        writer, conn = e._writer, e._writer.conn
+        gate, inside = threading.Event(), threading.Event()
+
+        def block(tx: Any) -> None:
+            inside.set()
+            gate.wait(10)
+            tx.conn.execute(f"PRAGMA max_page_count = {tx.conn.execute('PRAGMA page_count').fetchone()[0]}")
+
+        results: dict[str, Any] = {}
+        payloads = {"s1": b"tiny one", "big": random.Random(15).randbytes(400_000), "s2": b"tiny two"}
+        lead = threading.Thread(target=writer.run, args=(block,))
+        lead.start()
+        assert inside.wait(10)
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, _capture(
+            lambda: e.write("a", k, payloads[k])))) for k in payloads]
+        for th in threads:
+            th.start()
+        wait_until(lambda: len(writer._queue) == 3, message="three writes queued")
+        gate.set()
+        for th in [lead, *threads]:
+            th.join(10)
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        assert isinstance(results["big"], OpError)
+        for name, result in results.items():
+            if isinstance(result, OpError):
+                fails(ErrorCode.NOT_FOUND, e.read, "a", name)
+            else:
+                assert e.read("a", name)[0] == payloads[name]
+        assert e.integrity_check() == "ok"

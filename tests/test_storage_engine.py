@@ -837,3 +837,15 @@ def test_a_full_disk_inside_a_batch_loses_no_acknowledged_write(db: Path) -> Non
             else:
                 assert e.read("a", name)[0] == payloads[name]
         assert e.integrity_check() == "ok"
+
+
+def test_lowering_the_index_cap_between_runs_is_safe(db: Path) -> None:
+    rng = random.Random(16)
+    with StorageEngine(db) as e:
+        e.write("a", "log", make_text(rng, 60_000))
+    with StorageEngine(db, max_index_bytes=1000) as e:
+        e.write("a", "log", b" appended words", append=True)
+        assert len(e.read("a", "log")[0]) == 60_015
+        e.write("a", "log", make_text(rng, 5_000))  # a full write applies the new cap
+        assert e.stats("a")["index_bytes"] == 1000
+        assert e.integrity_check() == "ok"

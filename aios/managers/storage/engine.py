@@ -638,9 +638,10 @@ class StorageEngine:
             new_ids, added = self._put_chunks(conn, agent_id, [ch.encode(p) for p in self.chunker.split(last + data)])
             new_ids = ids[:-1] + new_ids
             manifest = ch.pack_manifest(new_ids)
-        plan: TI.IndexPlan | None = None  # binary, or text indexed up to the cap: the index stays
+        # binary, text indexed up to the cap, or a cap lowered since it was indexed: the index stays
+        plan: TI.IndexPlan | None = None
         cap = self.max_index_bytes
-        if row[_INDEXED] == TI.TEXT:
+        if row[_INDEXED] == TI.TEXT and row[_TAIL] <= cap:
             # re-index from the start of the last block: content[tail:old_size] + data. The last
             # block's text is in the index; only an incomplete last character (`pending`) is not.
             tail, pending = row[_TAIL], old_size - row[_INDEX_BYTES]

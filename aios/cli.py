@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 from aios import kernel
@@ -202,6 +203,80 @@ def config_check_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------- aios files
+def _agent_call(args: argparse.Namespace, fn: Any, show: Any) -> int:
+    """Run `fn(client)` as `--agent` against the kernel; print its result with `show` (or as JSON)."""
+    from aios import sdk
+    try:
+        with sdk.connect(args.run_dir, agent=args.agent, timeout=args.timeout) as client:
+            result = fn(client)
+    except sdk.AIOSError as exc:
+        print(f"aios {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, default=_json_default))
+    else:
+        show(result)
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": __import__("base64").b64encode(value).decode()}
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def files_main(args: argparse.Namespace) -> int:
+    a = args.files_command
+    if a == "ls":
+        def show(files: list[dict[str, Any]]) -> None:
+            for f in files:
+                kind = "/" if f["kind"] == "dir" else ""
+                print(f"{f['size']:>10}  v{f['version']:<5}{_when(f['modified'])}  {f['path']}{kind}"
+                      + ("  (deleted)" if f.get("deleted") else ""))
+            if not files:
+                print(f"(no files for agent {args.agent}" + (f" under {args.prefix!r})" if args.prefix else ")"))
+        return _agent_call(args, lambda c: c.storage.list(args.prefix or "", recursive=not args.top,
+                                                          include_deleted=args.deleted), show)
+    if a == "cat":
+        def show_bytes(data: bytes) -> None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        return _agent_call(args, lambda c: c.storage.read(args.path, version=args.version), show_bytes)
+    if a == "history":
+        def show_history(versions: list[dict[str, Any]]) -> None:
+            for v in versions:
+                note = f" (restored v{v['source']})" if v.get("source") else ""
+                print(f"v{v['version']:<5}{v['op']:<9}{v['size']:>10}  {_when(v['created'])}"
+                      f"{'  <- current' if v.get('current') else ''}{note}")
+        return _agent_call(args, lambda c: c.storage.history(args.path), show_history)
+    if a == "rollback":
+        return _agent_call(args, lambda c: c.storage.rollback(args.path, args.version),
+                           lambda f: print(f"{f['path']}: v{args.version} restored as v{f['version']} ({f['size']} bytes)"))
+    if a == "search":
+        def show_hits(hits: list[dict[str, Any]]) -> None:
+            for h in hits:
+                print(f"{h['score']:8.3f}  {h['path']} (v{h['version']}): {h['snippet']}")
+            if not hits:
+                print("(no match)")
+        return _agent_call(args, lambda c: c.storage.search(args.query, limit=args.limit), show_hits)
+    raise ValueError(a)
+
+
+def _agent_args(p: argparse.ArgumentParser) -> None:
+    _run_dir_arg(p)
+    p.add_argument("--agent", required=True, help="whose data: the agent name its calls carry")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+
+
 # ------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aios", description="Run, control and measure an AIOS kernel.")
@@ -230,6 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
     c = cfg.add_parser("check", help="validate a configuration file without starting anything")
     c.add_argument("file")
     c.set_defaults(func=config_check_main)
+    p = sub.add_parser("files", help="an agent's files in kernel storage: ls, cat, history, rollback, search")
+    files = p.add_subparsers(dest="files_command", required=True, metavar="ACTION")
+    f = files.add_parser("ls", help="list files (under PREFIX)")
+    f.add_argument("prefix", nargs="?", default="")
+    f.add_argument("--top", action="store_true", help="only the top level (directories shown with /)")
+    f.add_argument("--deleted", action="store_true", help="also deleted files (which rollback can restore)")
+    _agent_args(f)
+    f = files.add_parser("cat", help="print a file (or one of its kept versions)")
+    f.add_argument("path")
+    f.add_argument("--version", type=int)
+    _agent_args(f)
+    f = files.add_parser("history", help="a file's kept versions")
+    f.add_argument("path")
+    _agent_args(f)
+    f = files.add_parser("rollback", help="make a kept version current again")
+    f.add_argument("path")
+    f.add_argument("version", type=int)
+    _agent_args(f)
+    f = files.add_parser("search", help="full-text search of the agent's files")
+    f.add_argument("query")
+    f.add_argument("--limit", type=int, default=10)
+    _agent_args(f)
+    p.set_defaults(func=files_main)
     from aios.bench.cli import add_bench_parser
     add_bench_parser(sub)
     from aios.demo import add_demo_parser

@@ -41,7 +41,9 @@ LLM_CORE_TARGET = "aios.managers.llm.core:LLMCore"
 
 #: built-in managers: config table -> Manager class. Each runs as a process named after its
 #: table, on by default; `[table] enabled = false` turns it off; other keys are its Options.
-BUILTIN_MANAGERS: dict[str, str] = {}
+BUILTIN_MANAGERS: dict[str, str] = {
+    "storage": "aios.managers.storage.manager:StorageManager",
+}
 
 
 class _Strict(BaseModel):

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
-from aios.config import dump_toml
+from aios.config import BUILTIN_MANAGERS, dump_toml
 from aios.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,7 +205,11 @@ class KernelFactory:
     def __call__(self, *, echo: bool = True, capacity: int | None = None, managers: list[dict[str, Any]] = (),
                  kernel: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
                  supervisor: dict[str, Any] | None = None, start: bool = True,
-                 llm: list[dict[str, Any]] | None = None, context: dict[str, Any] | None = None) -> Kernel:
+                 llm: list[dict[str, Any]] | None = None, context: dict[str, Any] | None = None,
+                 builtins: dict[str, dict[str, Any]] | None = None) -> Kernel:
+        """A kernel with the echo manager and no LLM core unless asked. Built-in managers
+        (`BUILTIN_MANAGERS`: storage, ...) are off unless named in `builtins` ({"storage": {...}}),
+        to keep process-tree tests lean; storage then keeps its database in the test's directory."""
         mgrs: list[dict[str, Any]] = []
         if echo:
             m: dict[str, Any] = {"name": "echo", "target": ECHO_TARGET}
@@ -214,6 +218,11 @@ class KernelFactory:
             mgrs.append(m)
         mgrs += list(managers)
         cfg: dict[str, Any] = {"llm": list(llm or []), "managers": mgrs}
+        for name in BUILTIN_MANAGERS:
+            table = dict((builtins or {}).get(name, {"enabled": False}))
+            if name == "storage" and table.get("enabled", True):
+                table.setdefault("path", str(self.base / f"storage-{len(self.run_dirs) + 1}.sqlite3"))
+            cfg[name] = table
         if context:
             cfg["context"] = context
         # tests run without a model and want fast failure detection

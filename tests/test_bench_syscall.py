@@ -57,7 +57,7 @@ def test_temporary_kernel_starts_answers_and_cleans_up() -> None:
     from aios.bench.common import temporary_kernel
     from aios.sdk import connect
 
-    with temporary_kernel({"llm": []}, policy="rr") as run_dir:
+    with temporary_kernel({"llm": [], "storage": {"enabled": False}}, policy="rr") as run_dir:
         with connect(run_dir, agent="t", timeout=10) as client:
             assert client.call("kernel", "ping") == {"pong": True}
             assert client.call("kernel", "status")["scheduler"]["policy"] == "rr"

@@ -37,7 +37,7 @@ from aios.rundir import RunDir
 GOAL_P50_RATIO = 1.5
 GOAL_THROUGHPUT = 10_000.0
 GOAL_AGENTS = 32
-KERNEL_CONFIG = {"llm": []}  # kernel.ping is answered by the scheduler: no managers needed
+KERNEL_CONFIG = {"llm": [], "storage": {"enabled": False}}  # kernel.ping is answered by the scheduler: no managers needed
 DEFAULT_ROUNDS = 3
 
 

@@ -50,7 +50,7 @@ from aios.sdk.engine import (
 )
 from aios.protocol import ErrorCode
 from aios.sdk.errors import AIOSError, InvalidArgument, KernelUnavailable
-from aios.sdk.services import KernelService, LLMService
+from aios.sdk.services import KernelService, LLMService, StorageService
 from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
 
@@ -115,6 +115,7 @@ class _ClientBase(abc.ABC):
         self.run_dir = self._endpoint.run_dir
         self.llm = LLMService(self)
         self.kernel = KernelService(self)
+        self.storage = StorageService(self)
         self._connected = False
         self._idempotent: set[tuple[str, str]] | None = None  # learned from kernel.ops
         self._ops_fetched = 0.0

@@ -138,3 +138,63 @@ class KernelService(Service):
 
     def shutdown(self) -> Any:
         return self._result("shutdown", {}, idempotent=False)
+
+
+def _field(name: str) -> Callable[[Reply], Any]:
+    return lambda reply: reply.result[name]
+
+
+class StorageService(Service):
+    """The `storage` syscalls: the calling agent's own files, durable, versioned and searchable.
+
+    Paths are relative ("notes/today.md"); each agent has its own namespace. Every write keeps a
+    version; `history` lists them and `rollback` restores one (as a new version).
+    """
+
+    service = "storage"
+
+    def write(self, path: str, data: str | bytes, *, timeout: float | None = None) -> Any:
+        """Write a file (text is stored as UTF-8); returns its info (path, version, size, ...)."""
+        return self._result("write", {"path": path, "data": data}, timeout=timeout, idempotent=False)
+
+    def append(self, path: str, data: str | bytes, *, timeout: float | None = None) -> Any:
+        return self._result("append", {"path": path, "data": data}, timeout=timeout, idempotent=False)
+
+    def read(self, path: str, *, version: int | None = None, timeout: float | None = None) -> Any:
+        """The file's bytes (or those of a kept `version`)."""
+        return self._request("read", {"path": path, "version": version}, timeout=timeout, idempotent=True,
+                             then=_field("data"))
+
+    def read_text(self, path: str, *, version: int | None = None, encoding: str = "utf-8",
+                  timeout: float | None = None) -> Any:
+        return self._request("read", {"path": path, "version": version}, timeout=timeout, idempotent=True,
+                             then=lambda reply: reply.result["data"].decode(encoding))
+
+    def stat(self, path: str) -> Any:
+        return self._result("stat", {"path": path}, idempotent=True)
+
+    def list(self, prefix: str = "", *, recursive: bool = True, include_deleted: bool = False,
+             limit: int = 1000) -> Any:
+        """[{path, size, version, modified, ...}] under `prefix`."""
+        return self._request("list", {"prefix": prefix, "recursive": recursive, "include_deleted": include_deleted,
+                                      "limit": limit}, idempotent=True, then=_field("files"))
+
+    def delete(self, path: str, *, purge: bool = False) -> Any:
+        """Delete (history is kept, so `rollback` can restore it; `purge=True` frees it for good)."""
+        return self._result("delete", {"path": path, "purge": purge}, idempotent=False)
+
+    def history(self, path: str) -> Any:
+        """The kept versions, newest first: [{version, op, size, created, current}]."""
+        return self._request("history", {"path": path}, idempotent=True, then=_field("versions"))
+
+    def rollback(self, path: str, version: int) -> Any:
+        """Make a kept version current again (a new version with exactly its content)."""
+        return self._result("rollback", {"path": path, "version": version}, idempotent=False)
+
+    def search(self, query: str, *, limit: int = 10, match: str = "all") -> Any:
+        """Ranked full-text search of this agent's files: [{path, version, score, snippet}]."""
+        return self._request("search", {"query": query, "limit": limit, "match": match}, idempotent=True,
+                             then=_field("hits"))
+
+    def stats(self) -> Any:
+        return self._result("stats", {}, idempotent=True)

@@ -1,0 +1,210 @@
+"""The storage manager: the `storage` service, one process wrapping one `StorageEngine`.
+
+Every file op acts in the namespace of the agent on whose behalf the request
+runs (`ctx.agent`, also when another manager makes the call for it), so an
+agent can only ever reach its own files. The records ops are the keyed store
+other managers keep per agent (the memory manager's entries): only a
+manager's call may use them (`ctx.caller`), and each manager sees only its
+own records.
+
+Ops that only read are declared idempotent (the kernel re-sends or re-queues
+them after a failure); writes are not: each run adds a version.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aios.managers.base import Manager, OpError, RequestContext, op
+from aios.managers.storage.engine import MiB, StorageEngine, StorageOpenError, default_database_path
+from aios.protocol import ErrorCode
+
+log = logging.getLogger("aios.storage")
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathArgs(_Args):
+    path: str = Field(max_length=4096)
+
+
+class WriteArgs(PathArgs):
+    data: str | bytes = Field(description="text (stored as UTF-8) or bytes")
+
+
+class ReadArgs(PathArgs):
+    version: int | None = Field(default=None, ge=1)
+
+
+class ListArgs(_Args):
+    prefix: str = Field(default="", max_length=4096)
+    recursive: bool = True
+    include_deleted: bool = False
+    after: str = Field(default="", max_length=4096)
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class DeleteArgs(PathArgs):
+    purge: bool = False
+
+
+class RollbackArgs(PathArgs):
+    version: int = Field(ge=1)
+
+
+class SearchArgs(_Args):
+    query: str = Field(min_length=1, max_length=1000)
+    limit: int = Field(default=10, ge=1, le=100)
+    match: Literal["all", "any"] = "all"
+
+
+class NoArgs(_Args):
+    pass
+
+
+class RecordArgs(_Args):
+    key: str = Field(min_length=1, max_length=512)
+
+
+class RecordPutArgs(RecordArgs):
+    text: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordListArgs(_Args):
+    after: str = ""
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class RecordSearchArgs(_Args):
+    query: str = Field(min_length=1, max_length=1000)
+    limit: int = Field(default=10, ge=1, le=1000)
+    match: Literal["all", "any"] = "any"
+
+
+def _bytes(data: str | bytes) -> bytes:
+    return data.encode("utf-8") if isinstance(data, str) else data
+
+
+class StorageManager(Manager):
+    service = "storage"
+    # Handler threads: writes queued by several of them share one commit (group commit)
+    capacity = 8
+
+    class Options(BaseModel):
+        """`[storage]` in the configuration."""
+
+        model_config = ConfigDict(extra="forbid")
+        path: str | None = Field(default=None, description="the SQLite database; default: $AIOS_DATA_DIR, "
+                                 "else $XDG_DATA_HOME/aios, else ~/.local/share/aios (storage.sqlite3)")
+        versions_kept: int = Field(default=32, ge=1, le=100_000, description="versions kept per file")
+        max_file_mb: float = Field(default=8.0, gt=0, le=15.0,
+                                   description="largest file; a read returns a whole file in one reply, so "
+                                               "it must stay under [kernel] max_message_bytes (16 MB)")
+        quota_mb: float = Field(default=256.0, gt=0, description="what one agent may keep on disk")
+        synchronous: Literal["NORMAL", "FULL"] = Field(
+            default="NORMAL", description="NORMAL: survives a crash of the process; FULL: also a power loss")
+        group_commit: bool = True
+        index_kb: int = Field(default=1024, ge=0, description="how much of each file full-text search covers")
+
+    def setup(self) -> None:
+        o = self.options
+        path = Path(o.path).expanduser() if o.path else default_database_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.engine = StorageEngine(path, versions_kept=o.versions_kept, max_file_bytes=int(o.max_file_mb * MiB),
+                                        max_agent_bytes=int(o.quota_mb * MiB), synchronous=o.synchronous,
+                                        group_commit=o.group_commit, max_index_bytes=o.index_kb * 1024)
+        except (OSError, StorageOpenError, ValueError) as exc:
+            raise RuntimeError(f"cannot open the storage database {path}: {exc}") from None
+        self.log.info("storage database %s (synchronous=%s)", path, o.synchronous)
+
+    def teardown(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+    # ---------------------------------------------------------------- files
+    @op(WriteArgs)
+    def write(self, args: WriteArgs, ctx: RequestContext) -> dict:
+        """Write a file (a new version each time)."""
+        return self.engine.write(ctx.agent, args.path, _bytes(args.data)).model_dump()
+
+    @op(WriteArgs)
+    def append(self, args: WriteArgs, ctx: RequestContext) -> dict:
+        return self.engine.write(ctx.agent, args.path, _bytes(args.data), append=True).model_dump()
+
+    @op(ReadArgs, idempotent=True)
+    def read(self, args: ReadArgs, ctx: RequestContext) -> dict:
+        """{"data": bytes, "path", "version", "size", ...}: the file (or one of its kept versions)."""
+        data, info = self.engine.read(ctx.agent, args.path, args.version)
+        return {"data": data, **info.model_dump()}
+
+    @op(PathArgs, idempotent=True)
+    def stat(self, args: PathArgs, ctx: RequestContext) -> dict:
+        return self.engine.stat(ctx.agent, args.path).model_dump()
+
+    @op(ListArgs, name="list", idempotent=True)
+    def list_files(self, args: ListArgs, ctx: RequestContext) -> dict:
+        files = self.engine.list(ctx.agent, args.prefix, args.recursive, include_deleted=args.include_deleted,
+                                 after=args.after, limit=args.limit)
+        return {"files": [f.model_dump() for f in files]}
+
+    @op(DeleteArgs)
+    def delete(self, args: DeleteArgs, ctx: RequestContext) -> dict:
+        return self.engine.delete(ctx.agent, args.path, purge=args.purge).model_dump()
+
+    @op(PathArgs, idempotent=True)
+    def history(self, args: PathArgs, ctx: RequestContext) -> dict:
+        return {"versions": [v.model_dump() for v in self.engine.history(ctx.agent, args.path)]}
+
+    @op(RollbackArgs)
+    def rollback(self, args: RollbackArgs, ctx: RequestContext) -> dict:
+        return self.engine.rollback(ctx.agent, args.path, args.version).model_dump()
+
+    @op(SearchArgs, idempotent=True)
+    def search(self, args: SearchArgs, ctx: RequestContext) -> dict:
+        hits = self.engine.search(ctx.agent, args.query, args.limit, match=args.match)
+        return {"hits": [h.model_dump() for h in hits]}
+
+    @op(NoArgs, idempotent=True)
+    def stats(self, args: NoArgs, ctx: RequestContext) -> dict:
+        """This agent's figures (files, versions, raw and stored bytes, quota use)."""
+        return self.engine.stats(ctx.agent)
+
+    # -------------------------------------------------------------- records
+    def _owner(self, ctx: RequestContext) -> str:
+        if ctx.caller is None:
+            raise OpError(ErrorCode.DENIED, "records are kept for other kernel managers; agents use files")
+        return ctx.caller
+
+    @op(RecordPutArgs, idempotent=True)
+    def record_put(self, args: RecordPutArgs, ctx: RequestContext) -> dict:
+        self.engine.record_put(self._owner(ctx), ctx.agent, args.key, args.text, args.meta)
+        return {"key": args.key}
+
+    @op(RecordArgs, idempotent=True)
+    def record_get(self, args: RecordArgs, ctx: RequestContext) -> dict:
+        rec = self.engine.record_get(self._owner(ctx), ctx.agent, args.key)
+        if rec is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no record {args.key!r}")
+        return rec.model_dump()
+
+    @op(RecordArgs, idempotent=True)
+    def record_delete(self, args: RecordArgs, ctx: RequestContext) -> dict:
+        return {"deleted": self.engine.record_delete(self._owner(ctx), ctx.agent, args.key)}
+
+    @op(RecordListArgs, idempotent=True)
+    def record_list(self, args: RecordListArgs, ctx: RequestContext) -> dict:
+        recs = self.engine.record_list(self._owner(ctx), ctx.agent, after=args.after, limit=args.limit)
+        return {"records": [r.model_dump() for r in recs]}
+
+    @op(RecordSearchArgs, idempotent=True)
+    def record_search(self, args: RecordSearchArgs, ctx: RequestContext) -> dict:
+        hits = self.engine.record_search(self._owner(ctx), ctx.agent, args.query, args.limit, match=args.match)
+        return {"hits": [h.model_dump() for h in hits]}

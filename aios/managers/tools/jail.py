@@ -324,10 +324,10 @@ def enter(spec: dict[str, Any]) -> dict[str, Any]:
                 os.setuid(NOBODY)
             except OSError as exc:
                 raise JailError("privileges", f"setuid(nobody): {exc.strerror}") from None
-            report["user"] = "nobody"
+            report["user"] = "uid nobody"
         else:
             _drop_capabilities()
-            report["user"] = "user namespace, no capabilities"
+            report["user"] = "uid 0 of a user namespace, no capabilities"
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "privileges")
     libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     report["rlimits"] = apply_rlimits(spec)

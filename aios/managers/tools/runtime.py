@@ -57,6 +57,9 @@ class ToolRuntimeOptions(BaseModel):
         default="auto", description="auto: the strongest isolation this machine allows, reported at start; "
                                     "require: refuse subprocess tools unless network, filesystem, pid and "
                                     "privilege isolation all hold; off: rlimits only")
+    sandbox_strategy: Literal["auto", "root", "userns"] = Field(
+        default="auto", description="root: namespaces then setuid nobody (needs root); userns: a user namespace "
+                                    "then all capabilities dropped (works for normal users); auto: by the kernel's uid")
     hide_paths: list[str] = Field(default_factory=list,
                                   description="directories (or files) tools must never see: the run directory, "
                                               "data directories (the manager adds the run directory)")
@@ -104,7 +107,8 @@ class ToolRuntime:
     def __init__(self, dirs: Sequence[str | Path] = (), options: ToolRuntimeOptions | dict[str, Any] | None = None) -> None:
         self.options = options if isinstance(options, ToolRuntimeOptions) else ToolRuntimeOptions.model_validate(options or {})
         opts = self.options
-        self.isolation: Isolation = detect_isolation(opts.sandbox, opts.hide_paths, opts.scratch_mb, opts.nproc)
+        self.isolation: Isolation = detect_isolation(opts.sandbox, opts.hide_paths, opts.scratch_mb, opts.nproc,
+                                                   opts.sandbox_strategy)
         log.info("%s", self.isolation.summary(opts.scratch_mb))
         search: list[tuple[Path, bool]] = [(SHIPPED_TOOLS_DIR, True)] if opts.shipped else []
         search += [(Path(d).expanduser().resolve(), False) for d in [*dirs, *opts.dirs]]

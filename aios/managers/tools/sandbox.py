@@ -77,7 +77,7 @@ class Isolation:
                  f"read-only filesystem, private {scratch_mb} MB /tmp, run directory and home hidden" if self.fs
                  else "NO mount namespace: tools see and can write the kernel's files",
                  "pid namespace" if self.pid else "no pid namespace",
-                 f"user {self.user}" if self.drop else "privileges NOT dropped",
+                 f"runs as {self.user}" if self.drop else "privileges NOT dropped",
                  "rlimits AS/CPU/NPROC/FSIZE"]
         head = "tool isolation: " if self.complete else "tool isolation REDUCED: "
         tail = f" ({'; '.join(self.problems)})" if self.problems else ""
@@ -96,7 +96,7 @@ class Isolation:
         if self.pid:
             bits.append("pid namespace")
         if self.drop:
-            bits.append(f"user {self.user}")
+            bits.append(self.user)
         bits.append(f"memory {spec.memory_mb} MB, timeout {spec.timeout_s:g} s")
         return ", ".join(bits)
 
@@ -175,13 +175,20 @@ def _run_probe(spec: dict[str, Any], timeout: float = 20.0) -> dict[str, Any]:
 
 
 def detect_isolation(mode: Literal["auto", "require", "off"], hide_paths: list[str], scratch_mb: int,
-                     nproc: int) -> Isolation:
-    """Try the strongest confinement first and step down; each try is a real worker that checks itself."""
+                     nproc: int, strategy: Literal["auto", "root", "userns"] = "auto") -> Isolation:
+    """Try the strongest confinement first and step down; each try is a real worker that checks itself.
+
+    strategy: "root" (namespaces, then setuid nobody) when the kernel runs as root, else
+    "userns" (a user namespace, then every capability dropped); "auto" picks by euid.
+    """
     if mode == "off":
         return Isolation(mode=mode, strategy="none")
     if not sys.platform.startswith("linux"):
         return Isolation(mode=mode, strategy="none", problems=["not Linux: rlimits only"])
-    strategy: Literal["root", "userns"] = "root" if os.geteuid() == 0 else "userns"
+    if strategy == "auto":
+        strategy = "root" if os.geteuid() == 0 else "userns"
+    elif strategy == "root" and os.geteuid() != 0:
+        return Isolation(mode=mode, strategy="none", problems=["sandbox_strategy 'root' needs the kernel to run as root"])
     problems: list[str] = []
     for net, fs, pid, drop in ((True, True, True, True), (True, True, False, True), (True, False, False, False)):
         iso = Isolation(mode=mode, strategy=strategy, net=net, fs=fs, pid=pid, drop=drop)
@@ -339,7 +346,7 @@ class Worker:
         except _TimedOut:
             self.kill()
             raise OpError(ErrorCode.DEADLINE_EXCEEDED,
-                          f"tool {self.spec.name!r} did not finish within {timeout_s:g} s and was killed "
+                          f"tool {self.spec.name!r} did not finish within {timeout_s:.3g} s and was killed "
                           f"(its manifest timeout_s is {self.spec.timeout_s:g}){self._tail_note()}") from None
         except _Cancelled:
             self.kill()

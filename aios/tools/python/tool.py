@@ -119,5 +119,5 @@ def _describe(iso: dict) -> str:
     parts = ["no network" if iso.get("net") else "HOST NETWORK",
              "read-only filesystem with private /tmp" if iso.get("fs") else "HOST FILESYSTEM",
              "own pid namespace" if iso.get("pid") else "shared pid namespace",
-             f"user: {iso.get('user')}"]
+             f"runs as {iso.get('user')}"]
     return ", ".join(parts)

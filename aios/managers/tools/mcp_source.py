@@ -274,7 +274,7 @@ class McpHub:
                     fut.cancel()
                     raise OpError(ErrorCode.DEADLINE_EXCEEDED,
                                   f"tool {spec.name!r}: MCP server {server.config.name!r} did not answer "
-                                  f"within {timeout:g} s (timeout_s)") from None
+                                  f"within {timeout:.3g} s (timeout_s)") from None
             except Exception as exc:  # noqa: BLE001
                 raise self._error(spec, server, exc, timeout) from None
         return self._result(spec, result)
@@ -283,7 +283,7 @@ class McpHub:
         from mcp.shared.exceptions import MCPError
         name = server.config.name
         if isinstance(exc, MCPError) and exc.code == REQUEST_TIMEOUT:
-            return OpError(ErrorCode.DEADLINE_EXCEEDED, f"tool {spec.name!r} did not finish within {timeout:g} s "
+            return OpError(ErrorCode.DEADLINE_EXCEEDED, f"tool {spec.name!r} did not finish within {timeout:.3g} s "
                                                         f"(MCP server {name!r}, timeout_s {server.config.timeout_s:g})")
         if isinstance(exc, MCPError) and exc.code == CONNECTION_CLOSED:
             self._run(server._shutdown())

@@ -109,7 +109,7 @@ class ToolRuntime:
         opts = self.options
         self.isolation: Isolation = detect_isolation(opts.sandbox, opts.hide_paths, opts.scratch_mb, opts.nproc,
                                                    opts.sandbox_strategy)
-        log.info("%s", self.isolation.summary(opts.scratch_mb))
+        (log.info if self.isolation.complete else log.warning)("%s", self.isolation.summary(opts.scratch_mb))
         search: list[tuple[Path, bool]] = [(SHIPPED_TOOLS_DIR, True)] if opts.shipped else []
         search += [(Path(d).expanduser().resolve(), False) for d in [*dirs, *opts.dirs]]
         self._specs, problems = discover(search)
@@ -288,3 +288,12 @@ class ToolRuntime:
     def worker_stats(self) -> dict[str, int]:
         """Cold starts and warm reuses so far (for `describe`/benchmarks)."""
         return dict(self._pool.stats)
+
+    def status(self) -> dict[str, Any]:
+        """For the manager's describe/status answers and `aios tools`: isolation in force, problems, workers."""
+        return {"isolation": self.isolation.summary(self.options.scratch_mb),
+                "isolation_complete": self.isolation.complete,
+                "problems": [{"path": p.path, "reason": p.reason} for p in self.all_problems()],
+                "workers": {**self.worker_stats, "idle": self._pool.idle_count()},
+                "mcp": {name: {"running": s.session is not None, "starts": s.starts}
+                        for name, s in (self._mcp.servers.items() if self._mcp else [])}}

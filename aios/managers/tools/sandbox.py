@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import signal
 import site
@@ -48,6 +49,8 @@ WORKER_DIR = WORKER_SCRIPT.parent
 #: (measured cold start here: about 40-60 ms; generous for a loaded 2-core machine)
 READY_TIMEOUT_S = 15.0
 STDERR_TAIL_BYTES = 2000
+#: a warm worker is replaced after this many calls (bounds slow leaks in a tool's own state)
+MAX_CALLS_PER_WORKER = 1000
 _HEADER = struct.Struct(">I")
 
 
@@ -237,9 +240,11 @@ class Worker:
         self.max_result_bytes = max_result_bytes
         self.cpu_budget_s = cpu_budget_s
         self.calls = 0
+        self.cpu_used = 0.0
         self.isolation: dict[str, Any] = {}
         self.last_used = time.monotonic()
         self.broken = False
+        self._closed = False
         self.work_dir: str | None = None
         if jail is None or not jail.get("fs"):
             self.work_dir = tempfile.mkdtemp(prefix=f"aios-tool-{spec.name}-", dir=scratch_root)
@@ -304,10 +309,12 @@ class Worker:
                 raise _Exited() from None
 
     def stderr_tail(self) -> str:
-        self._stderr.flush()
-        size = os.fstat(self._stderr.fileno()).st_size
-        start = max(self._stderr_mark, size - STDERR_TAIL_BYTES)
-        data = os.pread(self._stderr.fileno(), size - start, start)
+        try:
+            size = os.fstat(self._stderr.fileno()).st_size
+            start = max(self._stderr_mark, size - STDERR_TAIL_BYTES)
+            data = os.pread(self._stderr.fileno(), size - start, start)
+        except (OSError, ValueError):  # closed by a concurrent shutdown
+            return ""
         return data.decode(errors="replace").strip()
 
     def wait_ready(self, deadline: float | None, cancelled: threading.Event | None) -> dict[str, Any]:
@@ -336,7 +343,10 @@ class Worker:
              cancelled: threading.Event | None) -> Any:
         """Run one call; on any failure the worker is marked broken (killed) and OpError raised."""
         self.calls += 1
-        self._stderr_mark = os.fstat(self._stderr.fileno()).st_size
+        try:
+            self._stderr_mark = os.fstat(self._stderr.fileno()).st_size
+        except ValueError:
+            raise OpError(ErrorCode.SHUTTING_DOWN, "the tool runtime is closing") from None
         deadline = time.monotonic() + timeout_s
         try:
             if not self.isolation:
@@ -358,6 +368,7 @@ class Worker:
         except (_Exited, BrokenPipeError):
             raise OpError(*self._death_error("before replying")) from None
         self.last_used = time.monotonic()
+        self.cpu_used = float(reply.get("cpu_s") or 0.0)
         if reply.get("ok"):
             return reply.get("result")
         err = reply.get("error") or {}
@@ -430,14 +441,19 @@ class Worker:
         return not self.broken and self.proc.poll() is None
 
     def reusable(self) -> bool:
-        return self.alive and self.spec.reuse and self.calls < 1000
+        """Reuse only while far from the lifetime CPU limit, so a warm worker never dies of it mid-call."""
+        return (self.alive and self.spec.reuse and self.calls < MAX_CALLS_PER_WORKER
+                and self.cpu_used < self.cpu_budget_s / 2)
 
     def kill(self) -> None:
         self.broken = True
         _killpg(self.proc)
 
     def close(self) -> None:
-        """End the worker (EOF first, then SIGKILL to its group) and release its files."""
+        """End the worker (EOF first, then SIGKILL to its group) and release its files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()  # type: ignore[union-attr]
@@ -495,8 +511,22 @@ class WorkerPool:
         self._closed = False
         self._stop = threading.Event()
         self.stats = {"cold": 0, "warm": 0}
+        # Ending a worker (EOF, wait, SIGKILL, reap) takes milliseconds: done off the caller's path
+        self._to_close: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
+        self._closer = threading.Thread(target=self._close_loop, name="tool-worker-closer", daemon=True)
+        self._closer.start()
         self._janitor = threading.Thread(target=self._sweep_loop, name="tool-worker-janitor", daemon=True)
         self._janitor.start()
+
+    def _close_loop(self) -> None:
+        while True:
+            w = self._to_close.get()
+            if w is None:
+                return
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001 - never let one worker stop the closing of others
+                log.exception("closing tool worker %s", w.proc.pid)
 
     def _new_worker(self, spec: ToolSpec, agent: str) -> Worker:
         # RLIMIT_CPU is a backstop for the whole life of a (possibly warm) worker; the wall-clock
@@ -539,9 +569,9 @@ class WorkerPool:
                 keep = True
             evicted = self._evict_over_limit() if keep else []
         if not keep:
-            w.close()
+            self._to_close.put(w)
         for e in evicted:
-            e.close()
+            self._to_close.put(e)
 
     def _count_idle(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -556,7 +586,7 @@ class WorkerPool:
         return out
 
     def _discard(self, w: Worker) -> None:
-        threading.Thread(target=w.close, daemon=True).start()
+        self._to_close.put(w)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(min(5.0, max(0.1, self.idle_s / 2))):
@@ -576,7 +606,7 @@ class WorkerPool:
                 else:
                     self._idle.pop(key)
         for w in stale:
-            w.close()
+            self._to_close.put(w)
 
     def idle_count(self, tool: str | None = None, agent: str | None = None) -> int:
         with self._lock:
@@ -591,6 +621,8 @@ class WorkerPool:
             self._idle.clear()
         for w in workers:
             w.kill()
+        self._to_close.put(None)
+        self._closer.join(timeout=30.0)  # finish the closes already queued
         for w in workers:
             w.close()
         self._janitor.join(timeout=5.0)

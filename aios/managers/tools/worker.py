@@ -142,9 +142,17 @@ def describe_exception(exc: BaseException) -> dict[str, Any]:
     return err
 
 
+def cpu_seconds() -> float:
+    """CPU time this worker (and its waited-for children) used so far: the manager retires a warm
+    worker well before its RLIMIT_CPU, which counts the whole life of the process."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def encode_result(result: Any, ms: float, max_bytes: int) -> bytes:
     try:
-        frame = encode_frame({"ok": True, "result": result, "ms": ms})
+        frame = encode_frame({"ok": True, "result": result, "ms": ms, "cpu_s": cpu_seconds()})
     except (TypeError, ValueError) as exc:
         return encode_frame({"ok": False, "error": {
             "kind": "bad_result", "type": type(exc).__name__,
@@ -233,7 +241,7 @@ def serve(manager_pid: int) -> int:
             result = None  # release what we can before building the reply
             frame = encode_frame({"ok": False, "error": describe_exception(exc)})
         except BaseException as exc:  # noqa: BLE001 - SystemExit from a tool is an error too
-            frame = encode_frame({"ok": False, "error": describe_exception(exc)})
+            frame = encode_frame({"ok": False, "error": describe_exception(exc), "cpu_s": cpu_seconds()})
         write_bytes(fd_out, frame)
 
 

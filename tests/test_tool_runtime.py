@@ -92,6 +92,14 @@ def test_limits_come_from_the_manifests(rt: ToolRuntime) -> None:
     assert set(limits) == {t.name for t in rt.list()}
 
 
+def test_a_user_tool_folder_is_discovered_and_called() -> None:
+    """The example in the top-level tools/ folder, where a user's own tools go."""
+    with ToolRuntime([REPO / "tools"], {"shipped": False}) as runtime:
+        assert runtime.problems == [] and [t.name for t in runtime.list()] == ["word_count"]
+        out = runtime.call("word_count", {"text": "the cat and the hat\nthe end", "top": 1}, agent="u")
+        assert out == {"words": 7, "lines": 2, "characters": 27, "top": [{"word": "the", "count": 3}]}
+
+
 def test_manifest_errors_name_the_field(tmp_path: Path) -> None:
     folder = tmp_path / "demo"
     folder.mkdir()

@@ -6,7 +6,6 @@ import http.server
 import json
 import math
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest

@@ -87,9 +87,15 @@ class Isolation:
         return head + ", ".join(parts) + tail
 
     def for_tool(self, spec: ToolSpec) -> str:
-        if self.mode == "off" or spec.kind != "subprocess":
-            return "none (runs inside the tool manager)" if spec.kind == "builtin" else (
-                "rlimits only" if self.mode == "off" else "separate MCP server process")
+        if spec.kind == "builtin":
+            return "none: runs inside the tool manager (allowed for shipped tools only)"
+        if spec.kind == "mcp":
+            jailed = not spec.network and self.mode != "off" and (self.net or self.fs)
+            memory = f", memory {spec.memory_mb} MB" if spec.memory_mb else ""
+            where = "in the tool sandbox" if jailed else "with the kernel user's rights"
+            return f"MCP server process {where}{memory}, timeout {spec.timeout_s:g} s"
+        if self.mode == "off":
+            return f"rlimits only (sandbox = 'off'), memory {spec.memory_mb} MB, timeout {spec.timeout_s:g} s"
         bits = []
         if spec.network:
             bits.append("host network (manifest network = true)")
@@ -239,6 +245,7 @@ class Worker:
         self.agent = agent
         self.max_result_bytes = max_result_bytes
         self.cpu_budget_s = cpu_budget_s
+        self.fsize_mb = int(rlimits.get("fsize_mb") or 0)
         self.calls = 0
         self.cpu_used = 0.0
         self.isolation: dict[str, Any] = {}
@@ -406,8 +413,9 @@ class Worker:
         if err.get("kind") == "jail":
             return ErrorCode.DENIED, (f"tool {name!r}: its sandbox could not be set up ({err.get('message')}); "
                                       f"the call was refused rather than run unconfined")
-        if err.get("kind") == "memory":
-            return ErrorCode.QUOTA_EXCEEDED, self._memory_message() + " while loading"
+        message = str(err.get("message", ""))
+        if err.get("kind") == "memory" or "failed to map segment" in message or "Cannot allocate memory" in message:
+            return ErrorCode.QUOTA_EXCEEDED, self._memory_message() + f" while loading its code ({message[:200]})"
         return ErrorCode.BACKEND_ERROR, (f"tool {name!r} failed to load its code ({self.spec.entry}): "
                                          f"{err.get('type')}: {err.get('message')}")
 
@@ -428,6 +436,9 @@ class Worker:
             sig = -code
             if sig == signal.SIGXCPU:
                 return ErrorCode.QUOTA_EXCEEDED, f"tool {name!r} used up its CPU-time limit and was killed{note}"
+            if sig == signal.SIGXFSZ:
+                return ErrorCode.QUOTA_EXCEEDED, (f"tool {name!r} wrote a file (or stderr) past its size limit of "
+                                                  f"{self.fsize_mb} MB (tools scratch_mb) and was killed")
             try:
                 signame = signal.Signals(sig).name
             except ValueError:

@@ -1,1 +1,1 @@
-def run(a): return {"shadow": true}
+def run(a): return {"shadow": True}

@@ -1,13 +1,14 @@
 """Timing figures of the tool runtime (a command that prints figures; tests never assert on speed).
 
-    python -m aios.managers.tools.bench [--n 30] [--json]
+    python -m aios.managers.tools.bench [--n 30] [--json] [--mcp "python tests/support/mcp_server.py"]
 
 Measures, on this machine, with the shipped tools:
 - validation only: checking arguments against a tool's JSON schema (rejects before any worker);
 - cold call: a new worker per call (spawn python, confine it, import the tool, run, reply);
 - warm call: the same agent's idle worker reused;
 - python tool: a snippet in a fresh fully sandboxed worker (the tool runs `python -I -c` inside it);
-- the same cold call with sandbox = "off", to show what the confinement itself costs.
+- the same cold call with sandbox = "off", to show what the confinement itself costs;
+- with --mcp CMD: an MCP server's start (handshake and tool listing) and one call through it.
 """
 from __future__ import annotations
 
@@ -33,8 +34,15 @@ def _measure(fn: Callable[[int], Any], n: int) -> dict[str, float]:
             "p95_ms": round(times[min(n - 1, int(n * 0.95))], 3), "min_ms": round(times[0], 3)}
 
 
-def run(n: int) -> dict[str, Any]:
+def run(n: int, mcp: list[str] | None = None, mcp_tool: str = "", mcp_args: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if mcp:
+        t0 = time.perf_counter()
+        with ToolRuntime([], {"shipped": False, "mcp": [{"name": "bench", "command": mcp}]}) as rt:
+            out["mcp_server_start"] = {"n": 1, "p50_ms": round((time.perf_counter() - t0) * 1000, 3),
+                                       "p95_ms": 0.0, "min_ms": 0.0}
+            name = f"bench__{mcp_tool}"
+            out["mcp_call"] = _measure(lambda i: rt.call(name, mcp_args or {}, agent="bench"), n * 10)
     with ToolRuntime() as rt:
         out["isolation"] = rt.isolation.summary(rt.options.scratch_mb)
         spec = rt._lookup("flights")
@@ -64,8 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--mcp", help="also time an MCP server: its command line, e.g. "
+                                      "'python tests/support/mcp_server.py'")
+    parser.add_argument("--mcp-tool", default="add")
+    parser.add_argument("--mcp-args", default='{"a": 1, "b": 2}', help="JSON arguments for --mcp-tool")
     a = parser.parse_args()
-    result = run(a.n)
+    result = run(a.n, a.mcp.split() if a.mcp else None, a.mcp_tool, json.loads(a.mcp_args))
     if a.json:
         print(json.dumps(result, indent=2))
         return

@@ -153,7 +153,7 @@ def test_a_tool_that_sleeps_past_its_timeout_is_killed(rt: ToolRuntime) -> None:
     started = time.monotonic()
     err = op_error(rt.call, "sleeper", {"seconds": 30}, agent="t")
     assert err.code == ErrorCode.DEADLINE_EXCEEDED
-    assert "did not finish within 1.5 s and was killed" in err.message and "timeout_s" in err.message
+    assert "did not finish within 2.5 s and was killed" in err.message and "timeout_s is 2.5" in err.message
     assert time.monotonic() - started < 20  # it did not wait for the 30 s sleep
     assert rt._pool.idle_count("sleeper") == 0
     healthy(rt)
@@ -251,7 +251,7 @@ def test_a_slow_tool_never_holds_up_a_fast_one(rt: ToolRuntime) -> None:
 def test_the_runtime_keeps_a_tool_within_its_limit(rt: ToolRuntime) -> None:
     """sleeper has limit 1: two calls at once run one after the other (the scheduler does this too)."""
     spans: list[dict[str, float]] = []
-    threads = [threading.Thread(target=lambda: spans.append(rt.call("sleeper", {"seconds": 0.3}, agent=f"l{i}")))
+    threads = [threading.Thread(target=lambda: spans.append(rt.call("sleeper", {"seconds": 0.2}, agent=f"l{i}")))
                for i in range(2)]
     for t in threads:
         t.start()

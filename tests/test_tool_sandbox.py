@@ -113,7 +113,7 @@ def test_snippet_cannot_read_a_secret_placed_like_the_key(rt: ToolRuntime,
 
 def test_snippet_cannot_write_outside_its_directory(rt: ToolRuntime, secrets: list[tuple[Path, Path, bytes]]) -> None:
     tag = uuid.uuid4().hex
-    targets = [f"/tmp/aios-escape-{tag}", f"/var/tmp/aios-escape-{tag}", str(REPO / f"aios-escape-{tag}"),
+    targets = [f"/tmp/aios-escape-{tag}", f"/dev/shm/aios-escape-{tag}", f"/var/tmp/aios-escape-{tag}", str(REPO / f"aios-escape-{tag}"),
                str(Path.home() / f"aios-escape-{tag}"), f"/etc/aios-escape-{tag}"]
     targets += [str(run_dir / f"escape-{tag}") for run_dir, _, _ in secrets]
     targets += [str(key) for _, key, _ in secrets]  # overwrite the key itself
@@ -143,7 +143,7 @@ def test_snippet_cannot_write_outside_its_directory(rt: ToolRuntime, secrets: li
     for _, key, secret in secrets:
         assert key.read_bytes() == secret
     for path in targets:
-        if not path.startswith("/tmp/"):  # /tmp inside is the sandbox's own private directory
+        if not path.startswith(("/tmp/", "/dev/shm/")):  # private to the sandbox inside
             assert out[path].startswith("denied"), (path, out[path])
 
 

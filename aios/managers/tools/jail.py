@@ -18,7 +18,9 @@ What `enter(spec)` does, each step only when the spec asks for it:
    inside the masks as clones taken before masking; then every mount becomes
    read-only and nosuid (mount_setattr(AT_RECURSIVE), Linux >= 5.12); finally a
    private size-limited tmpfs is mounted on /tmp as the only writable place and
-   the working directory.
+   the working directory (plus a small private /dev/shm for POSIX semaphores).
+   open_tree/move_mount/mount_setattr are called by number (428/429/442, the
+   same on x86_64 and aarch64).
 3. Pid namespace: the process forks; the child is pid 1 of the namespace (when
    it dies the kernel kills everything the tool left behind, even processes that
    escaped the process group), the parent only waits and exits with the child's
@@ -199,6 +201,9 @@ def _filesystem(spec: dict[str, Any], sandbox_uid: int, sandbox_gid: int) -> Non
     scratch_mb = int(spec.get("scratch_mb", 64))
     _mount("filesystem", "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={scratch_mb}m,mode=0700,uid={sandbox_uid},gid={sandbox_gid}")
+    if os.path.isdir("/dev/shm"):  # POSIX semaphores/shared memory (multiprocessing) need it writable
+        _mount("filesystem", "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={min(scratch_mb, 16)}m,mode=0700,uid={sandbox_uid},gid={sandbox_gid}")
     for k, fd in in_tmp:
         os.makedirs(k, exist_ok=True)
         _move_mount(fd, k)

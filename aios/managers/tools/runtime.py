@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -114,10 +112,8 @@ class ToolRuntime:
         search += [(Path(d).expanduser().resolve(), False) for d in [*dirs, *opts.dirs]]
         self._specs, problems = discover(search)
         self.problems: list[ToolProblem] = list(problems)
-        self._scratch_root = tempfile.mkdtemp(prefix="aios-tools-")
         self._planner = JailPlanner(self.isolation, opts.hide_paths, opts.scratch_mb, opts.nproc)
-        self._pool = WorkerPool(self._planner, opts.warm_workers, opts.warm_idle_s, opts.max_result_bytes,
-                                self._scratch_root)
+        self._pool = WorkerPool(self._planner, opts.warm_workers, opts.warm_idle_s, opts.max_result_bytes)
         self._builtins: dict[str, Callable[..., Any]] = {}
         self._builtin_lock = threading.Lock()
         self._slots: dict[str, threading.BoundedSemaphore] = {}
@@ -275,7 +271,7 @@ class ToolRuntime:
         self._pool.close()
         if self._mcp is not None:
             self._mcp.close()
-        shutil.rmtree(self._scratch_root, ignore_errors=True)
+        self._pool.remove_scratch()
 
     def __enter__(self) -> "ToolRuntime":
         return self

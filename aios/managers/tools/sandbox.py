@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import select
+import shutil
 import signal
 import site
 import struct
@@ -34,7 +35,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
@@ -240,7 +241,7 @@ class Worker:
     """One worker process serving one tool (for one agent, when reused)."""
 
     def __init__(self, spec: ToolSpec, agent: str, jail: dict[str, Any] | None, rlimits: dict[str, Any],
-                 max_result_bytes: int, scratch_root: str, cpu_budget_s: int) -> None:
+                 max_result_bytes: int, scratch_root: str | Callable[[], str], cpu_budget_s: int) -> None:
         self.spec = spec
         self.agent = agent
         self.max_result_bytes = max_result_bytes
@@ -254,7 +255,8 @@ class Worker:
         self._closed = False
         self.work_dir: str | None = None
         if jail is None or not jail.get("fs"):
-            self.work_dir = tempfile.mkdtemp(prefix=f"aios-tool-{spec.name}-", dir=scratch_root)
+            self.work_dir = tempfile.mkdtemp(prefix=f"aios-tool-{spec.name}-",
+                                             dir=scratch_root() if callable(scratch_root) else scratch_root)
         fd, path = tempfile.mkstemp(prefix="aios-tool-stderr-")
         os.close(fd)
         self._stderr = open(path, "a+b")  # O_APPEND: the worker's writes always land at the end
@@ -484,7 +486,6 @@ class Worker:
                 pass
         self._stderr.close()
         if self.work_dir:
-            import shutil
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
@@ -509,13 +510,12 @@ class _Oversized(Exception):
 class WorkerPool:
     """Warm workers, idle ones keyed by (tool, agent); the least recently used go first."""
 
-    def __init__(self, planner: JailPlanner, max_idle: int, idle_s: float, max_result_bytes: int,
-                 scratch_root: str) -> None:
+    def __init__(self, planner: JailPlanner, max_idle: int, idle_s: float, max_result_bytes: int) -> None:
         self.planner = planner
         self.max_idle = max_idle
         self.idle_s = idle_s
         self.max_result_bytes = max_result_bytes
-        self.scratch_root = scratch_root
+        self._scratch_root: str | None = None
         self._idle: OrderedDict[tuple[str, str], list[Worker]] = OrderedDict()
         self._lock = threading.Lock()
         self._busy: set[Worker] = set()
@@ -545,7 +545,20 @@ class WorkerPool:
         cpu_budget = int(max(60, 4 * spec.timeout_s))
         jail = self.planner.spec(spec, cpu_s=cpu_budget, memory_mb=spec.memory_mb, network=spec.network)
         rlimits = {"memory_mb": spec.memory_mb, "cpu_s": cpu_budget, "fsize_mb": self.planner.scratch_mb}
-        return Worker(spec, agent, jail, rlimits, self.max_result_bytes, self.scratch_root, cpu_budget)
+        return Worker(spec, agent, jail, rlimits, self.max_result_bytes, lambda: self.scratch_root, cpu_budget)
+
+    @property
+    def scratch_root(self) -> str:
+        """Host directory for workers' scratch dirs, created only when a worker runs without the
+        mount namespace (a confined worker's scratch is a tmpfs that vanishes with it)."""
+        with self._lock:
+            if self._scratch_root is None:
+                self._scratch_root = tempfile.mkdtemp(prefix="aios-tools-")
+            return self._scratch_root
+
+    def remove_scratch(self) -> None:
+        if self._scratch_root is not None:
+            shutil.rmtree(self._scratch_root, ignore_errors=True)
 
     def acquire(self, spec: ToolSpec, agent: str) -> Worker:
         key = (spec.name, agent)

@@ -1,6 +1,7 @@
 """Timing figures of the tool runtime (a command that prints figures; tests never assert on speed).
 
     python -m aios.managers.tools.bench [--n 30] [--json] [--mcp "python tests/support/mcp_server.py"]
+    python -m aios.managers.tools.bench --calibrate     # RLIMIT_AS a worker needs (binary search)
 
 Measures, on this machine, with the shipped tools:
 - validation only: checking arguments against a tool's JSON schema (rejects before any worker);
@@ -68,6 +69,39 @@ def run(n: int, mcp: list[str] | None = None, mcp_tool: str = "", mcp_args: dict
     return out
 
 
+CALIBRATION_IMPORTS = {
+    "python -I -c pass": "pass",
+    "worker imports": "import json, struct, fcntl, ctypes, importlib.util, inspect, traceback, resource, select",
+    "web_fetch imports (socket, ssl, urllib)": "import json, socket, ssl, urllib.request, http.client",
+    "python tool imports (subprocess)": "import subprocess, select, signal",
+    "numpy": "import numpy",
+}
+
+
+def calibrate() -> dict[str, int]:
+    """Smallest RLIMIT_AS (MB) with which each import set still runs: the baseline a worker needs."""
+    import resource
+    import subprocess
+    import sys
+
+    def runs(mb: int, code: str) -> bool:
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (mb << 20, mb << 20))
+        return subprocess.run([sys.executable, "-I", "-c", code], preexec_fn=limit,
+                              capture_output=True).returncode == 0
+
+    out = {}
+    for label, code in CALIBRATION_IMPORTS.items():
+        if not runs(4096, code):
+            continue  # not installed here
+        lo, hi = 1, 4096
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if runs(mid, code) else (mid + 1, hi)
+        out[label] = lo
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=30)
@@ -76,7 +110,12 @@ def main() -> None:
                                       "'python tests/support/mcp_server.py'")
     parser.add_argument("--mcp-tool", default="add")
     parser.add_argument("--mcp-args", default='{"a": 1, "b": 2}', help="JSON arguments for --mcp-tool")
+    parser.add_argument("--calibrate", action="store_true", help="only measure the RLIMIT_AS baseline of workers")
     a = parser.parse_args()
+    if a.calibrate:
+        for label, mb in calibrate().items():
+            print(f"{mb:5d} MB  {label}")
+        return
     result = run(a.n, a.mcp.split() if a.mcp else None, a.mcp_tool, json.loads(a.mcp_args))
     if a.json:
         print(json.dumps(result, indent=2))

@@ -34,7 +34,7 @@ What `enter(spec)` does, each step only when the spec asks for it:
    wall-clock timeout the manager enforces), RLIMIT_NPROC, RLIMIT_FSIZE.
 
 Measured on the development machine (2 cores, Linux 6.18, root): RLIMIT_AS of
-13 MB is enough for `python -I -c pass`, 17 MB for the worker's imports, 26 MB
+13 MB is enough for `python -I -c pass`, 18 MB for the worker's imports, 26 MB
 with socket/ssl/urllib, 138 MB for `import numpy`.
 """
 from __future__ import annotations

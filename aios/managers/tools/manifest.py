@@ -38,7 +38,7 @@ MANIFEST_FILES = ("tool.toml", "tool.json")
 #: request and take the machine (each worker may use memory_mb). 2 lets a second call overlap
 #: the first on these 2-core machines while bounding a tool's footprint to 2 x memory_mb.
 DEFAULT_LIMIT = 2
-#: Measured: a worker needs 17 MB of address space for its own imports (26 MB with
+#: Measured: a worker needs 18 MB of address space for its own imports (26 MB with
 #: socket/ssl/urllib); below 32 MB a tool would fail before running any of its code.
 MIN_MEMORY_MB = 32
 

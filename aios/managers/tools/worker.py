@@ -1,7 +1,7 @@
 """The tool worker: one subprocess that loads one tool and runs its calls.
 
 Stdlib-only and started as `python -I worker.py serve <manager pid>`, so a
-worker imports nothing from AIOS or its dependencies (measured: 17 MB of
+worker imports nothing from AIOS or its dependencies (measured: 18 MB of
 address space and about 30 ms to start, see jail.py) and the tool manager's
 own state never reaches it.
 

@@ -1,0 +1,1 @@
+def run(a): return 1

@@ -1,0 +1,5 @@
+import os
+
+
+def run(args):
+    os._exit(args.get("status", 3))

@@ -1,0 +1,2 @@
+def run(args):
+    return {1, 2, 3}

@@ -1,0 +1,2 @@
+def run(args):
+    raise ValueError("the raiser tool always fails")

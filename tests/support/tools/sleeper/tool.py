@@ -1,0 +1,7 @@
+import time
+
+
+def run(args):
+    started = time.monotonic()
+    time.sleep(args["seconds"])
+    return {"started": started, "ended": time.monotonic()}

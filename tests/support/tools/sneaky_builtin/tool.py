@@ -1,0 +1,1 @@
+def run(a, ctx): return 1

@@ -270,11 +270,39 @@ def files_main(args: argparse.Namespace) -> int:
     raise ValueError(a)
 
 
-def _agent_args(p: argparse.ArgumentParser) -> None:
+def _agent_args(p: argparse.ArgumentParser, agent_required: bool = True) -> None:
     _run_dir_arg(p)
-    p.add_argument("--agent", required=True, help="whose data: the agent name its calls carry")
+    p.add_argument("--agent", required=agent_required, default="aios-cli",
+                   help="whose data: the agent name its calls carry")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+
+
+# ------------------------------------------------------------------- aios tools
+def tools_main(args: argparse.Namespace) -> int:
+    if args.name:
+        def show_one(info: dict[str, Any]) -> None:
+            print(f"{info['name']} ({info['kind']}, {info['source']}): {info['description']}")
+            print(f"  limit {info['limit']} at once, timeout {info['timeout_s']:g}s, memory "
+                  f"{info['memory_mb'] or '-'} MB, {'safe' if info['idempotent'] else 'not safe'} to repeat, "
+                  f"network {'on' if info['network'] else 'off'}")
+            print(f"  isolation: {info['isolation']}")
+            if not info["enabled"]:
+                print(f"  OFF: {info['disabled_reason']}")
+            print("  arguments (JSON schema):")
+            print("    " + json.dumps(info["parameters"], indent=2).replace("\n", "\n    "))
+        return _agent_call(args, lambda c: c.tools.describe(args.name), show_one)
+
+    def show_all(data: dict[str, Any]) -> None:
+        print(f"isolation: {data['status']['isolation']}")
+        print(f"{'TOOL':<24}{'LIMIT':>6}{'TIMEOUT':>9}{'REPEAT':>8}  DESCRIPTION")
+        for t in data["tools"]:
+            desc = t["description"] if t["enabled"] else f"OFF: {t['disabled_reason']}"
+            print(f"{t['name']:<24}{t['limit']:>6}{t['timeout_s']:>8g}s{'yes' if t['idempotent'] else 'no':>8}  "
+                  f"{desc[:90]}")
+        for p in data["status"]["problems"]:
+            print(f"not loaded: {p['path']}: {p['reason']}")
+    return _agent_call(args, lambda c: {"tools": c.tools.list(), "status": c.call("tools", "status")}, show_all)
 
 
 # ------------------------------------------------------------------------- main
@@ -328,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--limit", type=int, default=10)
     _agent_args(f)
     p.set_defaults(func=files_main)
+    p = sub.add_parser("tools", help="the tools the kernel offers (or one, with its argument schema)")
+    p.add_argument("name", nargs="?", help="a tool to describe")
+    _agent_args(p, agent_required=False)
+    p.set_defaults(func=tools_main)
     from aios.bench.cli import add_bench_parser
     add_bench_parser(sub)
     from aios.demo import add_demo_parser

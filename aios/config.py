@@ -43,6 +43,7 @@ LLM_CORE_TARGET = "aios.managers.llm.core:LLMCore"
 #: table, on by default; `[table] enabled = false` turns it off; other keys are its Options.
 BUILTIN_MANAGERS: dict[str, str] = {
     "storage": "aios.managers.storage.manager:StorageManager",
+    "tools": "aios.managers.tools.manager:ToolManager",
 }
 
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for i, policy in enumerate(policies):
         main = i == len(policies) - 1
         if not main:
-            print(f"[demo] first, the baseline: the same agents under fifo (no preemption) ...", flush=True)
+            print("[demo] first, the baseline: the same agents under fifo (no preemption) ...", flush=True)
         result = _run_kernel(args, policy, names, stream=main)
         if result is None:
             return 2

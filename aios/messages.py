@@ -319,7 +319,9 @@ class Ready:
 
     `targets` are the resources within the service this manager serves (the
     models of an LLM core, the tools of the tool manager); a request naming a
-    target goes only to a manager that lists it. `default` marks the manager
+    target goes only to a manager that lists it. `idempotent_targets` are
+    targets whose requests are safe to repeat whatever the op says (a tool
+    that declares itself so). `default` marks the manager
     for requests that name no target. `limits` caps how many requests per
     target may run at once (a tool's concurrency limit). `running` lists the
     requests it is already running (after a scheduler restart: work the new
@@ -339,6 +341,7 @@ class Ready:
     targets: list[str] = field(default_factory=list)
     default: bool = False
     limits: dict[str, int] = field(default_factory=dict)
+    idempotent_targets: list[str] = field(default_factory=list)
     health: str = "ok"
     detail: str = ""
 
@@ -346,11 +349,13 @@ class Ready:
         return {"kind": _READY, "name": self.name, "service": self.service, "capacity": self.capacity,
                 "incarnation": self.incarnation, "pid": self.pid, "running": [list(e) for e in self.running],
                 "ops": {n: o.to_wire() for n, o in self.ops.items()}, "targets": list(self.targets),
-                "default": self.default, "limits": dict(self.limits), "health": self.health, "detail": self.detail}
+                "default": self.default, "limits": dict(self.limits), "idempotent_targets": list(self.idempotent_targets),
+                "health": self.health, "detail": self.detail}
 
     @classmethod
     def from_header(cls, h: dict[str, Any]) -> "Ready":
         ops_raw, targets, limits = h.get("ops", {}), h.get("targets", []), h.get("limits", {})
+        idem = h.get("idempotent_targets", [])
         if type(ops_raw) is not dict or len(ops_raw) > MAX_READY_ENTRIES:
             raise _bad("header field 'ops' must be a map of op names", h)
         ops: dict[str, OpInfo] = {}
@@ -364,6 +369,8 @@ class Ready:
         if type(targets) is not list or len(targets) > MAX_READY_ENTRIES or any(
                 type(t) is not str or not t or len(t) > MAX_NAME for t in targets):
             raise _bad("header field 'targets' must be a list of names", h)
+        if type(idem) is not list or len(idem) > MAX_READY_ENTRIES or any(type(t) is not str for t in idem):
+            raise _bad("header field 'idempotent_targets' must be a list of names", h)
         if type(limits) is not dict or len(limits) > MAX_READY_ENTRIES or any(
                 type(v) is not int or v < 1 for v in limits.values()):
             raise _bad("header field 'limits' must map names to positive integers", h)
@@ -376,7 +383,8 @@ class Ready:
         return cls(name=_name(h, "name"), service=_name(h, "service"), capacity=_int(h, "capacity", 1, 1, 1 << 16),
                    incarnation=_name(h, "incarnation"), pid=_int(h, "pid"), running=_running(h, "running") or [],
                    ops=ops,
-                   targets=list(targets), default=_bool(h, "default"), limits=dict(limits), health=health,
+                   targets=list(targets), default=_bool(h, "default"), limits=dict(limits),
+                   idempotent_targets=list(idem), health=health,
                    detail=detail[:1000])
 
 

@@ -151,58 +151,16 @@ def test_hotels_by_city_and_price(rt: ToolRuntime) -> None:
 
 
 # ---------------------------------------------------------------------- files
-class StandInStorage:
-    """STAND-IN for the storage service, labelled as such: the real storage manager is built
-    elsewhere and the end-to-end test comes at integration. It has the shape of the manager's
-    `ctx.call(service, op, *, timeout=None, **args)`, records every call, keeps files in a dict,
-    and raises OpError like the real service would."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-        self.files: dict[str, str] = {}
-
-    def __call__(self, service: str, op: str, *, timeout: float | None = None, **args: Any) -> Any:
-        self.calls.append((service, op, {**args, "timeout": timeout}))
-        path = args.get("path")
-        if op == "write":
-            self.files[path] = args["data"]
-            return {"path": path, "size": len(args["data"])}
-        if op == "list":
-            return {"paths": sorted(p for p in self.files if p.startswith(path or ""))}
-        if path not in self.files:
-            raise OpError(ErrorCode.NOT_FOUND, f"no file {path!r}")
-        if op == "read":
-            return {"path": path, "data": self.files[path]}
-        if op == "stat":
-            return {"path": path, "size": len(self.files[path])}
-        del self.files[path]
-        return {"path": path, "deleted": True}
+# The files tool calls the storage service; it is tested end to end through the real kernel (tool
+# manager + storage manager) in tests/test_tools_kernel.py. Here: what needs no storage at all.
 
 
-def test_files_tool_goes_through_the_storage_service(rt: ToolRuntime) -> None:
-    storage = StandInStorage()
-    call = lambda args: rt.call("files", args, agent="writer", call_fn=storage, timeout=10)  # noqa: E731
-    assert call({"op": "write", "path": "notes/a.txt", "data": "hello"}) == {"op": "write", "path": "notes/a.txt", "size": 5}
-    assert call({"op": "read", "path": "notes/a.txt"})["data"] == "hello"
-    assert call({"op": "list", "path": "notes/"})["paths"] == ["notes/a.txt"]
-    assert call({"op": "stat", "path": "notes/a.txt"})["size"] == 5
-    assert call({"op": "delete", "path": "notes/a.txt"})["deleted"] is True
-    assert [(s, o) for s, o, _ in storage.calls] == [("storage", "write"), ("storage", "read"), ("storage", "list"),
-                                                     ("storage", "stat"), ("storage", "delete")]
-    assert storage.calls[0][2]["data"] == "hello" and "agent" not in storage.calls[0][2]  # the service scopes it
-    assert all(0 < args["timeout"] <= 10 for _, _, args in storage.calls)  # the call's remaining time is passed on
-
-
-def test_files_tool_errors(rt: ToolRuntime) -> None:
-    storage = StandInStorage()
-    err = op_error(rt.call, "files", {"op": "read", "path": "missing.txt"}, agent="w", call_fn=storage)
-    assert err.code == ErrorCode.NOT_FOUND and err.message == "tool 'files': no file 'missing.txt'"
-    err = op_error(rt.call, "files", {"op": "write", "path": "x.txt"}, agent="w", call_fn=storage)
+def test_files_tool_validates_before_calling_storage(rt: ToolRuntime) -> None:
+    err = op_error(rt.call, "files", {"op": "write", "path": "x.txt"}, agent="w")
     assert err.code == ErrorCode.INVALID_ARGUMENT and "'data' is a required property" in err.message
-    err = op_error(rt.call, "files", {"op": "chmod", "path": "x.txt"}, agent="w", call_fn=storage)
+    err = op_error(rt.call, "files", {"op": "chmod", "path": "x.txt"}, agent="w")
     assert err.code == ErrorCode.INVALID_ARGUMENT and "arguments.op" in err.message
-    assert [c[1] for c in storage.calls] == ["read"]  # the invalid calls never reached storage
-    err = op_error(rt.call, "files", {"op": "list"}, agent="w")
+    err = op_error(rt.call, "files", {"op": "list"}, agent="w")  # valid, but no kernel to call
     assert err.code == ErrorCode.UNAVAILABLE and "call_fn" in err.message
 
 

@@ -162,9 +162,10 @@ class Manager:
 
     `Options` is the pydantic model of the manager's settings (the options of
     its configuration entry); `self.options` is the validated instance.
-    `targets`, `default_target` and `limits` are what READY announces (set
-    them in `setup`): the named resources this manager serves, whether it
-    serves requests that name none, and per-target concurrency limits.
+    `targets`, `default_target`, `limits` and `idempotent_targets` are what
+    READY announces (set them in `setup`): the named resources this manager
+    serves, whether it serves requests that name none, per-target concurrency
+    limits, and the targets whose requests are safe to repeat whatever the op.
     """
 
     service: ClassVar[str]
@@ -187,6 +188,7 @@ class Manager:
         self.targets: list[str] = []
         self.default_target = False
         self.limits: dict[str, int] = {}
+        self.idempotent_targets: list[str] = []
         self.health = "ok"
         self.health_detail = ""
         self._stopping = threading.Event()
@@ -317,6 +319,7 @@ class Manager:
             pid=os.getpid(), running=self._running(),
             ops={n: messages.OpInfo(s.idempotent, s.preemptible) for n, s in self.ops.items()},
             targets=list(self.targets), default=self.default_target, limits=dict(self.limits),
+            idempotent_targets=list(self.idempotent_targets),
             health=self.health, detail=self.health_detail)
 
     def _send_ready(self) -> None:

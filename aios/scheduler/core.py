@@ -307,7 +307,8 @@ class SchedulerCore:
     def _start(self, req: Request, mgr: ManagerRecord, q: Policy, now: float) -> None:
         info = mgr.ops.get(req.op)
         if info is not None:  # a request queued before its manager registered learns its op's nature here
-            req.idempotent, req.preemptible = info.idempotent, info.preemptible
+            req.preemptible = info.preemptible
+        req.idempotent = mgr.safe_to_repeat(req.op, req.target)
         req.move(State.RUNNING)
         if req.started is None:
             req.started = now
@@ -355,6 +356,7 @@ class SchedulerCore:
                 old.health, old.detail = msg.health, msg.detail
                 old.ops, old.targets, old.limits, old.default = dict(msg.ops), frozenset(msg.targets), \
                     dict(msg.limits), msg.default
+                old.idempotent_targets = frozenset(msg.idempotent_targets)
                 old.report(msg.running)
                 self.dispatch(msg.service, now)
                 return

@@ -33,6 +33,7 @@ class ManagerRecord:
     targets: frozenset[str]
     default: bool
     limits: dict[str, int]
+    idempotent_targets: frozenset[str]
     health: str
     detail: str
     last_seen: float
@@ -46,7 +47,8 @@ class ManagerRecord:
     def from_ready(cls, identity: bytes, msg: Ready, now: float) -> "ManagerRecord":
         rec = cls(identity=identity, name=msg.name, service=msg.service, capacity=msg.capacity,
                   incarnation=msg.incarnation, pid=msg.pid, ops=dict(msg.ops), targets=frozenset(msg.targets),
-                  default=msg.default, limits=dict(msg.limits), health=msg.health, detail=msg.detail,
+                  default=msg.default, limits=dict(msg.limits), idempotent_targets=frozenset(msg.idempotent_targets),
+                  health=msg.health, detail=msg.detail,
                   last_seen=now, last_sent=now)
         rec.report(msg.running)
         return rec
@@ -97,6 +99,11 @@ class ManagerRecord:
             return False
         limit = self.limits.get(target)
         return limit is None or self.per_target[target] < limit
+
+    def safe_to_repeat(self, op: str, target: str | None) -> bool:
+        """Whether a request may run again after this manager died: its op says so, or its target does."""
+        info = self.ops.get(op)
+        return bool(info and info.idempotent) or (target is not None and target in self.idempotent_targets)
 
     def add(self, req: Request) -> None:
         self.inflight[req.key] = req

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import inspect
 import os
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ from aios.sdk.engine import (
 )
 from aios.protocol import ErrorCode
 from aios.sdk.errors import AIOSError, InvalidArgument, KernelUnavailable
-from aios.sdk.services import KernelService, LLMService, StorageService
+from aios.sdk.services import KernelService, LLMService, StorageService, ToolsService
 from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
 
@@ -116,6 +117,7 @@ class _ClientBase(abc.ABC):
         self.llm = LLMService(self)
         self.kernel = KernelService(self)
         self.storage = StorageService(self)
+        self.tools = ToolsService(self)
         self._connected = False
         self._idempotent: set[tuple[str, str]] | None = None  # learned from kernel.ops
         self._ops_fetched = 0.0
@@ -326,7 +328,10 @@ class AsyncClient(_ClientBase):
                         elif match_id(msg) == call.rid:
                             call.feed(msg)
                 else:
-                    return then(step) if then is not None else step
+                    if then is None:
+                        return step
+                    out = then(step)  # a helper may chain a second call: await it here
+                    return await out if inspect.isawaitable(out) else out
         finally:
             self._waiters.pop(rid, None)
 

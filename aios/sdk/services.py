@@ -8,6 +8,7 @@ the client's own way. New services add a class here and one attribute in
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
@@ -198,3 +199,66 @@ class StorageService(Service):
 
     def stats(self) -> Any:
         return self._result("stats", {}, idempotent=True)
+
+
+class ToolsService(Service):
+    """The `tools` syscalls: tools run by the kernel, validated, isolated and limited per tool."""
+
+    service = "tools"
+
+    def call(self, name: str, /, *, timeout: float | None = None, idempotent: bool | None = None,
+             **arguments: Any) -> Any:
+        """Run tool `name` with `arguments`; returns its result (JSON data)."""
+        return self._request("call", {"arguments": arguments}, target=name, timeout=timeout,
+                             idempotent=bool(idempotent), then=_field("result"))
+
+    def list(self) -> Any:
+        """Every tool: [{name, description, parameters, limit, timeout_s, enabled, isolation, ...}]."""
+        return self._request("list", {}, idempotent=True, then=_field("tools"))
+
+    def describe(self, name: str) -> Any:
+        return self._result("describe", {"name": name}, idempotent=True)
+
+    def functions(self, names: list[str] | None = None) -> Any:
+        """OpenAI-style function schemas of these tools (default: every enabled one)."""
+        return self._request("functions", {"names": names}, idempotent=True, then=_field("functions"))
+
+    def step(self, messages: list[dict[str, Any]] | str, tools: list[Any], *, model: str | None = None,
+             timeout: float | None = None, **options: Any) -> Any:
+        """One step of tool use: the model picks a call among `tools` (registered tool names, or
+        OpenAI-style schemas), the kernel validates and runs it, and you get both.
+
+        Returns {"message": the model's reply, "call": the tool call (or None if it answered in
+        text), "result": the tool's result, "messages": the two messages to append to the
+        conversation (the assistant's call and the tool's answer) for the next step}.
+        """
+        client = self._client
+
+        def run_call(reply: Reply) -> Any:
+            result = reply.result
+            calls = result.get("tool_calls") or []
+            if not calls:
+                return {"message": result["message"], "call": None, "result": None, "messages": [result["message"]]}
+            call = calls[0]
+            name = call["function"]["name"]
+            try:
+                arguments = json.loads(call["function"].get("arguments") or "{}")
+            except ValueError:
+                arguments = {}
+
+            def done(tool_reply: Reply) -> Any:
+                value = tool_reply.result["result"]
+                return {"message": result["message"], "call": call, "result": value,
+                        "messages": [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                     {"role": "tool", "tool_call_id": call["id"], "name": name,
+                                      "content": json.dumps(value, ensure_ascii=False)}]}
+
+            return client.request("tools", "call", {"arguments": arguments if isinstance(arguments, dict) else {}},
+                                  target=name, timeout=timeout, idempotent=False, then=done)
+
+        return self._request_llm(messages, tools, model, timeout, options, run_call)
+
+    def _request_llm(self, messages: Any, tools: list[Any], model: str | None, timeout: float | None,
+                     options: dict[str, Any], then: Callable[[Reply], Any]) -> Any:
+        args = chat_args(messages, model, False, {"tools": tools, **options})
+        return self._client.request("llm", "tools", args, target=model, timeout=timeout, idempotent=True, then=then)

@@ -28,7 +28,7 @@ from aios.managers.base import Manager, OpError, RequestContext, Yield, op
 from aios.managers.llm.backends.sim import SimBackend
 from aios.managers.llm.context import ContextStore
 from aios.managers.llm.options import LLMCoreConfig
-from aios.managers.llm.types import Backend, BackendError, ChatArgs, ChatResult, Generation, ToolSpec
+from aios.managers.llm.types import Backend, BackendError, ChatArgs, ChatResult, Generation, ToolName, ToolSpec
 from aios.protocol import ErrorCode
 from aios.rundir import RunDir
 
@@ -46,7 +46,7 @@ class JsonArgs(ChatArgs):
 
 
 class ToolArgs(ChatArgs):
-    tools: list[ToolSpec] = Field(min_length=1)
+    tools: list[ToolSpec | ToolName] = Field(min_length=1, max_length=128)
 
 
 class InfoArgs(BaseModel):
@@ -197,6 +197,7 @@ class LLMCore(Manager):
         gen = self.contexts.take(ctx.key)
         self.store_s += time.perf_counter() - t0
         if gen is None:
+            args = self._resolve_tools(args, ctx)
             self._check_cost(args)
             if ctx.resume and args.stream:
                 ctx.partial({"reset": True})  # its saved context is gone: the agent gets a fresh stream
@@ -229,6 +230,17 @@ class LLMCore(Manager):
             result: ChatResult = self._call(backend.finish, gen)
             return result
         return self._preempt(gen, ctx)
+
+    def _resolve_tools(self, args: ChatArgs, ctx: RequestContext) -> ChatArgs:
+        """Tools named rather than described: their schemas come from the tool manager (a call on
+        behalf of the same agent), so a model is offered exactly what the kernel will run."""
+        names = args.tool_names()
+        if not names:
+            return args
+        functions = ctx.call("tools", "functions", names=names, idempotent=True)["functions"]
+        by_name = {f["function"]["name"]: ToolSpec.model_validate(f) for f in functions}
+        resolved = [by_name[t] if isinstance(t, str) else t for t in args.tools or []]
+        return args.model_copy(update={"tools": resolved})
 
     def _check_cost(self, args: ChatArgs) -> None:
         """Refuse, before any work, what this core cannot honour or what would cost more than any

@@ -15,9 +15,9 @@ storage; they only know how to generate, pause and continue.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 
 #: the largest value a JSON schema may give a length or count bound (maxLength, maxItems, ...).
@@ -129,6 +129,9 @@ class ToolSpec(BaseModel):
     function: ToolFunction
 
 
+#: a registered tool named instead of described (letters, digits, _ and -, as OpenAI function names)
+ToolName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+
 #: sampling options and their neutral values; a backend maps each one it supports and the core
 #: refuses a request that sets one the backend cannot honour (see Backend.sampling)
 SAMPLING_DEFAULTS: dict[str, Any] = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
@@ -166,7 +169,9 @@ class ChatArgs(BaseModel):
     # Output modes. `json_schema` constrains the completion to JSON valid for the schema;
     # `tools` lets the model answer with tool calls instead of text.
     json_schema: dict[str, Any] | None = None
-    tools: list[ToolSpec] | None = Field(default=None, max_length=128)
+    # OpenAI-style tool schemas, or the names of tools registered with the kernel's tool manager
+    # (the LLM core asks it for their schemas: `tools = ["calculator", "weather"]`)
+    tools: list[ToolSpec | ToolName] | None = Field(default=None, max_length=128)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -192,6 +197,10 @@ class ChatArgs(BaseModel):
         if self.json_schema is not None and self.tools:
             raise ValueError("json_schema and tools cannot be combined in one request")
         return self
+
+    def tool_names(self) -> list[str]:
+        """Tools named by registration rather than described (to be resolved by the LLM core)."""
+        return [t for t in self.tools or [] if isinstance(t, str)]
 
     def sampling_set(self) -> set[str]:
         """The sampling options this request sets to something other than their neutral value."""

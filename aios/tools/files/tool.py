@@ -9,6 +9,7 @@ DENIED, ...) pass through with their codes.
 """
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 STORAGE = "storage"
@@ -19,7 +20,14 @@ def run(args: dict[str, Any], ctx: Any) -> Any:
     if op == "write":
         reply = ctx.call(STORAGE, "write", path=args["path"], data=args["data"])
     elif op == "list":
-        reply = ctx.call(STORAGE, "list", **({"path": args["path"]} if "path" in args else {}))
-    else:  # read, delete, stat
+        reply = ctx.call(STORAGE, "list", prefix=args.get("path", ""))
+    elif op == "read":
+        reply = dict(ctx.call(STORAGE, "read", path=args["path"]))
+        data = reply.pop("data", b"")
+        try:  # a tool's result is JSON: text as text, anything else as base64
+            reply["text"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            reply["base64"] = base64.b64encode(data).decode("ascii")
+    else:  # delete, stat
         reply = ctx.call(STORAGE, op, path=args["path"])
     return {"op": op, **(reply if isinstance(reply, dict) else {"result": reply})}

@@ -31,3 +31,6 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--slice", type=int, default=32, help="time slice in tokens for preemptive policies")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=lambda a: __import__("aios.bench.llm", fromlist=["run"]).run(a))
+
+    from aios.bench.tools import add_parser as add_tools_parser
+    add_tools_parser(kinds)

@@ -34,3 +34,5 @@ def add_bench_parser(sub: Any) -> None:
 
     from aios.bench.tools import add_parser as add_tools_parser
     add_tools_parser(kinds)
+    from aios.bench.storage import add_parser as add_storage_parser
+    add_storage_parser(kinds)

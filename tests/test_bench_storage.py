@@ -1,0 +1,25 @@
+"""`aios bench storage --json` runs the kernel and direct SQLite side by side and prints one JSON object."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import AIOS, REPO
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_bench_storage_json() -> None:
+    out = subprocess.run([sys.executable, str(AIOS), "bench", "storage", "--agents", "2", "--calls", "20", "--json"],
+                         capture_output=True, text=True, timeout=200, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stdout
+    r = json.loads(lines[0])
+    assert {"kernel_ops_per_s", "direct_ops_per_s", "p99_ms", "versions_compression_ratio"} <= set(r)
+    assert r["kernel_ops_per_s"] > 0 and r["direct_ops_per_s"] > 0 and r["p99_ms"] > 0
+    assert r["by_op"]["kernel_write"]["calls"] == 2 * 20
+    assert r["versions_compression_ratio"] > 5  # 100 appends share their chunks

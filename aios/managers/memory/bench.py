@@ -6,6 +6,8 @@
   ten times its budget (write-through to a SQLite file, so evicted entries
   leave the process), compared with the budget; then every entry is read back
   and checked.
+- index: RAM of an inverted index per byte of text vs the time of the scan
+  bm25.py does instead.
 - calibrate: the store's object bytes against what tracemalloc sees (exact
   object sizes) and against RSS growth with no frees, per workload (the
   figures under eviction churn come from `rss`).
@@ -187,6 +189,44 @@ def speed(entries: int = 5000) -> dict[str, Any]:
             "write_through_add_per_s": wt_add}
 
 
+# ------------------------------------------------------------------- index cost
+def index_cost(entries: int = 3000) -> dict[str, Any]:
+    """Why bm25.py keeps no index: RAM of an inverted index (term -> {entry: tf}) per byte of
+    text, against the time of scoring on the fly over the radix tree."""
+    from collections import Counter
+
+    from aios.managers.memory.bm25 import tokenize
+
+    texts = list(distinct_notes(entries, seed=11, lo_words=40, hi_words=120))
+    text_bytes = sum(len(t.encode()) for t in texts)
+    gc.collect()
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    index: dict[str, dict[int, int]] = {}
+    for i, text in enumerate(texts):
+        for term, tf in Counter(tokenize(text)).items():
+            index.setdefault(term, {})[i] = tf
+    gc.collect()
+    index_bytes = tracemalloc.get_traced_memory()[0] - start
+    tracemalloc.stop()
+    store = MemoryStore(1 << 34)
+    for text in texts:
+        store.add("agent", text)
+    rng = random.Random(2)
+    gen = TextGen(11)
+    queries = [" ".join(rng.sample(gen.words[:300], 2)) for _ in range(30)]
+    begin = time.perf_counter()
+    for query in queries:
+        store.search("agent", query)
+    per_search = (time.perf_counter() - begin) / len(queries)
+    stored_mb = store.stats()["stored_bytes"] / MIB
+    return {"entries": entries, "text_bytes": text_bytes, "terms": len(index),
+            "inverted_index_bytes": index_bytes,
+            "inverted_index_bytes_per_text_byte": round(index_bytes / text_bytes, 2),
+            "scan_ms_per_search": round(per_search * 1000, 1),
+            "scan_ms_per_stored_mb": round(per_search * 1000 / stored_mb, 1)}
+
+
 # -------------------------------------------------------------------------- rss
 def rss_run(budget_mb: float = 8.0, factor: float = 10.0, seed: int = 5, check: bool = True) -> dict[str, Any]:
     """Write `factor` x budget of entries into a write-through store (in this process) and
@@ -338,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m aios.managers.memory.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", default=["compression", "speed", "rss"],
-                        help="compression, speed, rss, calibrate")
+                        help="compression, speed, rss, calibrate, index")
     parser.add_argument("--budget-mb", type=float, default=8.0, help="rss: the store's budget")
     parser.add_argument("--factor", type=float, default=10.0, help="rss: write this many times the budget")
     args = parser.parse_args(argv)
@@ -358,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
             results["rss"] = rss_subprocess(args.budget_mb, args.factor)
         elif what == "calibrate":
             results["calibrate"] = calibrate()
+        elif what == "index":
+            results["index"] = index_cost()
         else:
             parser.error(f"unknown figure {what!r}")
     print(json.dumps(results, indent=2))

@@ -4,8 +4,8 @@ Tokens: maximal runs of Unicode word characters (`\\w+`) of the casefolded
 text. Casefolding is per character (unlike `lower`, which treats a final
 sigma by context), so the tokens of a text are the tokens of its pieces
 joined at the boundaries, and the scorer can walk the radix tree. Scripts
-written without spaces (Chinese, Japanese) give one token per run, as
-SQLite FTS5's unicode61 tokenizer does.
+written without spaces (Chinese, Japanese) give one token per run, as with
+SQLite FTS5's unicode61 tokenizer (which also folds diacritics; this does not).
 
 Score of an entry d for the query's distinct terms t:
 
@@ -19,16 +19,18 @@ Zaragoza 2009; Lucene, Elasticsearch). The idf is Lucene's, never negative,
 so a term present in most entries still counts a little rather than
 pushing an entry down.
 
-Index or scan? Measured here (CPython 3.11, 3,000 notes of 40 to 120
-Zipf-distributed words, 1.5 MB): an inverted index (term -> {entry: tf}) held
-7.0 bytes of RAM per byte of text indexed (tracemalloc), i.e. it would take
-seven times the room of the text itself out of the memory budget, and with
+Index or scan? Measured here (`python -m aios.managers.memory.bench index`:
+CPython 3.11, 3,000 notes of 40 to 120 Zipf-distributed words, 1.8 MB): an
+inverted index (term -> {entry: tf}) held 4.3 bytes of RAM per byte of text
+(tracemalloc; 7.0 with a larger vocabulary), i.e. it would take four to seven
+times the room of the text itself out of the memory budget, and with
 conversation logs (each entry repeating the turns before it) it grows with
-the raw bytes, undoing the radix compression. Tokenizing and counting on the
-fly cost 19 ms per MB of text. So the scorer keeps no index: it walks the
+the raw bytes, undoing the radix compression. Scoring on the fly cost 21 ms
+per MB of stored text per query. So the scorer keeps no index: it walks the
 agent's radix tree and tokenizes each *stored* character once per query
 (`RadixTree.fold`), so search time grows with the stored bytes, not the raw
-bytes: compression makes search faster too. (With a storage service, keyword
+bytes: compression makes search faster too (600 conversation-log entries,
+9.2 MB raw, 0.55 MB stored: 10 ms a search). (With a storage service, keyword
 search over all entries goes to storage's FTS5 index; see store.py.)
 """
 from __future__ import annotations

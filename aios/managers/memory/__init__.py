@@ -1,0 +1,14 @@
+"""The memory manager's engine: per-agent memory entries in RAM within a byte budget.
+
+- radix.py: a radix tree, so entries that share a prefix share its bytes (compression).
+- lruk.py: LRU-K victim selection for eviction.
+- bm25.py: keyword ranking of the entries in RAM, scored on the fly over the tree.
+- fusion.py: reciprocal rank fusion of rankings on different scales (keyword, meaning).
+- store.py: `MemoryStore`, the engine the manager process wraps (ops, budget, eviction, swap-in).
+- sizing.py: what objects really cost in RAM (measured with `bench.py calibrate` and `bench.py rss`).
+- workloads.py: seeded text workloads for the benchmarks and tests.
+- bench.py: `python -m aios.managers.memory.bench` prints compression, speed and RSS figures.
+"""
+from aios.managers.memory.store import Backing, Limits, MemoryStore, Record
+
+__all__ = ["Backing", "Limits", "MemoryStore", "Record"]

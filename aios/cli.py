@@ -270,6 +270,33 @@ def files_main(args: argparse.Namespace) -> int:
     raise ValueError(a)
 
 
+def memory_main(args: argparse.Namespace) -> int:
+    a = args.memory_command
+    if a == "ls":
+        def show(page: dict[str, Any]) -> None:
+            for e in page["entries"]:
+                meta = json.dumps(e["metadata"]) if e["metadata"] else ""
+                print(f"{e['id']}  {_when(e['created'])}  {e['size']:>8}  {meta}")
+            print(f"({len(page['entries'])} of {page['total']} entries of agent {args.agent})")
+        return _agent_call(args, lambda c: c.memory.list(offset=args.offset, limit=args.limit), show)
+    if a == "show":
+        def show_one(e: dict[str, Any]) -> None:
+            print(f"id: {e['id']}\ncreated: {_when(e['created'])}  updated: {_when(e['updated'])}")
+            if e["metadata"]:
+                print(f"metadata: {json.dumps(e['metadata'])}")
+            print(e["content"])
+        return _agent_call(args, lambda c: c.memory.get(args.id), show_one)
+    if a == "search":
+        def show_hits(hits: list[dict[str, Any]]) -> None:
+            for h in hits:
+                text = h["content"].replace("\n", " ")
+                print(f"{h['score']:10.4g} [{h['ranking']}, {h['source']}] {h['id']}: {text[:100]}")
+            if not hits:
+                print("(no match)")
+        return _agent_call(args, lambda c: c.memory.search(args.query, limit=args.limit), show_hits)
+    raise ValueError(a)
+
+
 def _agent_args(p: argparse.ArgumentParser, agent_required: bool = True) -> None:
     _run_dir_arg(p)
     p.add_argument("--agent", required=agent_required, default="aios-cli",
@@ -356,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--limit", type=int, default=10)
     _agent_args(f)
     p.set_defaults(func=files_main)
+    p = sub.add_parser("memory", help="an agent's memory entries: ls, show, search")
+    mem = p.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    m = mem.add_parser("ls", help="list entries, oldest first (no content)")
+    m.add_argument("--offset", type=int, default=0)
+    m.add_argument("--limit", type=int, default=100)
+    _agent_args(m)
+    m = mem.add_parser("show", help="one entry with its content")
+    m.add_argument("id")
+    _agent_args(m)
+    m = mem.add_parser("search", help="ranked search of the agent's entries")
+    m.add_argument("query")
+    m.add_argument("--limit", type=int, default=10)
+    _agent_args(m)
+    p.set_defaults(func=memory_main)
     p = sub.add_parser("tools", help="the tools the kernel offers (or one, with its argument schema)")
     p.add_argument("name", nargs="?", help="a tool to describe")
     _agent_args(p, agent_required=False)

@@ -43,6 +43,7 @@ LLM_CORE_TARGET = "aios.managers.llm.core:LLMCore"
 #: table, on by default; `[table] enabled = false` turns it off; other keys are its Options.
 BUILTIN_MANAGERS: dict[str, str] = {
     "storage": "aios.managers.storage.manager:StorageManager",
+    "memory": "aios.managers.memory.manager:MemoryManager",
     "tools": "aios.managers.tools.manager:ToolManager",
 }
 
@@ -186,6 +187,11 @@ class Config(_Strict):
                 value = table.get(key)
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                     raise ValueError(f"[{name}] {key} must be a positive integer")
+        def on(name: str) -> bool:
+            return bool(self.builtin.get(name, {}).get("enabled", True))
+        if on("memory") and self.builtin.get("memory", {}).get("storage", True) and not on("storage"):
+            raise ValueError("[memory] keeps its entries in the storage service, which [storage] turns off: "
+                             "enable [storage], or set [memory] storage = false (RAM only, nothing survives a restart)")
         names = [s.name for s in self.manager_specs()]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -131,7 +131,7 @@ def test_ids_are_unguessable() -> None:
     ids = [store.add("a", "same").id for _ in range(200)]
     assert len(set(ids)) == 200
     for entry_id in ids:
-        assert len(entry_id) == 22 and all(c.isalnum() or c in "-_" for c in entry_id)  # 128 random bits
+        assert len(entry_id) == 25 and all(c.isalnum() or c in "-_" for c in entry_id)  # time + 84 random bits
 
 
 def test_update_replaces_content_or_metadata_and_keeps_created() -> None:
@@ -226,7 +226,7 @@ def test_bad_arguments_are_refused_with_actionable_messages() -> None:
 
     for bad_id in ["", "has space", "x" * 65, "slash/", 5]:
         op_error(ErrorCode.INVALID_ARGUMENT, store.get, "a", bad_id)
-    op_error(ErrorCode.NOT_FOUND, store.get, "a", "A" * 22)
+    op_error(ErrorCode.NOT_FOUND, store.get, "a", "A" * 25)
 
 
 def test_tiny_budgets_are_refused_at_construction() -> None:

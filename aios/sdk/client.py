@@ -51,7 +51,7 @@ from aios.sdk.engine import (
 )
 from aios.protocol import ErrorCode
 from aios.sdk.errors import AIOSError, InvalidArgument, KernelUnavailable
-from aios.sdk.services import KernelService, LLMService, StorageService, ToolsService
+from aios.sdk.services import KernelService, LLMService, MemoryService, StorageService, ToolsService
 from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
 
@@ -117,6 +117,7 @@ class _ClientBase(abc.ABC):
         self.llm = LLMService(self)
         self.kernel = KernelService(self)
         self.storage = StorageService(self)
+        self.memory = MemoryService(self)
         self.tools = ToolsService(self)
         self._connected = False
         self._idempotent: set[tuple[str, str]] | None = None  # learned from kernel.ops

@@ -262,3 +262,41 @@ class ToolsService(Service):
                      options: dict[str, Any], then: Callable[[Reply], Any]) -> Any:
         args = chat_args(messages, model, False, {"tools": tools, **options})
         return self._client.request("llm", "tools", args, target=model, timeout=timeout, idempotent=True, then=then)
+
+
+class MemoryService(Service):
+    """The `memory` syscalls: the calling agent's memory, fast (in RAM, compressed) and durable
+    (written through to storage before each write returns); cold entries come back on access."""
+
+    service = "memory"
+
+    def add(self, content: str, metadata: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Keep a new entry; returns {id, content, metadata, created, updated}."""
+        return self._result("add", {"content": content, "metadata": metadata or {}}, timeout=timeout,
+                            idempotent=False)
+
+    def get(self, entry_id: str) -> Any:
+        return self._result("get", {"id": entry_id}, idempotent=True)
+
+    def update(self, entry_id: str, *, content: str | None = None, metadata: dict[str, Any] | None = None) -> Any:
+        """Replace the content and/or the whole metadata map."""
+        args: dict[str, Any] = {"id": entry_id}
+        if content is not None:
+            args["content"] = content
+        if metadata is not None:
+            args["metadata"] = metadata
+        return self._result("update", args, idempotent=True)
+
+    def delete(self, entry_id: str) -> Any:
+        return self._result("delete", {"id": entry_id}, idempotent=False)
+
+    def list(self, *, offset: int = 0, limit: int = 100) -> Any:
+        """{"entries": [summaries, oldest first], "total", "offset"} (no content: `get` an entry for it)."""
+        return self._result("list", {"offset": offset, "limit": limit}, idempotent=True)
+
+    def search(self, query: str, *, limit: int = 10) -> Any:
+        """Ranked entries: [{id, content, metadata, score, ranking, source}, ...]."""
+        return self._request("search", {"query": query, "limit": limit}, idempotent=True, then=_field("hits"))
+
+    def stats(self) -> Any:
+        return self._result("stats", {}, idempotent=True)

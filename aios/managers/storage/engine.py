@@ -1103,25 +1103,30 @@ class StorageEngine:
 
         return self._write(tx_delete)
 
-    def record_list(self, owner: str, agent: str, *, after: str = "", limit: int = 1000) -> list[Record]:
-        """Records in key order, starting after key `after` (for paging)."""
+    def record_list(self, owner: str, agent: str, *, after: str = "", limit: int = 1000, offset: int = 0,
+                    text: bool = True) -> list[Record]:
+        """Records in key order, starting after key `after` and skipping `offset` (for paging);
+        with `text=False` the text is left out (listings need only keys, meta and sizes)."""
         owner = P.name(owner, "owner", P.MAX_OWNER_BYTES)
         agent = P.agent_name(agent)
         if not isinstance(after, str):
             raise _invalid(f"after must be a string, not {type(after).__name__}")
         _int_arg(limit, "limit", 1, MAX_LIST_LIMIT)
+        _int_arg(offset, "offset", 0, 1 << 40)
+        column = "text" if text else "''"
         with self._snapshot() as conn:
             found = self._agent_id(conn, agent)
             if found is None:
                 return []
-            rows = conn.execute("SELECT key, text, meta, size, updated_ns FROM records "
-                                "WHERE owner = ? AND agent_id = ? AND key > ? ORDER BY key LIMIT ?",
-                                (owner, found[0], after, limit)).fetchall()
+            rows = conn.execute(f"SELECT key, {column}, meta, size, updated_ns FROM records "
+                                "WHERE owner = ? AND agent_id = ? AND key > ? ORDER BY key LIMIT ? OFFSET ?",
+                                (owner, found[0], after, limit, offset)).fetchall()
         return [self._record(r) for r in rows]
 
     def record_search(self, owner: str, agent: str, query: str, limit: int = 10, *,
-                      match: str = "all") -> list[RecordHit]:
-        """Records whose text matches `query` (see query.py), best first (score = -bm25)."""
+                      match: str = "all", full: bool = False) -> list[RecordHit]:
+        """Records whose text matches `query` (see query.py), best first (score = -bm25); with
+        `full`, each hit carries the record itself (so the caller needs no second round trip)."""
         owner = P.name(owner, "owner", P.MAX_OWNER_BYTES)
         agent = P.agent_name(agent)
         _int_arg(limit, "limit", 1, MAX_SEARCH_LIMIT)
@@ -1133,14 +1138,17 @@ class StorageEngine:
             try:
                 rows = conn.execute(
                     "SELECT r.key, records_fts.rank, "
-                    f"snippet(records_fts, 1, '[', ']', '...', {SNIPPET_TOKENS}) "
+                    f"snippet(records_fts, 1, '[', ']', '...', {SNIPPET_TOKENS}), "
+                    f"{'r.text, r.meta, r.size, r.updated_ns' if full else 'NULL, NULL, NULL, NULL'} "
                     "FROM records_fts JOIN records AS r ON r.id = records_fts.rowid "
                     "WHERE records_fts MATCH ? AND records_fts.rank MATCH 'bm25(0.0, 1.0)' "
                     "AND r.owner = ? AND r.agent_id = ? ORDER BY records_fts.rank LIMIT ?",
                     (expr, owner, found[0], limit)).fetchall()
             except sqlite3.OperationalError as exc:
                 raise _invalid(f"query {query!r} cannot be searched: {exc}") from None
-        return [RecordHit(key=k, score=-s, snippet=snip) for k, s, snip in rows]
+        return [RecordHit(key=k, score=-sc, snippet=snip,
+                          record=self._record((k, text, meta, size, upd)) if full else None)
+                for k, sc, snip, text, meta, size, upd in rows]
 
     def record_stats(self, owner: str, agent: str) -> dict[str, int]:
         """{"records": how many `owner` keeps for `agent`, "bytes": their size}."""

@@ -78,13 +78,16 @@ class RecordPutArgs(RecordArgs):
 
 class RecordListArgs(_Args):
     after: str = ""
+    offset: int = Field(default=0, ge=0)
     limit: int = Field(default=1000, ge=1, le=10_000)
+    text: bool = True
 
 
 class RecordSearchArgs(_Args):
     query: str = Field(min_length=1, max_length=1000)
     limit: int = Field(default=10, ge=1, le=1000)
     match: Literal["all", "any"] = "any"
+    full: bool = False
 
 
 def _bytes(data: str | bytes) -> bytes:
@@ -201,10 +204,13 @@ class StorageManager(Manager):
 
     @op(RecordListArgs, idempotent=True)
     def record_list(self, args: RecordListArgs, ctx: RequestContext) -> dict:
-        recs = self.engine.record_list(self._owner(ctx), ctx.agent, after=args.after, limit=args.limit)
-        return {"records": [r.model_dump() for r in recs]}
+        owner = self._owner(ctx)
+        recs = self.engine.record_list(owner, ctx.agent, after=args.after, limit=args.limit, offset=args.offset,
+                                       text=args.text)
+        return {"records": [r.model_dump() for r in recs], "total": self.engine.record_stats(owner, ctx.agent)["records"]}
 
     @op(RecordSearchArgs, idempotent=True)
     def record_search(self, args: RecordSearchArgs, ctx: RequestContext) -> dict:
-        hits = self.engine.record_search(self._owner(ctx), ctx.agent, args.query, args.limit, match=args.match)
+        hits = self.engine.record_search(self._owner(ctx), ctx.agent, args.query, args.limit, match=args.match,
+                                         full=args.full)
         return {"hits": [h.model_dump() for h in hits]}

@@ -75,3 +75,4 @@ class RecordHit(_Out):
     key: str
     score: float
     snippet: str
+    record: Record | None = None  # with full=True

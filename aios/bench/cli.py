@@ -36,3 +36,5 @@ def add_bench_parser(sub: Any) -> None:
     add_tools_parser(kinds)
     from aios.bench.storage import add_parser as add_storage_parser
     add_storage_parser(kinds)
+    from aios.bench.memory import add_parser as add_memory_parser
+    add_memory_parser(kinds)

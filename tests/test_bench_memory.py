@@ -13,8 +13,8 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def test_bench_memory_json() -> None:
-    out = subprocess.run([sys.executable, str(AIOS), "bench", "memory", "--agents", "2", "--calls", "60",
-                          "--turns", "20", "--budget-mb", "0.5", "--json"],
+    out = subprocess.run([sys.executable, str(AIOS), "bench", "memory", "--agents", "2", "--calls", "150",
+                          "--turns", "10", "--budget-mb", "0.25", "--json"],
                          capture_output=True, text=True, timeout=200, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.strip()]
@@ -22,6 +22,6 @@ def test_bench_memory_json() -> None:
     r = json.loads(lines[0])
     assert {"ops_per_s", "p99_ms", "compression_ratio", "evictions", "swap_ins", "rss_growth_bytes",
             "budget_bytes"} <= set(r)
-    assert r["budget_bytes"] == 512 * 1024 and r["calls"] == 2 * 60
+    assert r["budget_bytes"] == 256 * 1024 and r["calls"] == 2 * 150
     assert r["evictions"] > 0  # the budget is small enough that eviction ran
     assert r["compression_ratio"] > 1

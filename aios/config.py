@@ -41,11 +41,15 @@ LLM_CORE_TARGET = "aios.managers.llm.core:LLMCore"
 
 #: built-in managers: config table -> Manager class. Each runs as a process named after its
 #: table, on by default; `[table] enabled = false` turns it off; other keys are its Options.
+#: a table that turns every built-in manager off (a kernel of just the scheduler and what you name)
+NO_BUILTINS: dict[str, dict[str, bool]] = {}  # filled below
+
 BUILTIN_MANAGERS: dict[str, str] = {
     "storage": "aios.managers.storage.manager:StorageManager",
     "memory": "aios.managers.memory.manager:MemoryManager",
     "tools": "aios.managers.tools.manager:ToolManager",
 }
+NO_BUILTINS.update({name: {"enabled": False} for name in BUILTIN_MANAGERS})
 
 
 class _Strict(BaseModel):

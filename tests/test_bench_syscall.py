@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from aios.config import NO_BUILTINS
+
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS, CALLS = 4, 50
 
@@ -57,7 +59,7 @@ def test_temporary_kernel_starts_answers_and_cleans_up() -> None:
     from aios.bench.common import temporary_kernel
     from aios.sdk import connect
 
-    with temporary_kernel({"llm": [], "storage": {"enabled": False}}, policy="rr") as run_dir:
+    with temporary_kernel({"llm": [], **NO_BUILTINS}, policy="rr") as run_dir:
         with connect(run_dir, agent="t", timeout=10) as client:
             assert client.call("kernel", "ping") == {"pong": True}
             assert client.call("kernel", "status")["scheduler"]["policy"] == "rr"

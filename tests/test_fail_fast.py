@@ -2,7 +2,6 @@
 and every command reports a problem a person can act on in one line, never with a traceback."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from aios import sdk
-from tests.conftest import AIOS, AIOS_START, REPO, Kernel, wait_until
+from tests.conftest import AIOS, AIOS_START, REPO, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

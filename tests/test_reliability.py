@@ -213,7 +213,7 @@ def test_a_deep_run_directory_gets_a_private_unpredictable_ipc_directory(tmp_pat
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     rd = RunDir(deep)
     config = tmp_path / "k.toml"
-    config.write_text('llm = []\n[storage]\nenabled = false\n[[managers]]\nname = "echo"\ntarget = "tests.support.echo_manager:EchoManager"\n')
+    config.write_text('llm = []\n[storage]\nenabled = false\n[memory]\nenabled = false\n[tools]\nenabled = false\n[[managers]]\nname = "echo"\ntarget = "tests.support.echo_manager:EchoManager"\n')
     # an attacker pre-creates the directory the old scheme would have used: it must not matter
     import hashlib
     import tempfile

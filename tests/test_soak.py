@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import Any
 
 import pytest
 

@@ -32,12 +32,14 @@ import sys
 from typing import Any, Callable
 
 from aios.bench.common import LoadResult, Progress, run_closed_loop, temporary_kernel
+from aios.config import NO_BUILTINS
 from aios.rundir import RunDir
 
 GOAL_P50_RATIO = 1.5
 GOAL_THROUGHPUT = 10_000.0
 GOAL_AGENTS = 32
-KERNEL_CONFIG = {"llm": [], "storage": {"enabled": False}}  # kernel.ping is answered by the scheduler: no managers needed
+# kernel.ping is answered by the scheduler: no managers needed
+KERNEL_CONFIG = {"llm": [], **NO_BUILTINS}
 DEFAULT_ROUNDS = 3
 
 

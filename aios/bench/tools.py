@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from aios.bench.common import Progress, percentile, temporary_kernel
+from aios.config import NO_BUILTINS
 
 BENCH_TOOLS = Path(__file__).resolve().parent / "tools"
 GOAL_FAST_P99_MS = 10.0
 
 
 def kernel_config() -> dict[str, Any]:
-    return {"llm": [], "storage": {"enabled": False},
+    return {"llm": [], **NO_BUILTINS,
             "tools": {"shipped": False, "dirs": [str(BENCH_TOOLS)], "warm_workers": 64}}
 
 

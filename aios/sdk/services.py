@@ -8,11 +8,13 @@ the client's own way. New services add a class here and one attribute in
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any, Callable
 
 from aios.sdk.engine import PartialHandler, Reply
+from aios.sdk.errors import AIOSError
 
 
 class Service:
@@ -141,6 +143,19 @@ class KernelService(Service):
         return self._result("shutdown", {}, idempotent=False)
 
 
+def _catching(pending: Any, on_error: Callable[[AIOSError], Any]) -> Any:
+    """A chained call's outcome, with AIOSError turned into `on_error(exc)`: for an async client the
+    call is an awaitable that raises only when awaited, so the catching happens inside a coroutine."""
+    if inspect.isawaitable(pending):
+        async def caught() -> Any:
+            try:
+                return await pending
+            except AIOSError as exc:
+                return on_error(exc)
+        return caught()
+    return pending
+
+
 def _field(name: str) -> Callable[[Reply], Any]:
     return lambda reply: reply.result[name]
 
@@ -229,8 +244,9 @@ class ToolsService(Service):
         OpenAI-style schemas), the kernel validates and runs it, and you get both.
 
         Returns {"message": the model's reply, "call": the tool call (or None if it answered in
-        text), "result": the tool's result, "messages": the two messages to append to the
-        conversation (the assistant's call and the tool's answer) for the next step}.
+        text), "result": the tool's result, "error": {code, message} if the tool refused or failed
+        the call (else None), "messages": the two messages to append to the conversation (the
+        assistant's call and the tool's answer) for the next step}.
         """
         client = self._client
 
@@ -246,22 +262,29 @@ class ToolsService(Service):
             except ValueError:
                 arguments = {}
 
-            def done(tool_reply: Reply) -> Any:
-                value = tool_reply.result["result"]
-                return {"message": result["message"], "call": call, "result": value,
+            def outcome(value: Any, error: dict[str, Any] | None) -> Any:
+                shown = {"error": error} if error else value
+                return {"message": result["message"], "call": call, "result": value, "error": error,
                         "messages": [{"role": "assistant", "content": "", "tool_calls": [call]},
                                      {"role": "tool", "tool_call_id": call["id"], "name": name,
-                                      "content": json.dumps(value, ensure_ascii=False)}]}
+                                      "content": json.dumps(shown, ensure_ascii=False)}]}
 
-            return client.request("tools", "call", {"arguments": arguments if isinstance(arguments, dict) else {}},
-                                  target=name, timeout=timeout, idempotent=False, then=done)
+            def failed(exc: AIOSError) -> Any:
+                # the model's call was refused or failed: the step still returns, with the error for the
+                # conversation (so the next step can correct it) instead of raising
+                return outcome(None, {"code": exc.code, "message": exc.message})
 
-        return self._request_llm(messages, tools, model, timeout, options, run_call)
+            try:
+                pending = client.request("tools", "call",
+                                         {"arguments": arguments if isinstance(arguments, dict) else {}},
+                                         target=name, timeout=timeout, idempotent=False,
+                                         then=lambda tool_reply: outcome(tool_reply.result["result"], None))
+            except AIOSError as exc:
+                return failed(exc)
+            return _catching(pending, failed)
 
-    def _request_llm(self, messages: Any, tools: list[Any], model: str | None, timeout: float | None,
-                     options: dict[str, Any], then: Callable[[Reply], Any]) -> Any:
         args = chat_args(messages, model, False, {"tools": tools, **options})
-        return self._client.request("llm", "tools", args, target=model, timeout=timeout, idempotent=True, then=then)
+        return client.request("llm", "tools", args, target=model, timeout=timeout, idempotent=True, then=run_call)
 
 
 class MemoryService(Service):

@@ -167,3 +167,32 @@ def test_aios_memory_command(kernel, tmp_path: Path) -> None:
     assert found.returncode == 0 and e["id"] in found.stdout and "[bm25, storage]" in found.stdout
     other = k.aios("memory", "show", e["id"], "--agent", "stranger")
     assert other.returncode == 1 and "NOT_FOUND" in other.stderr
+
+
+def test_search_by_meaning_is_merged_and_says_which_ranking_found_each_hit(kernel, tmp_path: Path) -> None:
+    """With an LLM core that offers embeddings (here the labelled SIMULATED backend, whose vectors are
+    hashed bags of words, not a model's), search ranks by keywords and by meaning and merges them;
+    each hit names the rankings that produced it."""
+    k = kernel(echo=False, llm=[{"name": "llm-0", "backend": "sim"}],
+               builtins={"storage": {"path": str(tmp_path / "storage.sqlite3")}, "memory": {}})
+    with k.client("semantic", timeout=30) as c:
+        texts = ["The harbour opens at dawn for fishing boats.", "Grandma's apple pie needs cinnamon.",
+                 "Fishing boats return to the harbour at dusk.", "The train to Lyon leaves at noon."]
+        ids = [c.memory.add(t)["id"] for t in texts]
+        reply = c.call("memory", "search", query="fishing boats", limit=4)
+    assert reply["rankings"] == ["bm25", "embedding"]
+    assert reply["compared_by_meaning"] == reply["candidates_by_meaning"] == 4
+    by_id = {h["id"]: h for h in reply["hits"]}
+    assert set(by_id[ids[0]]["rankings"]) == {"bm25", "embedding"}  # found both ways
+    assert by_id[ids[0]]["ranking"] == "bm25+embedding"
+    only_meaning = [h for h in reply["hits"] if set(h["rankings"]) == {"embedding"}]
+    assert only_meaning and all("fishing" not in h["content"].lower() for h in only_meaning)
+    assert all(h["rankings"][name]["rank"] >= 1 for h in reply["hits"] for name in h["rankings"])
+
+
+def test_without_embeddings_search_says_it_ranked_by_keywords_only(kernel, tmp_path: Path) -> None:
+    k = memory_kernel(kernel, tmp_path)  # no LLM core at all
+    with k.client("plain", timeout=30) as c:
+        c.memory.add("fishing boats at dawn")
+        reply = c.call("memory", "search", query="fishing")
+    assert reply["rankings"] == ["bm25"] and reply["hits"][0]["ranking"] == "bm25"

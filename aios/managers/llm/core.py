@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from aios.config import Config
 from aios.managers.base import Manager, OpError, RequestContext, Yield, op
@@ -51,6 +51,12 @@ class ToolArgs(ChatArgs):
 
 class InfoArgs(BaseModel):
     pass
+
+
+class EmbedArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, max_length=64)
+    model: str | None = None
 
 
 def make_backend(core: LLMCoreConfig) -> Backend:
@@ -167,9 +173,19 @@ class LLMCore(Manager):
     def tools(self, args: ToolArgs, ctx: RequestContext) -> Any:
         return self._generate(args, ctx)
 
+    @op(EmbedArgs, idempotent=True)
+    def embed(self, args: EmbedArgs, ctx: RequestContext) -> dict[str, Any]:
+        """{"vectors": one embedding per text, "model", "dimensions"}: for search by meaning."""
+        assert self.backend is not None
+        if sum(len(t) for t in args.texts) > self.core.n_ctx * MAX_CHARS_PER_TOKEN * 4:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, f"the texts are too long to embed on core {self.name}")
+        vectors = self._call(self.backend.embed, list(args.texts))
+        return {"vectors": vectors, "model": self.models[0], "dimensions": len(vectors[0]) if vectors else 0}
+
     @op(InfoArgs, idempotent=True)
     def info(self, args: InfoArgs, ctx: RequestContext) -> dict[str, Any]:
         return {"core": self.name, "backend": self.core.backend, "models": self.models,
+                "embeddings": bool(self.backend is not None and self.backend.embeddings),
                 "context": self.contexts.stats(),
                 "switch_s": round(self.switch_s, 6), "generate_s": round(self.generate_s, 6)}
 

@@ -295,6 +295,13 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release the model."""
 
+    #: whether `embed` works on this backend
+    embeddings: bool = False
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """One embedding vector per text (for search by meaning). Backends that cannot say so."""
+        raise BackendError("INVALID_ARGUMENT", f"the {type(self).__name__} backend does not offer embeddings")
+
     def check(self) -> str | None:
         """Whether the backend can serve now: None if so, else why not in one line (a remote server
         that does not answer). Cheap; called at start and while the core reports itself degraded."""

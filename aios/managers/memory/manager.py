@@ -14,20 +14,35 @@ until it is below 70%; since storage already holds them, eviction copies
 nothing, and a read or search that needs an evicted entry brings it back.
 
 Search: ranked keyword search (BM25) over all of an agent's entries, done by
-storage's full-text index (it holds every entry, hot or cold); each hit says
-which ranking produced it ("ranking": "bm25") and where it came from. Without
-a storage service (`[memory] storage = false`) memory is RAM-only: the budget is
-a hard limit and search ranks the entries in RAM.
+storage's full-text index (it holds every entry, hot or cold). When an LLM
+core offers embeddings (`llm.embed`), search also ranks by meaning: the query
+and the agent's most recent entries (`[memory] semantic_candidates`) are
+embedded (entries' vectors are cached in RAM by version, at most
+`semantic_batch` new ones per search, so a search never waits on embedding a
+whole history), compared by cosine similarity, and the two rankings are merged
+by reciprocal rank fusion. Every hit says which rankings produced it, at what
+rank and score ("rankings": {"bm25": ..., "embedding": ...}), and the reply
+says how many entries were compared by meaning. Without a storage service
+(`[memory] storage = false`) memory is RAM-only: the budget is a hard limit
+and search ranks the entries in RAM.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from aios.managers.base import Manager, OpError, RequestContext, op
+from aios.managers.memory.fusion import fuse
 from aios.managers.memory.store import MemoryStore, Record
 from aios.protocol import ErrorCode
+
+#: how long the answer to "does an LLM core offer embeddings?" is trusted
+EMBEDDINGS_CHECK_S = 30.0
 
 MiB = 1024 * 1024
 
@@ -124,6 +139,12 @@ class MemoryManager(Manager):
         correlated_period_s: float = Field(default=0.0, ge=0, description="LRU-K: uses closer than this count once")
         storage: bool = Field(default=True, description="write entries through to the storage service (durable, "
                                                          "evictable); false: RAM only, the budget is a hard limit")
+        semantic: Literal["auto", "off"] = Field(default="auto", description="also search by meaning when an "
+                                                 "LLM core offers embeddings")
+        semantic_candidates: int = Field(default=500, ge=1, le=10_000,
+                                         description="the most recent entries compared by meaning")
+        semantic_batch: int = Field(default=32, ge=1, le=64, description="new entries embedded per search")
+        semantic_cache_mb: float = Field(default=8.0, ge=0, description="RAM for cached entry vectors")
 
     def setup(self) -> None:
         o = self.options
@@ -132,6 +153,8 @@ class MemoryManager(Manager):
         self.store = MemoryStore(int(o.budget_mb * MiB), k=o.k, high_water=o.high_water, low_water=o.low_water,
                                  correlated_period=o.correlated_period_s,
                                  backing=StorageBacking() if o.storage else None)
+        self.vectors = VectorCache(int(o.semantic_cache_mb * MiB))
+        self._embeddings_seen: tuple[float, bool] = (-1e9, False)
         self.log.info("memory budget %.1f MB, %s", o.budget_mb, "write-through to storage" if o.storage else "RAM only")
 
     @op(AddArgs)
@@ -160,8 +183,66 @@ class MemoryManager(Manager):
 
     @op(SearchArgs, idempotent=True)
     def search(self, args: SearchArgs, ctx: RequestContext) -> dict:
-        """Ranked search of the agent's entries; each hit says which ranking produced it."""
-        return self.store.search(ctx.agent, args.query, limit=args.limit, via=ctx)
+        """Ranked search of the agent's entries (by keywords, and by meaning when an LLM core offers
+        embeddings); each hit says which rankings produced it."""
+        keyword = self.store.search(ctx.agent, args.query, limit=args.limit, via=ctx)
+        if not self._embeddings_offered(ctx):
+            return {**keyword, "rankings": ["bm25"]}
+        try:
+            semantic, compared, candidates = self._semantic(args.query, args.limit, ctx)
+        except OpError as exc:  # the LLM core could not embed now: say so, keep the keyword ranking
+            return {**keyword, "rankings": ["bm25"], "note": f"search by meaning failed: {exc.message}"}
+        hits = fuse({"bm25": keyword["hits"], "embedding": semantic}, args.limit)
+        for h in hits:
+            h["ranking"] = "+".join(h["rankings"])  # "bm25", "embedding" or "bm25+embedding"
+        out = {"hits": hits, "complete": keyword.get("complete", True), "rankings": ["bm25", "embedding"],
+               "compared_by_meaning": compared, "candidates_by_meaning": candidates}
+        if compared < candidates:
+            out["note"] = (f"{candidates - compared} recent entries were not yet embedded and were ranked by "
+                           f"keywords only; later searches embed them")
+        return out
+
+    def _embeddings_offered(self, ctx: RequestContext) -> bool:
+        if self.options.semantic == "off":
+            return False
+        checked, offered = self._embeddings_seen
+        if time.monotonic() - checked < EMBEDDINGS_CHECK_S:
+            return offered
+        try:
+            offered = bool(ctx.call("llm", "info", idempotent=True).get("embeddings"))
+        except OpError:
+            offered = False  # no LLM service, or it cannot answer now
+        self._embeddings_seen = (time.monotonic(), offered)
+        return offered
+
+    def _semantic(self, query: str, limit: int, ctx: RequestContext) -> tuple[list[dict[str, Any]], int, int]:
+        """Cosine ranking of the agent's most recent entries against the query."""
+        o = self.options
+        listing = self.store.list(ctx.agent, offset=0, limit=min(o.semantic_candidates, 1000), via=ctx)
+        entries = listing["entries"]
+        if listing["total"] > len(entries):  # the most recent ones: the listing is oldest first
+            entries = self.store.list(ctx.agent, offset=listing["total"] - len(entries), limit=len(entries),
+                                      via=ctx)["entries"]
+        missing = [e for e in reversed(entries) if self.vectors.get(ctx.agent, e["id"], e["updated"]) is None]
+        to_embed = missing[:o.semantic_batch]
+        texts = [self.store.get(ctx.agent, e["id"], via=ctx).content for e in to_embed]
+        q_vec, *vecs = ctx.call("llm", "embed", texts=[query, *texts], idempotent=True)["vectors"]
+        for e, vec in zip(to_embed, vecs):
+            self.vectors.put(ctx.agent, e["id"], e["updated"], vec)
+        scored = []
+        for e in entries:
+            vec = self.vectors.get(ctx.agent, e["id"], e["updated"])
+            if vec is not None:
+                scored.append((_cosine(q_vec, vec), e))
+        scored.sort(key=lambda x: -x[0])
+        hits = []
+        for score, e in scored[:limit]:
+            try:
+                record = self.store.get(ctx.agent, e["id"], via=ctx)
+            except OpError:
+                continue  # deleted meanwhile
+            hits.append({**record.to_dict(), "score": round(score, 6), "ranking": "embedding", "source": "memory"})
+        return hits, len(scored), len(entries)
 
     @op(NoArgs, idempotent=True)
     def stats(self, args: NoArgs, ctx: RequestContext) -> dict:
@@ -173,3 +254,46 @@ class MemoryManager(Manager):
         return {**mine, "entries": total if total is not None else mine["entries_in_ram"],
                 "entries_evicted": (total - mine["entries_in_ram"]) if total is not None else 0,
                 "store": self.store.stats()}
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na = math.sqrt(sum(x * x for x in a))
+    nb = math.sqrt(sum(y * y for y in b))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+class VectorCache:
+    """Entry vectors by (agent, id, updated) in RAM, least recently used out beyond `budget_bytes`
+    (a vector is recomputed when its entry changes, or after it left the cache)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        from array import array
+        self._array = array
+        self.budget = budget_bytes
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+
+    def get(self, agent: str, entry_id: str, updated: float) -> list[float] | None:
+        with self._lock:
+            item = self._items.get((agent, entry_id))
+            if item is None or item[0] != updated:
+                return None
+            self._items.move_to_end((agent, entry_id))
+            return item[1].tolist()
+
+    def put(self, agent: str, entry_id: str, updated: float, vec: list[float]) -> None:
+        packed = self._array("f", vec)  # float32: a quarter of a list of Python floats
+        size = packed.itemsize * len(packed) + 120
+        with self._lock:
+            old = self._items.pop((agent, entry_id), None)
+            if old is not None:
+                self.bytes -= old[1].itemsize * len(old[1]) + 120
+            if size > self.budget:
+                return
+            self._items[(agent, entry_id)] = (updated, packed)
+            self.bytes += size
+            while self.bytes > self.budget:
+                _, (_, gone) = self._items.popitem(last=False)
+                self.bytes -= gone.itemsize * len(gone) + 120

@@ -85,6 +85,7 @@ class OllamaBackend(RemoteBackend):
         options: dict[str, Any] | None = None,
         keep_alive: float | str | None = None,
         max_server_stops: int = 16,
+        embedding_model: str | None = None,
     ) -> None:
         if not model:
             raise ValueError("OllamaBackend needs a model name")
@@ -98,6 +99,7 @@ class OllamaBackend(RemoteBackend):
         self.models = [name or model]
         self.options = dict(options or {})
         self.keep_alive = keep_alive
+        self.embedding_model = embedding_model
         self.client = ollama.Client(host=self.host, timeout=timeout)
 
     def close(self) -> None:
@@ -105,6 +107,16 @@ class OllamaBackend(RemoteBackend):
 
     def _check_url(self) -> str:
         return self.host + "/api/version"
+
+    embeddings = True
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Ollama's embed API (the `embedding_model` option, default the chat model)."""
+        try:
+            resp = self.client.embed(model=self.embedding_model or self.model, input=texts)
+        except Exception as exc:  # noqa: BLE001
+            raise self._map_error(exc) from None
+        return [list(v) for v in resp.embeddings]
 
     def _server_constrained(self, gen: RemoteGeneration) -> bool:
         a = gen.args

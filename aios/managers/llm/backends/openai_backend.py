@@ -127,6 +127,7 @@ class OpenAIBackend(RemoteBackend):
         prefill_extra_body: dict[str, Any] | None = None,
         max_server_stops: int = 4,
         max_retries: int = 0,
+        embedding_model: str | None = None,
     ) -> None:
         super().__init__(mode=mode, prompt_format=prompt_format, stop=stop, chat_resume=chat_resume,
                          max_server_stops=max_server_stops)
@@ -137,6 +138,7 @@ class OpenAIBackend(RemoteBackend):
         self.model = model
         self.models = [name or model]
         self.completion_json = completion_json
+        self.embedding_model = embedding_model
         self.extra_body = dict(extra_body or {})
         self.prefill_extra_body = dict(prefill_extra_body or {})
         # A local server needs no key, but the client insists on one.
@@ -152,6 +154,16 @@ class OpenAIBackend(RemoteBackend):
 
     def _check_url(self) -> str:
         return self.base_url + "/models"
+
+    embeddings = True
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """The server's /v1/embeddings (the `embedding_model` option, default the chat model)."""
+        try:
+            resp = self.client.embeddings.create(model=self.embedding_model or self.model, input=texts)
+        except Exception as exc:  # noqa: BLE001 - mapped like every other server error
+            raise self._map_error(exc) from None
+        return [list(d.embedding) for d in sorted(resp.data, key=lambda d: d.index)]
 
     # ---- protocol specifics
     def _server_constrained(self, gen: RemoteGeneration) -> bool:

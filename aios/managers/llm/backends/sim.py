@@ -71,6 +71,23 @@ class SimBackend(Backend):
             if gen.usage.completion_tokens >= gen.args.max_tokens:
                 gen.finish_reason = "length"
 
+    embeddings = True
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """SIMULATED embeddings: hashed bags of words (64 dimensions), not a model's. Texts that share
+        words get similar vectors, which is enough to exercise search by meaning end to end."""
+        import hashlib
+        import math
+        out = []
+        for text in texts:
+            vec = [0.0] * 64
+            for word in text.lower().split():
+                h = hashlib.blake2b(word.strip(".,;:!?\"'()").encode(), digest_size=4).digest()
+                vec[h[0] % 64] += 1.0 if h[1] & 1 else -1.0
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            out.append([v / norm for v in vec])
+        return out
+
     def suspend(self, gen: Generation) -> None:
         """Nothing lives outside the object."""
 

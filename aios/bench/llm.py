@@ -9,6 +9,9 @@ share of core time spent saving and restoring contexts. The same generations
 called in-process directly on the backend, one after the other, give the
 baseline tokens/s in the same run.
 
+`--concurrency` and `--agents-steps` measure batching and the prefix cache
+instead (see aios/bench/llm_throughput.py).
+
 `--backend sim` uses the labelled SIMULATED backend (fixed seconds per token,
 no model) to run the same comparison at 250 concurrent agents.
 
@@ -152,6 +155,14 @@ def run_direct(args: argparse.Namespace, jobs: list[Job], progress: Progress) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "concurrency", False) or getattr(args, "agents_steps", False):
+        from aios.bench import llm_throughput
+        results = llm_throughput.run(args)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            llm_throughput.print_report(results, args)
+        return 0
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     from aios.scheduler.policies import POLICIES
     unknown = [p for p in policies if p not in POLICIES]

@@ -44,6 +44,7 @@ share a decode call; see the README for how often greedy outputs change.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import logging
 import os
@@ -160,6 +161,7 @@ class LlamaCppGeneration(Generation):
         self.snapshot_points = snapshot_points
         self.prefix_checked = False  # the prefix cache was consulted (once, on the first load)
         self.seq: int | None = None  # transient: the sequence it occupies while resident
+        self.logit_digests: list[str] = []  # filled only when the engine records logits (tests)
         self._grammar: Grammar | None = None  # transient; rebuilt from tokens when missing
 
     def snapshot_bytes(self) -> int:
@@ -220,6 +222,8 @@ class Engine:
         self.n_batch = n_batch
         self.n_swa = max(0, int(lib.llama_model_n_swa(model)))
         self.cache = prefix_cache
+        #: keep a digest of every sampled step's logits in the generation (tests of bit-exactness)
+        self.record_logits = False
         self.seq_guard = 1  # exact mode: shares a restored block's cells until the next token is placed
         self.seq_fill = 2   # exact mode: filler cells in front of a restored block
 
@@ -434,7 +438,6 @@ class Engine:
                     self.counters["grace_wait_s"] += time.monotonic() - t0
                 self._awaiting.clear()
                 commands, self._commands = self._commands, []
-                tickets = [t for t in self._tickets.values() if not t.cancelled]
             for fn, args, fut in commands:
                 try:
                     result = fn(*args)
@@ -446,6 +449,8 @@ class Engine:
                 else:
                     if fut is not None:
                         fut.set_result(result)
+            with self._cv:  # after the commands: a released generation's ticket is gone
+                tickets = [t for t in self._tickets.values() if not t.cancelled]
             if tickets:
                 try:
                     self._step(tickets)
@@ -745,6 +750,8 @@ class Engine:
     def _emit(self, t: _Ticket, logits: np.ndarray) -> None:
         """Sample `t.gen`'s next token from `logits`, hand its text to the caller, close the ticket when due."""
         g = t.gen
+        if self.record_logits:  # for tests and diagnosis: proves bit-exactness, not just equal tokens
+            g.logit_digests.append(hashlib.blake2b(logits.tobytes(), digest_size=8).hexdigest())
         pieces: list[str] = []
         self._sample_step(g, logits, pieces.append)
         t.produced += 1

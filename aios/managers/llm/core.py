@@ -88,6 +88,7 @@ class LLMCore(Manager):
         self.store_s = 0.0       # time spent moving snapshots into and out of the context store
         self.generate_s = 0.0    # handler time spent generating, summed over concurrent requests
         self._stats_lock = threading.Lock()
+        self._store_lock = threading.Lock()  # orders a preempted generation's store against its cancellation
 
     def setup(self) -> None:
         t0 = time.monotonic()
@@ -132,12 +133,19 @@ class LLMCore(Manager):
         """Context-switch cost: the backend's save/restore time plus the store's."""
         return (self.backend.switch_seconds if self.backend is not None else 0.0) + self.store_s
 
+    def on_cancel(self, ctx: RequestContext) -> None:
+        # Its handler may be past its last cancellation check, storing the preempted generation
+        # to yield (a batched backend's suspend waits for the decode step in progress): drop
+        # whatever it stored, or it would stay in the store with no request to resume it.
+        self.pool.submit(self._forget, ctx.key)
+
     def on_forget(self, key: str) -> None:
         # Off the socket thread: dropping may wait for the backend (e.g. its decode thread).
         self.pool.submit(self._forget, key)
 
     def _forget(self, key: str) -> None:
-        gen = self.contexts.drop(key)
+        with self._store_lock:
+            gen = self.contexts.drop(key)
         if gen is not None and self.backend is not None:
             self.backend.drop(gen)
 
@@ -189,8 +197,13 @@ class LLMCore(Manager):
         assert backend is not None
         self._call(backend.suspend, gen)
         t0 = time.perf_counter()
-        stored = self.contexts.put(ctx.key, gen)
+        with self._store_lock:  # a cancellation either comes before (seen here) or drops what is stored
+            cancelled = ctx.cancelled.is_set()
+            stored = not cancelled and self.contexts.put(ctx.key, gen)
         self._add_time("store_s", time.perf_counter() - t0)
+        if cancelled:
+            backend.drop(gen)
+            raise OpError(ErrorCode.CANCELLED, "cancelled")
         if stored:
             return Yield(affinity=True)
         # No budget can hold it: finish it now rather than exceed the budget.

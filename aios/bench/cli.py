@@ -34,6 +34,9 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--agents-steps", action="store_true",
                    help="instead: agents running multi-step conversations with a shared system prompt, "
                         "prefix cache on vs off")
+    p.add_argument("--determinism", action="store_true",
+                   help="instead: how often greedy outputs differ batched vs one at a time (in process)")
+    p.add_argument("--prompts", type=int, default=32, help="--determinism: prompts (default 32)")
     p.add_argument("--levels", default="1,2,4,8", help="--concurrency: numbers of concurrent generations")
     p.add_argument("--tokens", type=int, default=64, help="--concurrency: tokens per generation (default 64)")
     p.add_argument("--rounds", type=int, default=2, help="--concurrency: alternating rounds to average (default 2)")

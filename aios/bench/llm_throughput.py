@@ -52,8 +52,8 @@ def _batched_options(args: argparse.Namespace, batched: bool) -> dict[str, Any]:
     return {"max_batch": m if batched else 1}
 
 
-async def _burst(run_dir: Any, n: int, tokens: int, tag: str) -> tuple[int, float]:
-    """n agents send one generation each at the same moment; (tokens generated, wall seconds)."""
+async def _burst(run_dir: Any, n: int, tokens: int, tag: str) -> tuple[int, float, list[str]]:
+    """n agents send one generation each at the same moment; (tokens generated, wall seconds, texts)."""
     from aios.sdk import AsyncClient
     clients = [AsyncClient(run_dir, agent=f"{tag}-{i}", timeout=3600) for i in range(n)]
     try:
@@ -68,7 +68,8 @@ async def _burst(run_dir: Any, n: int, tokens: int, tag: str) -> tuple[int, floa
     finally:
         for c in clients:
             await c.close()
-    return sum(r.result["usage"]["completion_tokens"] for r in replies), wall
+    return (sum(r.result["usage"]["completion_tokens"] for r in replies), wall,
+            [r.result["message"]["content"] for r in replies])
 
 
 def _warm(run_dir: Any) -> None:
@@ -88,6 +89,7 @@ def run_concurrency(args: argparse.Namespace, progress: Progress) -> dict[str, A
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     batched: dict[str, list[float]] = {str(n): [] for n in levels}
     single: dict[str, list[float]] = {str(n): [] for n in levels}
+    texts: dict[str, dict[str, list[str]]] = {"batched": {}, "one at a time": {}}
     label = "SIMULATED " if args.backend == "sim" else ""
     progress.update(f"concurrency: starting a {label}batched and a one-at-a-time kernel", force=True)
     with temporary_kernel(_core(args, _batched_options(args, True)), prefix="aios-bcb-") as rb, \
@@ -98,9 +100,12 @@ def run_concurrency(args: argparse.Namespace, progress: Progress) -> dict[str, A
             for n in levels:
                 for name, run_dir, out in (("batched", rb, batched), ("one at a time", rs, single)):
                     progress.update(f"concurrency round {r + 1}/{args.rounds}: {n} agents, {name}", force=True)
-                    toks, wall = asyncio.run(_burst(run_dir, n, args.tokens, f"c{r}-{n}"))
+                    toks, wall, contents = asyncio.run(_burst(run_dir, n, args.tokens, f"c{r}-{n}"))
                     out[str(n)].append(toks / wall)
+                    texts[name].setdefault(str(n), contents)
         info = _info(rb)
+    # Greedy outputs of the same prompts, batched vs one at a time (same kernel build, same run).
+    same = {k: sum(a == b for a, b in zip(texts["batched"][k], texts["one at a time"][k])) for k in texts["batched"]}
     mean = {k: sum(v) / len(v) for k, v in batched.items()}
     mean_single = {k: sum(v) / len(v) for k, v in single.items()}
     top = str(max(levels))
@@ -110,6 +115,7 @@ def run_concurrency(args: argparse.Namespace, progress: Progress) -> dict[str, A
                         "tokens_per_request": args.tokens, "rounds": args.rounds,
                         "unbatched": mean_single, "batched_runs": batched, "unbatched_runs": single,
                         "speedup": {k: mean[k] / mean_single[k] for k in mean},
+                        "identical_outputs": {k: f"{same[k]}/{k}" for k in same},
                         "batched_core": info.get("batching", {}),
                         "sim_speedup": args.sim_speedup if args.backend == "sim" else None}}}
 
@@ -186,10 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress("[bench llm]")
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
-    for wanted, fn in ((args.concurrency, run_concurrency), (args.agents_steps, run_agent_steps)):
+    for wanted, fn in ((args.concurrency, run_concurrency), (args.agents_steps, run_agent_steps),
+                       (getattr(args, "determinism", False), run_determinism)):
         if wanted:
             part = fn(args, progress)
-            details.update(part.pop("details"))
+            details.update(part.pop("details", {}))
             results.update(part)
     results["details"] = details
     progress.done("finished")
@@ -197,6 +204,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    if "determinism" in results:
+        d = results["determinism"]
+        print(f"aios bench llm --determinism: {d['prompts']} prompts, {d['tokens']} greedy tokens each, one at a time "
+              f"vs {d['max_batch']} at a time (mean decode batch {d['mean_batch']})")
+        print(f"  identical outputs: {d['identical']}/{d['prompts']}; differing: {d['differing']}"
+              + (f", first different token at positions {d['first_difference_at']}" if d["differing"] else ""))
     if "concurrency" in results:
         d = results["details"]["concurrency"]
         label = " (SIMULATED backend: fixed seconds per token, batch speed-up " \
@@ -207,6 +220,9 @@ def print_report(results: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"{'agents':>7}{'batched tok/s':>15}{'one-at-a-time':>15}{'speed-up':>10}")
         for k, v in results["concurrency"].items():
             print(f"{k:>7}{v:>15.1f}{d['unbatched'][k]:>15.1f}{d['speedup'][k]:>9.2f}x")
+        if not d["simulated"]:
+            print("\ngreedy outputs identical to one at a time (first round): " +
+                  ", ".join(f"{k} agents {v}" for k, v in d["identical_outputs"].items()))
         core = d["batched_core"]
         if core and not d["simulated"]:
             print(f"\nbatched core: max_batch {core.get('max_batch')}, mean decode batch {core.get('mean_batch')}")
@@ -235,3 +251,59 @@ def print_report(results: dict[str, Any], args: argparse.Namespace) -> None:
               f"{'met' if p['computed_frac'] <= 0.3 else 'NOT met'}")
         print(f"  multi-step workload {p['speedup']:.2f}x faster end to end (goal >= 1.5): "
               f"{'met' if p['speedup'] >= 1.5 else 'NOT met'}")
+
+
+# ---------------------------------------------------------------- determinism
+TEMPLATES = ["Describe {}.", "Write a short poem about {}.", "List three facts about {}.", "Tell a story set in {}."]
+
+
+def run_determinism(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """Greedy outputs of the same prompts decoded one at a time and in batches of `max_batch`, in process.
+
+    Same model, same build, same machine: any difference comes from floating-point results that
+    depend on which sequences share a decode call.
+    """
+    import threading
+
+    from aios.managers.llm.backends.llamacpp import LlamaCppBackend
+    from aios.managers.llm.types import ChatArgs
+    m = _max_batch(args)
+    prompts = [t.format(topic) for t in TEMPLATES for topic in TOPICS][: args.prompts]
+
+    def chat(p: str) -> ChatArgs:
+        return ChatArgs(messages=[{"role": "user", "content": p}], max_tokens=args.tokens, temperature=0.0,
+                        stop=[], ignore_eos=True)
+
+    def tokens_of(b: LlamaCppBackend, p: str) -> list[int]:
+        g = b.start(chat(p))
+        b.advance(g, None, lambda s: None)
+        out = list(g.tokens)  # type: ignore[attr-defined]
+        b.finish(g)
+        return out
+
+    progress.update(f"determinism: {len(prompts)} prompts one at a time", force=True)
+    one = LlamaCppBackend(max_batch=1, prefix_cache_mb=0)
+    try:
+        ref = [tokens_of(one, p) for p in prompts]
+    finally:
+        one.close()
+    progress.update(f"determinism: the same prompts {m} at a time", force=True)
+    many = LlamaCppBackend(max_batch=m, prefix_cache_mb=0)
+    got: list[list[int]] = [[] for _ in prompts]
+    try:
+        for start in range(0, len(prompts), m):
+            def one_prompt(i: int) -> None:
+                got[i] = tokens_of(many, prompts[i])
+            threads = [threading.Thread(target=one_prompt, args=(i,)) for i in range(start, min(start + m, len(prompts)))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        mean_batch = many.stats()["mean_batch"]
+    finally:
+        many.close()
+    firsts = [next((k for k, (a, b) in enumerate(zip(r, g)) if a != b), None) for r, g in zip(ref, got)]
+    differ = [f for f in firsts if f is not None]
+    return {"determinism": {"prompts": len(prompts), "tokens": args.tokens, "max_batch": m, "mean_batch": mean_batch,
+                            "identical": len(prompts) - len(differ), "differing": len(differ),
+                            "first_difference_at": sorted(differ)}}

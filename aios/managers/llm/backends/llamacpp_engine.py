@@ -159,7 +159,7 @@ class LlamaCppGeneration(Generation):
         self.stream = prompting.StopStream(stops=stops)
         #: prompt lengths (chunk multiples) whose KV is saved into the prefix cache during prefill
         self.snapshot_points = snapshot_points
-        self.prefix_checked = False  # the prefix cache was consulted (once, on the first load)
+        self.prefix_checked = False  # the prefix cache was consulted (once, when its prefill starts)
         self.seq: int | None = None  # transient: the sequence it occupies while resident
         self.logit_digests: list[str] = []  # filled only when the engine records logits (tests)
         self._grammar: Grammar | None = None  # transient; rebuilt from tokens when missing
@@ -554,9 +554,6 @@ class Engine:
             # for the prompt; the completion's KV is recomputed as one prefill.
             log.warning("gen %d has no snapshot; recomputing %d tokens", g.uid, g.n_evaluated)
             g.n_evaluated = 0
-        if not g.prefix_checked and not g.tokens and g.n_evaluated == 0:
-            g.prefix_checked = True
-            self._reuse_prefix(g, s)
         if g.mode != "text" and g._grammar is None:
             g._grammar = Grammar(self.vocab, g.gbnf or "")
             for t in g.tokens:
@@ -567,6 +564,13 @@ class Engine:
             self._guarded = True
 
     def _reuse_prefix(self, g: LlamaCppGeneration, s: int) -> None:
+        """Start a fresh prompt from the longest cached prefix, if any.
+
+        Called when the prompt's prefill starts, not when the generation gets its
+        sequence: prompts are prefilled one at a time, so agents that arrive together
+        with the same system prompt find it cached by the first one.
+        """
+        g.prefix_checked = True
         if self.cache is None:
             return
         hit = self.cache.lookup(g.prompt_tokens)
@@ -582,6 +586,9 @@ class Engine:
         g.n_evaluated = usable
         g.usage.cached_prompt_tokens = usable
         self.timings["prefix_restore_ms"] = (time.perf_counter() - t0) * 1e3
+        if self.exact:
+            self._lib.llama_memory_seq_cp(self.mem, s, self.seq_guard, -1, -1)
+            self._guarded = True
 
     def _restore(self, data: bytes | bytearray, s: int, n_tokens: int) -> bool:
         """Load a saved sequence state into sequence `s`; False if it does not fit."""
@@ -718,6 +725,8 @@ class Engine:
         """Evaluate the next fixed-boundary chunk of `t.gen`'s context (prompt, or tokens being recomputed)."""
         g = t.gen
         assert g.seq is not None
+        if not g.prefix_checked and not g.tokens and g.n_evaluated == 0:
+            self._reuse_prefix(g, g.seq)
         start, total = g.n_evaluated, g.context_len()
         stop = min(total, (start // self.chunk + 1) * self.chunk)
         sample = stop == total and g.pending is None  # the prompt's last token: its logits give the first token

@@ -24,6 +24,7 @@ prefix_cache.py; this module validates requests and options and builds results.
 Options (the `[[llm]] options` table; ValueError naming the option when bad):
   max_batch        generations decoded together in one context (the core's capacity)
   prefill_chunk    prompt tokens per prefill call, on a fixed grid (prefix reuse granularity)
+  prefill_budget   prompt tokens prefilled per decode step while other generations wait
   prefix_cache_mb  RAM for cached prompt prefixes, part of [context] ram_budget_mb (0: off)
   n_batch          the largest llama_decode call (>= prefill_chunk and max_batch)
   extra_buffer_types  let llama.cpp repack weights for the CPU (default: on unless the CPU has AMX)
@@ -64,6 +65,8 @@ DEFAULT_MAX_BATCH = 4
 #: prefix loses at most 63 tokens to the grid, and other generations wait at most
 #: one 64-token call (~70 ms) per step while a new prompt is prefilled.
 DEFAULT_PREFILL_CHUNK = 64
+#: Prompt tokens prefilled per decode step while other generations wait (see the engine).
+DEFAULT_PREFILL_BUDGET = 256
 #: Default prefix-cache RAM, capped at half of [context] ram_budget_mb.
 DEFAULT_PREFIX_CACHE_MB = 128.0
 MAX_BATCH_LIMIT = 64
@@ -218,6 +221,7 @@ class LlamaCppBackend(Backend):
         extra_buffer_types: bool | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
         prefix_cache_mb: float | None = None,
         ram_budget_mb: float | None = None,
     ) -> None:
@@ -225,6 +229,7 @@ class LlamaCppBackend(Backend):
         max_batch = _option_int("max_batch", max_batch, 1, MAX_BATCH_LIMIT, " (generations decoded together)")
         n_batch = _option_int("n_batch", n_batch, 1, 1 << 16)
         prefill_chunk = _option_int("prefill_chunk", prefill_chunk, 1, n_batch, " (at most n_batch)")
+        prefill_budget = _option_int("prefill_budget", prefill_budget, 1, 1 << 20)
         n_batch = max(n_batch, max_batch)
         if prefix_cache_mb is None:
             prefix_cache_mb = DEFAULT_PREFIX_CACHE_MB if ram_budget_mb is None \
@@ -266,7 +271,8 @@ class LlamaCppBackend(Backend):
         self.prefix_cache_budget_bytes = budget if cache is not None else 0
         try:
             self._engine = Engine(self._model, n_ctx=n_ctx, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                                  n_batch=n_batch, n_threads=n_threads, prefix_cache=cache)
+                                  n_batch=n_batch, n_threads=n_threads, prefix_cache=cache,
+                                  prefill_budget=prefill_budget)
         except BaseException:
             llama_cpp.llama_model_free(self._model)
             raise

@@ -39,7 +39,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--prompts", type=int, default=32, help="--determinism: prompts (default 32)")
     p.add_argument("--levels", default="1,2,4,8", help="--concurrency: numbers of concurrent generations")
     p.add_argument("--tokens", type=int, default=64, help="--concurrency: tokens per generation (default 64)")
-    p.add_argument("--rounds", type=int, default=2, help="--concurrency: alternating rounds to average (default 2)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--concurrency, --agents-steps: alternating rounds, medians reported (default 3)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="batched core's max_batch (--concurrency default 8; --agents-steps: the backend's default)")
     p.add_argument("--sim-speedup", type=float, default=2.4,

@@ -16,7 +16,9 @@ instead (see aios/bench/llm_throughput.py).
 no model) to run the same comparison at 250 concurrent agents.
 
 Requests use the `ignore_eos` option so every generation has exactly the
-length of its class, whatever the model would have said.
+length of its class, whatever the model would have said.  The llama.cpp core
+runs one generation at a time here (`max_batch = 1`, or `--max-batch`): the
+policies decide the order of requests that contend for it.
 """
 from __future__ import annotations
 
@@ -60,6 +62,10 @@ def kernel_config(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     core: dict[str, Any] = {"name": "llm-0", "backend": args.backend}
     if args.backend == "sim":
         core["sim_seconds_per_token"] = SIM_SECONDS_PER_TOKEN
+    else:
+        # Policies order requests that contend for a core; a batching core with room for the
+        # whole workload would run everything at once.  --max-batch changes it.
+        core["options"] = {"max_batch": getattr(args, "max_batch", None) or 1}
     return {"scheduler": {"policy": policy, "time_slice_tokens": args.slice}, "llm": [core]}
 
 

@@ -57,9 +57,16 @@ __all__ = ["LlamaCppBackend", "LlamaCppGeneration", "default_model_path"]
 
 log = logging.getLogger("aios.llm.llamacpp")
 
-#: Default generations per context.  Measured on this 2-core machine (see the README):
-#: DEFAULT_MAX_BATCH_NOTE
-DEFAULT_MAX_BATCH = 4
+#: Default generations per context: one (exact mode).  Measured on a 2-core AMD EPYC
+#: (`aios bench llm --concurrency`, 64-token generations sent together), batching 8 gives
+#: 0.99x one at a time for 1 agent, 0.93x for 2, 1.26x for 4, 1.83x for 8: llama.cpp's
+#: output layer (262k-token vocabulary) runs a slow kernel for 2-7 rows, so the gain starts
+#: at 4-8 concurrent generations.  It costs reproducibility (greedy outputs of 4 and 8
+#: batched generations differed from one-at-a-time ones in 10/32 and 9/32 prompts within
+#: 64 tokens), ~250 MB of KV cache at 8 x 2048 tokens, and the scheduling policies'
+#: effect below 8 waiting requests.  So batching is opt-in (`max_batch = 8` for
+#: deployments that run many agents at once); the exact prefix cache is on by default.
+DEFAULT_MAX_BATCH = 1
 #: Prompt tokens per prefill call.  Measured prefill speed by chunk: 32 -> 750 tok/s,
 #: 64 -> 910, 128 -> 980, 256 -> 1040; 64 keeps most of the speed while a cached
 #: prefix loses at most 63 tokens to the grid, and other generations wait at most

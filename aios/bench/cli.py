@@ -30,7 +30,8 @@ def add_bench_parser(sub: Any) -> None:
                    help="requests each short agent sends in a row (default 1; 3 shows las's per-agent fairness)")
     p.add_argument("--slice", type=int, default=32, help="time slice in tokens for preemptive policies")
     p.add_argument("--concurrency", action="store_true",
-                   help="instead: tokens/s of one core serving 1, 2, 4, 8 concurrent generations, batched vs one at a time")
+                   help="instead: tokens/s of one core serving 1, 2, 4, 8 concurrent generations, "
+                        "batched vs one at a time")
     p.add_argument("--agents-steps", action="store_true",
                    help="instead: agents running multi-step conversations with a shared system prompt, "
                         "prefix cache on vs off")

@@ -161,7 +161,7 @@ def run_direct(args: argparse.Namespace, jobs: list[Job], progress: Progress) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "concurrency", False) or getattr(args, "agents_steps", False) or getattr(args, "determinism", False):
+    if any(getattr(args, flag, False) for flag in ("concurrency", "agents_steps", "determinism")):
         from aios.bench import llm_throughput
         results = llm_throughput.run(args)
         if args.json:

@@ -164,7 +164,8 @@ async def _agent(run_dir: Any, agent: str, steps: int, tokens: int, system: str,
         await client.close()
 
 
-async def _agents(run_dir: Any, n: int, steps: int, tokens: int, system: str, tag: str) -> tuple[list[dict[str, Any]], float]:
+async def _agents(run_dir: Any, n: int, steps: int, tokens: int, system: str,
+                  tag: str) -> tuple[list[dict[str, Any]], float]:
     rows: list[dict[str, Any]] = []
     t0 = time.monotonic()
     await asyncio.gather(*(_agent(run_dir, f"{tag}-{k}", steps, tokens, system, k, rows) for k in range(n)))
@@ -190,7 +191,8 @@ def run_agent_steps(args: argparse.Namespace, progress: Progress) -> dict[str, A
                 submitted = sum(x["prompt"] for x in rows)
                 cached = sum(x["cached"] for x in rows)
                 runs[name].append({"wall_s": wall, "steps": len(rows), "prompt_tokens": submitted,
-                                   "computed_tokens": submitted - cached, "computed_frac": (submitted - cached) / submitted,
+                                   "computed_tokens": submitted - cached,
+                                   "computed_frac": (submitted - cached) / submitted,
                                    "mean_step_latency_s": sum(x["latency_s"] for x in rows) / len(rows),
                                    "first_step_prompt_tokens": min(x["prompt"] for x in rows if x["step"] == 0)})
         core = _info(ron)
@@ -201,8 +203,9 @@ def run_agent_steps(args: argparse.Namespace, progress: Progress) -> dict[str, A
     out["on"]["core"] = core
     speedup = statistics.median(off["wall_s"] / on["wall_s"] for off, on in zip(runs["off"], runs["on"]))
     return {"prefix": {"computed_frac": out["on"]["computed_frac"], "speedup": speedup},
-            "details": {"agents_steps": {"agents": args.agents, "steps": args.steps, "answer_tokens": args.answer_tokens,
-                                         "max_batch": args.max_batch, "rounds": args.rounds, **out}}}
+            "details": {"agents_steps": {"agents": args.agents, "steps": args.steps,
+                                         "answer_tokens": args.answer_tokens, "max_batch": args.max_batch,
+                                         "rounds": args.rounds, **out}}}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -319,7 +322,8 @@ def run_determinism(args: argparse.Namespace, progress: Progress) -> dict[str, A
         for start in range(0, len(prompts), m):
             def one_prompt(i: int) -> None:
                 got[i] = tokens_of(many, prompts[i])
-            threads = [threading.Thread(target=one_prompt, args=(i,)) for i in range(start, min(start + m, len(prompts)))]
+            threads = [threading.Thread(target=one_prompt, args=(i,))
+                       for i in range(start, min(start + m, len(prompts)))]
             for t in threads:
                 t.start()
             for t in threads:

@@ -37,7 +37,8 @@ class SimBackend(Backend):
 
     def __init__(self, seconds_per_token: float = 0.01, name: str = "sim", n_ctx: int = 1 << 20, *,
                  max_concurrency: int = 1, batch_speedup: float | None = None) -> None:
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or not 1 <= max_concurrency <= 1024:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) \
+                or not 1 <= max_concurrency <= 1024:
             raise ValueError(f"llm option max_concurrency must be an integer from 1 to 1024, not {max_concurrency!r}")
         speedup = float(max_concurrency if batch_speedup is None else batch_speedup)
         if not 1.0 <= speedup <= max_concurrency:

@@ -157,8 +157,9 @@ async def _agent(run_dir: Any, agent: str, steps: int, tokens: int, system: str,
                                                          "temperature": 0.0, "stop": [], "ignore_eos": True},
                                          idempotent=True)
             usage = reply.result["usage"]
-            rows.append({"agent": agent, "step": s, "latency_s": time.monotonic() - t0,
-                         "prompt": usage["prompt_tokens"], "cached": usage.get("cached_prompt_tokens", 0)})
+            rows.append({"agent": k, "step": s, "latency_s": time.monotonic() - t0,
+                         "prompt": usage["prompt_tokens"], "cached": usage.get("cached_prompt_tokens", 0),
+                         "answer": reply.result["message"]["content"]})
             messages.append({"role": "assistant", "content": reply.result["message"]["content"]})
     finally:
         await client.close()
@@ -175,6 +176,7 @@ async def _agents(run_dir: Any, n: int, steps: int, tokens: int, system: str,
 def run_agent_steps(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     base: dict[str, Any] = {} if args.max_batch is None else {"max_batch": args.max_batch}
     runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    same = total = 0
     progress.update("agents-steps: starting kernels with the prefix cache on and off", force=True)
     with temporary_kernel(_core(args, {**base}), prefix="aios-bap-") as ron, \
             temporary_kernel(_core(args, {**base, "prefix_cache_mb": 0}), prefix="aios-bao-") as roff:
@@ -183,11 +185,13 @@ def run_agent_steps(args: argparse.Namespace, progress: Progress) -> dict[str, A
         for r in range(args.rounds):
             # A new session per round, so the cache starts every round cold.
             system = f"Session {r + 1}.\n" + system_prompt(args.system_words)
+            answers: dict[str, dict[tuple[int, int], str]] = {}
             for name, run_dir in (("off", roff), ("on", ron)):
                 progress.update(f"agents-steps round {r + 1}/{args.rounds}: {args.agents} agents x {args.steps} steps, "
                                 f"prefix cache {name}", force=True)
                 rows, wall = asyncio.run(_agents(run_dir, args.agents, args.steps, args.answer_tokens, system,
                                                  f"{name}{r}"))
+                answers[name] = {(x["agent"], x["step"]): x["answer"] for x in rows}
                 submitted = sum(x["prompt"] for x in rows)
                 cached = sum(x["cached"] for x in rows)
                 runs[name].append({"wall_s": wall, "steps": len(rows), "prompt_tokens": submitted,
@@ -195,10 +199,13 @@ def run_agent_steps(args: argparse.Namespace, progress: Progress) -> dict[str, A
                                    "computed_frac": (submitted - cached) / submitted,
                                    "mean_step_latency_s": sum(x["latency_s"] for x in rows) / len(rows),
                                    "first_step_prompt_tokens": min(x["prompt"] for x in rows if x["step"] == 0)})
+            # Same prompts, same model: in exact mode (max_batch = 1) the cache must not change a token.
+            same += sum(answers["on"].get(key) == text for key, text in answers["off"].items())
+            total += len(answers["off"])
         core = _info(ron)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"identical_answers": f"{same}/{total}"}
     for name, rs in runs.items():
-        med = sorted(rs, key=lambda x: x["wall_s"])[len(rs) // 2]  # the median round by wall time
+        med = sorted(rs, key=lambda x: x["wall_s"])[len(rs) // 2]  # the median round by wall time (one session)
         out[name] = {**med, "wall_s_runs": [x["wall_s"] for x in rs]}
     out["on"]["core"] = core
     speedup = statistics.median(off["wall_s"] / on["wall_s"] for off, on in zip(runs["off"], runs["on"]))
@@ -274,6 +281,7 @@ def print_report(results: dict[str, Any], args: argparse.Namespace) -> None:
                   f"{r['mean_step_latency_s']:>10.2f}s{r['wall_s']:>8.1f}s  "
                   + ", ".join(f"{w:.1f}s" for w in r["wall_s_runs"]))
         p = results["prefix"]
+        print(f"answers identical with the cache on and off (same session): {d['identical_answers']}")
         print("\ngoals:")
         print(f"  prompt tokens computed {p['computed_frac']:.2f} of submitted (goal <= 0.3): "
               f"{'met' if p['computed_frac'] <= 0.3 else 'NOT met'}")

@@ -71,7 +71,8 @@ def test_json_complete_and_tool_parsing() -> None:
 
 @pytest.fixture(scope="module")
 def backend() -> LlamaCppBackend:
-    b = LlamaCppBackend(n_ctx=2048)
+    """Exact mode (max_batch = 1): outputs must not depend on preemption at all."""
+    b = LlamaCppBackend(n_ctx=2048, max_batch=1)
     yield b
     b.close()
 

@@ -2,8 +2,10 @@
 
 Kernels here run the llama.cpp core with few tokens at temperature 0. The
 exact-resume tests compare a FIFO kernel (never preempts) with round-robin
-kernels whose 4-token slices interleave two generations on one model
-context, so every resume is a real restore of saved state.
+kernels whose 4-token (or 3-token) slices interleave generations on one model
+context, so every resume is a real restore of saved state.  Those kernels run
+one generation at a time (`max_batch = 1`, the exact mode) with the prefix
+cache on; a batched core (`max_batch` > 1) is tested at the end.
 """
 from __future__ import annotations
 
@@ -18,14 +20,19 @@ from tests.conftest import KernelFactory, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
-CORE = {"name": "llm-0", "backend": "llamacpp"}
+CORE = {"name": "llm-0", "backend": "llamacpp", "options": {"max_batch": 1}}
+#: a shared system prompt of about 260 tokens, so that prompts have a cacheable common prefix
+SYSTEM = "\n".join(
+    f"Tool {name}: use it when the task needs {name.replace('_', ' ')}; it takes a query and returns results."
+    for name in ["search_web", "read_file", "write_file", "send_email", "calendar_lookup", "run_python",
+                 "fetch_url", "summarize_text", "translate_text", "get_weather", "stock_quote", "list_files"] * 2)
 LONG_PROMPT = "Write a long story about a dragon who lives in a library."
 OTHER_PROMPT = "Describe the ocean in many sentences."
 
 
-def chat_args(prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0.0, **extra}
+def chat_args(prompt: str, max_tokens: int, system: str | None = None, **extra: Any) -> dict[str, Any]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +58,7 @@ def reference(fifo: Any) -> dict[str, str]:
 
 
 def run_concurrently(k: Any, prompts: list[str], max_tokens: int, **extra: Any) -> dict[str, sdk.Reply]:
+    """Each prompt from its own agent, all at once; replies by prompt."""
     replies: dict[str, sdk.Reply] = {}
     errors: list[BaseException] = []
 
@@ -234,3 +242,102 @@ def test_snapshot_dropped_when_its_agent_disconnects(rr: Any) -> None:
                message="the disconnected agent's snapshot to be dropped")
     status = probe.call("kernel", "status")
     assert status["queues"]["llm"] == 0 and status["pending"] == 0
+
+
+# --------------------------------------------------------------- prefix cache and batching
+SHARED_PROMPTS = ["What is the capital of France?", "Name three colors.", "Describe a cat."]
+
+
+@pytest.fixture(scope="module")
+def rr3(module_kernel_factory: KernelFactory) -> Any:
+    return module_kernel_factory(echo=False, llm=[CORE], scheduler={"policy": "rr", "time_slice_tokens": 3})
+
+
+def test_prefix_cache_keeps_outputs_identical_under_fifo_and_rr(fifo: Any, rr3: Any) -> None:
+    """max_batch = 1 with the prefix cache on: concurrent prompts sharing a system prompt give the
+    same tokens under FIFO and under round robin with 3-token slices, and reuse cached prefixes."""
+    out = {}
+    for name, k in (("fifo", fifo), ("rr", rr3)):
+        replies = run_concurrently(k, SHARED_PROMPTS, 24, system=SYSTEM, stop=[], ignore_eos=True)
+        out[name] = {p: r.result["message"]["content"] for p, r in replies.items()}
+        usage = [r.result["usage"] for r in replies.values()]
+        assert all(u["completion_tokens"] == 24 for u in usage)
+        assert sum(u["cached_prompt_tokens"] for u in usage) >= 192, usage  # the shared prefix was reused
+        if name == "rr":
+            assert all(r.timing["preemptions"] >= 3 for r in replies.values())
+        info = k.client("probe").call("llm", "info")
+        cache = info["context"]["prefix_cache"]
+        assert cache["hits"] >= 1 and cache["bytes"] <= cache["budget_bytes"]
+        assert info["context"]["reserved_bytes"] == cache["budget_bytes"]
+    assert out["fifo"] == out["rr"]
+
+
+@pytest.fixture(scope="module")
+def batched(module_kernel_factory: KernelFactory) -> Any:
+    core = {"name": "llm-0", "backend": "llamacpp", "n_ctx": 1024,
+            "options": {"max_batch": 4, "prefix_cache_mb": 1.5}}
+    return module_kernel_factory(echo=False, llm=[core], scheduler={"policy": "rr", "time_slice_tokens": 8},
+                                 context={"ram_budget_mb": 3.0})
+
+
+def test_batched_core_runs_requests_together(batched: Any) -> None:
+    assert batched.manager_info("llm-0")["capacity"] == 4
+    prompts = [f"Describe animal number {i}." for i in range(4)]
+    replies = run_concurrently(batched, prompts, 24, stop=[], ignore_eos=True)
+    assert all(r.result["usage"]["completion_tokens"] == 24 for r in replies.values())
+    info = batched.client("probe").call("llm", "info")
+    assert info["capacity"] == 4 and info["batching"]["max_batch"] == 4
+    assert info["batching"]["decoded_tokens"] > info["batching"]["decode_calls"]  # several per decode call
+    wait_until(lambda: batched.client("probe").call("llm", "info")["batching"]["resident"] == 0, timeout=10,
+               message="finished generations to free their sequences")
+
+
+def test_cancel_and_disconnect_free_sequences_within_tiny_budgets(batched: Any) -> None:
+    """A request cut by its deadline and an agent that disconnects mid-stream free their sequences and
+    snapshots; the context store's RAM budget (3 MB, 1.5 MB of it the prefix cache) is never exceeded."""
+    leaver = batched.client("leaver")
+    streamed: list[Any] = []
+    errors: dict[str, Any] = {}
+
+    def leave() -> None:
+        try:
+            leaver.request("llm", "chat", chat_args(LONG_PROMPT, 300, system=SYSTEM, stop=[], ignore_eos=True,
+                                                    stream=True),
+                           on_partial=lambda b: (streamed.append(b), len(streamed) == 10 and leaver.close()),
+                           timeout=60)
+        except Exception as exc:  # noqa: BLE001 - its socket closes under it
+            errors["leaver"] = exc
+
+    def late() -> None:
+        try:
+            batched.client("late").request("llm", "chat", chat_args(OTHER_PROMPT, 400, stop=[], ignore_eos=True),
+                                           timeout=2.0)
+        except Exception as exc:  # noqa: BLE001
+            errors["late"] = exc
+
+    stayer: dict[str, Any] = {}
+    threads = [threading.Thread(target=leave), threading.Thread(target=late),
+               threading.Thread(target=lambda: stayer.setdefault("reply", batched.client("stayer").request(
+                   "llm", "chat", chat_args("Name three colors.", 40, system=SYSTEM, stop=[], ignore_eos=True))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert stayer["reply"].result["usage"]["completion_tokens"] == 40
+    assert isinstance(errors.get("late"), sdk.KernelTimeout), errors
+    probe = batched.client("probe")
+
+    last: dict[str, Any] = {}
+
+    def freed() -> bool:
+        last.update(probe.call("llm", "info"))
+        return last["batching"]["resident"] == 0 and last["batching"]["running"] == 0 \
+            and last["context"]["snapshots"] == 0
+    wait_until(freed, timeout=30, message=lambda: f"generations to free their sequences: {last}")
+    ctx = probe.call("llm", "info")["context"]
+    assert ctx["reserved_bytes"] == int(1.5 * 1024 * 1024)
+    assert ctx["ram_budget_bytes"] + ctx["reserved_bytes"] == 3 * 1024 * 1024
+    assert ctx["peak_ram_bytes"] <= ctx["ram_budget_bytes"]
+    cache = ctx["prefix_cache"]
+    assert cache["peak_bytes"] <= cache["budget_bytes"] and cache["bytes"] <= cache["budget_bytes"]
+    assert ctx["spills"] > 0  # 8-token slices of long prompts outgrow 1.5 MB of snapshot RAM

@@ -9,11 +9,16 @@ share of core time spent saving and restoring contexts. The same generations
 called in-process directly on the backend, one after the other, give the
 baseline tokens/s in the same run.
 
+`--concurrency` and `--agents-steps` measure batching and the prefix cache
+instead (see aios/bench/llm_throughput.py).
+
 `--backend sim` uses the labelled SIMULATED backend (fixed seconds per token,
 no model) to run the same comparison at 250 concurrent agents.
 
 Requests use the `ignore_eos` option so every generation has exactly the
-length of its class, whatever the model would have said.
+length of its class, whatever the model would have said.  The llama.cpp core
+runs one generation at a time here (`max_batch = 1`, or `--max-batch`): the
+policies decide the order of requests that contend for it.
 """
 from __future__ import annotations
 
@@ -57,6 +62,10 @@ def kernel_config(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     core: dict[str, Any] = {"name": "llm-0", "backend": args.backend}
     if args.backend == "sim":
         core["sim_seconds_per_token"] = SIM_SECONDS_PER_TOKEN
+    else:
+        # Policies order requests that contend for a core; a batching core with room for the
+        # whole workload would run everything at once.  --max-batch changes it.
+        core["options"] = {"max_batch": getattr(args, "max_batch", None) or 1}
     return {"scheduler": {"policy": policy, "time_slice_tokens": args.slice}, "llm": [core]}
 
 
@@ -152,6 +161,14 @@ def run_direct(args: argparse.Namespace, jobs: list[Job], progress: Progress) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    if any(getattr(args, flag, False) for flag in ("concurrency", "agents_steps", "determinism")):
+        from aios.bench import llm_throughput
+        results = llm_throughput.run(args)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            llm_throughput.print_report(results, args)
+        return 0
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     from aios.scheduler.policies import POLICIES
     unknown = [p for p in policies if p not in POLICIES]

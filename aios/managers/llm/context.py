@@ -10,12 +10,18 @@ generation instead of preempting it, so a budget is never exceeded.
 
 A snapshot leaves the store when its request resumes (`take`), or is dropped
 when its request completes, fails, is cancelled or its agent disconnects.
+
+The RAM budget is shared with the backend's prefix cache: `reserve(n)` sets
+aside n bytes of it for that cache (the snapshots get the rest), and
+`stats(extra)` reports both.  The store is thread-safe: a core that runs
+several generations at once calls it from several handler threads.
 """
 from __future__ import annotations
 
 import logging
 import pickle
 import shutil
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +40,8 @@ class _Spilled:
 
 class ContextStore:
     def __init__(self, ram_budget_bytes: int, disk_budget_bytes: int, spill_dir: Path) -> None:
-        self.ram_budget = ram_budget_bytes
+        self.ram_budget = ram_budget_bytes  # for snapshots: the RAM budget minus what is reserved
+        self.reserved = 0
         self.disk_budget = disk_budget_bytes
         self.spill_dir = spill_dir
         # Snapshots of a previous incarnation of this core are useless: start clean.
@@ -46,6 +53,14 @@ class ContextStore:
         self.disk_bytes = 0
         self.spills = 0
         self.peak_ram_bytes = 0
+        self._lock = threading.RLock()
+
+    def reserve(self, nbytes: int) -> None:
+        """Set aside `nbytes` of the RAM budget for another user (the backend's prefix cache)."""
+        with self._lock:
+            nbytes = max(0, min(nbytes, self.ram_budget + self.reserved))
+            self.ram_budget += self.reserved - nbytes
+            self.reserved = nbytes
 
     def __contains__(self, key: str) -> bool:
         return key in self._ram or key in self._disk
@@ -55,6 +70,10 @@ class ContextStore:
 
     def put(self, key: str, gen: Generation) -> bool:
         """Keep a suspended generation; False if no budget can hold it."""
+        with self._lock:
+            return self._put(key, gen)
+
+    def _put(self, key: str, gen: Generation) -> bool:
         self.drop(key)
         size = gen.snapshot_bytes()
         while self._ram and self.ram_bytes + size > self.ram_budget:
@@ -88,6 +107,10 @@ class ContextStore:
 
     def take(self, key: str) -> Generation | None:
         """Remove and return a stored generation (loading it from disk if it was spilled)."""
+        with self._lock:
+            return self._take(key)
+
+    def _take(self, key: str) -> Generation | None:
         if key in self._ram:
             gen, size = self._ram.pop(key)
             self.ram_bytes -= size
@@ -106,12 +129,21 @@ class ContextStore:
         """Forget a generation for good; returns it so its backend can release it."""
         return self.take(key)
 
-    def stats(self) -> dict[str, Any]:
-        return {"snapshots": len(self), "in_ram": len(self._ram), "on_disk": len(self._disk),
+    def stats(self, prefix_cache: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The store's figures; with the backend's prefix-cache figures, those too (its bytes
+        count against the reserved part of the RAM budget)."""
+        with self._lock:
+            out: dict[str, Any] = {
+                "snapshots": len(self), "in_ram": len(self._ram), "on_disk": len(self._disk),
                 "ram_bytes": self.ram_bytes, "disk_bytes": self.disk_bytes, "spills": self.spills,
                 "ram_budget_bytes": self.ram_budget, "disk_budget_bytes": self.disk_budget,
-                "peak_ram_bytes": self.peak_ram_bytes}
+                "peak_ram_bytes": self.peak_ram_bytes, "reserved_bytes": self.reserved}
+        if prefix_cache is not None:
+            out["prefix_cache"] = prefix_cache
+            out["total_ram_bytes"] = out["ram_bytes"] + int(prefix_cache.get("bytes", 0))
+        return out
 
     def clear(self) -> None:
-        for key in list(self._ram) + list(self._disk):
-            self.drop(key)
+        with self._lock:
+            for key in list(self._ram) + list(self._disk):
+                self.drop(key)

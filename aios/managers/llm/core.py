@@ -1,9 +1,10 @@
 """An LLM core: one manager process serving one LLM instance.
 
-The core runs one generation at a time (capacity 1: a llama.cpp context on
-two cores gains nothing from batching, and one resident sequence makes
-suspend/resume a plain copy of its KV state). The scheduler's policy decides
-which request runs next and, for preemptive policies, grants a slice of
+The core runs as many generations at once as its backend announces
+(`Backend.max_concurrency`: `max_batch` for llama.cpp, which decodes them
+together in one context; 1 by default), each request on its own handler
+thread. The scheduler's policy decides
+which request gets a free slot next and, for preemptive policies, grants a slice of
 tokens; when the slice runs out before the generation is done, the core
 suspends it into the context store and yields the request back to the
 scheduler, which re-queues it and later brings it back here (affinity), where
@@ -18,6 +19,7 @@ has its request retried on the restarted core):
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -59,11 +61,15 @@ class EmbedArgs(BaseModel):
     model: str | None = None
 
 
-def make_backend(core: LLMCoreConfig) -> Backend:
-    """Build the configured backend (imports are lazy: a remote core never loads llama.cpp)."""
+def make_backend(core: LLMCoreConfig, ram_budget_mb: float | None = None) -> Backend:
+    """Build the configured backend (imports are lazy: a remote core never loads llama.cpp).
+
+    `ram_budget_mb` is `[context] ram_budget_mb`: the llama.cpp prefix cache must fit in it.
+    """
     if core.backend == "llamacpp":
         from aios.managers.llm.backends.llamacpp import LlamaCppBackend
-        kwargs: dict[str, Any] = {"model_path": core.model_path, "n_ctx": core.n_ctx, "n_threads": core.n_threads}
+        kwargs: dict[str, Any] = {"model_path": core.model_path, "n_ctx": core.n_ctx, "n_threads": core.n_threads,
+                                  "ram_budget_mb": ram_budget_mb}
         if core.model:
             kwargs["name"] = core.model
         return LlamaCppBackend(**kwargs, **core.options)
@@ -76,7 +82,8 @@ def make_backend(core: LLMCoreConfig) -> Backend:
         from aios.managers.llm.backends.ollama_backend import OllamaBackend
         assert core.model
         return OllamaBackend(host=core.base_url or "http://127.0.0.1:11434", model=core.model, **core.options)
-    return SimBackend(seconds_per_token=core.sim_seconds_per_token, name=core.model or "sim", n_ctx=core.n_ctx)
+    return SimBackend(seconds_per_token=core.sim_seconds_per_token, name=core.model or "sim", n_ctx=core.n_ctx,
+                      **core.options)
 
 
 class LLMCore(Manager):
@@ -95,7 +102,9 @@ class LLMCore(Manager):
         self.contexts = ContextStore(int(config.context.ram_budget_mb * mb), int(config.context.disk_budget_mb * mb),
                                      run_dir.snapshot_dir / name)
         self.store_s = 0.0       # time spent moving snapshots into and out of the context store
-        self.generate_s = 0.0    # time spent generating (restores included: they happen lazily in advance)
+        self.generate_s = 0.0    # handler time spent generating, summed over concurrent requests
+        self._stats_lock = threading.Lock()
+        self._store_lock = threading.Lock()  # orders a preempted generation's store against its cancellation
 
     @classmethod
     def default_memory_limit_mb(cls, options: Any, config: Config) -> int | None:
@@ -119,12 +128,16 @@ class LLMCore(Manager):
 
     def setup(self) -> None:
         t0 = time.monotonic()
-        self.backend = make_backend(self.core)
+        self.backend = make_backend(self.core, self.config.context.ram_budget_mb)
+        # Before serve(): the handler pool and READY are sized from it.
+        self.capacity = max(1, int(getattr(self.backend, "max_concurrency", 1)))  # type: ignore[misc]
+        self.contexts.reserve(int(getattr(self.backend, "prefix_cache_budget_bytes", 0)))
         self.models = list(self.backend.models)
         self.targets = list(self.models)
         marked = [c.name for c in self.config.llm if c.default]
         self.default_target = self.name in marked if marked else self.name == self.config.llm[0].name
-        self.log.info("%s backend ready in %.2fs, models %s", self.core.backend, time.monotonic() - t0, self.models)
+        self.log.info("%s backend ready in %.2fs, models %s, capacity %d", self.core.backend,
+                      time.monotonic() - t0, self.models, self.capacity)
         self._watch_health()
 
     def _watch_health(self) -> None:
@@ -184,9 +197,11 @@ class LLMCore(Manager):
 
     @op(InfoArgs, idempotent=True)
     def info(self, args: InfoArgs, ctx: RequestContext) -> dict[str, Any]:
+        stats = self.backend.stats() if self.backend is not None else {}
         return {"core": self.name, "backend": self.core.backend, "models": self.models,
                 "embeddings": bool(self.backend is not None and self.backend.embeddings),
-                "context": self.contexts.stats(),
+                "capacity": self.capacity, "context": self.contexts.stats(stats.get("prefix_cache")),
+                "batching": {k: v for k, v in stats.items() if k != "prefix_cache"},
                 "switch_s": round(self.switch_s, 6), "generate_s": round(self.generate_s, 6)}
 
     @property
@@ -194,12 +209,19 @@ class LLMCore(Manager):
         """Context-switch cost: the backend's save/restore time plus the store's."""
         return (self.backend.switch_seconds if self.backend is not None else 0.0) + self.store_s
 
+    def on_cancel(self, ctx: RequestContext) -> None:
+        # Its handler may be past its last cancellation check, storing the preempted generation
+        # to yield (a batched backend's suspend waits for the decode step in progress): drop
+        # whatever it stored, or it would stay in the store with no request to resume it.
+        self.pool.submit(self._forget, ctx.key)
+
     def on_forget(self, key: str) -> None:
-        # The backend and the store belong to the (single) worker thread: queue the drop there.
+        # Off the socket thread: dropping may wait for the backend (e.g. its decode thread).
         self.pool.submit(self._forget, key)
 
     def _forget(self, key: str) -> None:
-        gen = self.contexts.drop(key)
+        with self._store_lock:
+            gen = self.contexts.drop(key)
         if gen is not None and self.backend is not None:
             self.backend.drop(gen)
 
@@ -211,7 +233,7 @@ class LLMCore(Manager):
             raise OpError(ErrorCode.UNKNOWN_TARGET, f"core {self.name} serves {self.models}, not {args.model!r}")
         t0 = time.perf_counter()
         gen = self.contexts.take(ctx.key)
-        self.store_s += time.perf_counter() - t0
+        self._add_time("store_s", time.perf_counter() - t0)
         if gen is None:
             args = self._resolve_tools(args, ctx)
             self._check_cost(args)
@@ -234,7 +256,7 @@ class LLMCore(Manager):
                 self._call(backend.advance, gen, step, on_text)
                 if budget is not None:
                     budget -= step
-            self.generate_s += time.perf_counter() - t1
+            self._add_time("generate_s", time.perf_counter() - t1)
         except BaseException:
             backend.drop(gen)
             raise
@@ -286,8 +308,13 @@ class LLMCore(Manager):
         assert backend is not None
         self._call(backend.suspend, gen)
         t0 = time.perf_counter()
-        stored = self.contexts.put(ctx.key, gen)
-        self.store_s += time.perf_counter() - t0
+        with self._store_lock:  # a cancellation either comes before (seen here) or drops what is stored
+            cancelled = ctx.cancelled.is_set()
+            stored = not cancelled and self.contexts.put(ctx.key, gen)
+        self._add_time("store_s", time.perf_counter() - t0)
+        if cancelled:
+            backend.drop(gen)
+            raise OpError(ErrorCode.CANCELLED, "cancelled")
         if stored:
             return Yield(affinity=True)
         # No budget can hold it: finish it now rather than exceed the budget.
@@ -296,6 +323,10 @@ class LLMCore(Manager):
         self._call(backend.advance, gen, None, lambda piece: ctx.partial({"delta": piece}) if gen.args.stream and piece else None)
         ctx.tokens += gen.usage.completion_tokens - before  # the policy is charged for all of it
         return self._call(backend.finish, gen)
+
+    def _add_time(self, name: str, seconds: float) -> None:
+        with self._stats_lock:  # handlers of concurrent requests add from their own threads
+            setattr(self, name, getattr(self, name) + seconds)
 
     def _call(self, fn: Any, *a: Any) -> Any:
         try:

@@ -210,6 +210,9 @@ class ChatArgs(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: prompt tokens whose KV came from the prefix cache instead of being computed
+    #: (part of prompt_tokens; OpenAI reports it as prompt_tokens_details.cached_tokens)
+    cached_prompt_tokens: int = 0
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -258,7 +261,13 @@ class BackendError(Exception):
 
 
 class Backend(abc.ABC):
-    """One LLM instance. Not thread-safe: the core calls it from one thread."""
+    """One LLM instance.
+
+    The core runs up to `max_concurrency` requests at once, each on its own
+    thread, and each thread drives its own generation.  A backend that keeps
+    the default of 1 is only ever called from one thread at a time; one that
+    announces more must accept concurrent calls for different generations.
+    """
 
     #: names a request may use in `ChatArgs.model` to reach this backend
     models: list[str]
@@ -267,6 +276,11 @@ class Backend(abc.ABC):
     sampling: frozenset[str] = frozenset()
     #: cumulative seconds spent saving and restoring generation state (context switches)
     switch_seconds: float = 0.0
+    #: generations this backend serves at once (the core's capacity)
+    max_concurrency: int = 1
+    #: RAM the backend keeps for reusable context (a prefix cache), carved out of the
+    #: context store's RAM budget by the core
+    prefix_cache_budget_bytes: int = 0
 
     @abc.abstractmethod
     def start(self, args: ChatArgs) -> Generation:
@@ -291,6 +305,10 @@ class Backend(abc.ABC):
 
     def drop(self, gen: Generation) -> None:
         """Forget a generation that will never be resumed (failed, cancelled)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Backend figures for the core's `info` op (batching, caches); empty by default."""
+        return {}
 
     def close(self) -> None:
         """Release the model."""

@@ -1,4 +1,4 @@
-"""The embedded llama.cpp backend: one model, one context, many generations taking turns.
+"""The embedded llama.cpp backend: one model, one context, up to `max_batch` generations decoding together.
 
 Why it drives llama.cpp's low-level API instead of `Llama.create_completion`:
 the scheduler preempts generations every few tokens, and the context manager
@@ -7,7 +7,7 @@ output drifts after a state restore, and `Llama.save_state` copies a
 context x vocabulary logits array (hundreds of MB for Gemma's 262k vocabulary).
 So this backend keeps the whole sampling state in the `Generation` itself:
 
-* the KV cache of sequence 0 (``llama_state_seq_get_data``, ~18 KB per token),
+* the KV cache of its sequence (``llama_state_seq_get_data``, ~18 KB per token),
 * the token list and the *pending* token: the last sampled token is decoded at
   the start of the next step, not right after sampling.  A suspended generation
   therefore never needs its logits saved: resuming re-runs exactly the decode
@@ -18,24 +18,31 @@ So this backend keeps the whole sampling state in the `Generation` itself:
 Constrained output (JSON schema, tool calls) uses llama.cpp's grammar sampler
 on our own logits.  Its C state cannot be pickled, so it is rebuilt on demand by
 re-accepting the generated tokens, which reproduces it exactly.
+
+Batching (`max_batch` > 1) and the prefix cache live in llamacpp_engine.py and
+prefix_cache.py; this module validates requests and options and builds results.
+Options (the `[[llm]] options` table; ValueError naming the option when bad):
+  max_batch        generations decoded together in one context (the core's capacity)
+  prefill_chunk    prompt tokens per prefill call, on a fixed grid (prefix reuse granularity)
+  prefill_budget   prompt tokens prefilled per decode step while other generations wait
+  prefix_cache_mb  RAM for cached prompt prefixes, part of [context] ram_budget_mb (0: off)
+  n_batch          the largest llama_decode call (>= prefill_chunk and max_batch)
+  extra_buffer_types  let llama.cpp repack weights for the CPU (default: on unless the CPU has AMX)
 """
 from __future__ import annotations
 
-import ctypes
-import itertools
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
-import weakref
 from pathlib import Path
-from typing import Any, Callable, Literal
-
-import numpy as np
+from typing import Any, Callable
 
 from aios.managers.llm.backends import prompting
+from aios.managers.llm.backends.llamacpp_engine import Engine, Grammar, LlamaCppGeneration, Mode
+from aios.managers.llm.prefix_cache import PrefixCache
 from aios.managers.llm.types import (
     Backend,
     BackendError,
@@ -44,30 +51,35 @@ from aios.managers.llm.types import (
     ChatResult,
     Generation,
     ToolCall,
-    Usage,
 )
+
+__all__ = ["LlamaCppBackend", "LlamaCppGeneration", "default_model_path"]
 
 log = logging.getLogger("aios.llm.llamacpp")
 
-# llama.cpp is built with OpenMP here, and its threads meet at a barrier after
-# every graph node (~800 per token).  GNU OpenMP's default is to busy-wait there
-# for a long time; when other processes hold the cores (the normal case in AIOS:
-# scheduler, managers and agents share a 2-core machine) the spinning thread
-# burns the slice its partner needs.  Measured tokens/s, idle machine / two
-# busy-loop processes alongside / the shared machine under heavy load:
-#   default (active spin)          44 / 7-13 / 1-2
-#   OMP_WAIT_POLICY=PASSIVE        25 / 19-27 / 12-21
-#   PASSIVE + GOMP_SPINCOUNT=3000  44 / 18-21
-# A short spin keeps the idle speed and avoids the collapse.  libgomp reads
-# these once, when llama_cpp is first imported, so they are set at import of
-# this module; an operator's own settings win.
-if "llama_cpp" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+#: Default generations per context: one (exact mode).  Measured on a 2-core AMD EPYC
+#: (`aios bench llm --concurrency`, 64-token generations sent together), batching 8 gives
+#: 0.99x one at a time for 1 agent, 0.93x for 2, 1.26x for 4, 1.83x for 8: llama.cpp's
+#: output layer (262k-token vocabulary) runs a slow kernel for 2-7 rows, so the gain starts
+#: at 4-8 concurrent generations.  It costs reproducibility (greedy outputs of 4 and 8
+#: batched generations differed from one-at-a-time ones in 10/32 and 9/32 prompts within
+#: 64 tokens), ~250 MB of KV cache at 8 x 2048 tokens, and the scheduling policies'
+#: effect below 8 waiting requests.  So batching is opt-in (`max_batch = 8` for
+#: deployments that run many agents at once); the exact prefix cache is on by default.
+DEFAULT_MAX_BATCH = 1
+#: Prompt tokens per prefill call.  Measured prefill speed by chunk: 32 -> 750 tok/s,
+#: 64 -> 910, 128 -> 980, 256 -> 1040; 64 keeps most of the speed while a cached
+#: prefix loses at most 63 tokens to the grid, and other generations wait at most
+#: one 64-token call (~70 ms) per step while a new prompt is prefilled.
+DEFAULT_PREFILL_CHUNK = 64
+#: Prompt tokens prefilled per decode step while other generations wait (see the engine).
+DEFAULT_PREFILL_BUDGET = 256
+#: Default prefix-cache RAM, capped at half of [context] ram_budget_mb.
+DEFAULT_PREFIX_CACHE_MB = 128.0
+MAX_BATCH_LIMIT = 64
 
-Mode = Literal["text", "json", "tools"]
-_SEQ = 0  # this backend runs one sequence at a time; all state lives in seq 0
-_TOPK = 64  # candidates tried against the grammar before scanning the whole vocabulary
+_backend_initialized = False
+_log_callback: Any = None
 
 
 # --------------------------------------------------------------------------- model file
@@ -127,40 +139,45 @@ def _want_extra_bufts(explicit: bool | None) -> bool:
     return not _cpu_has_amx()
 
 
-def _load_llama(model_path: str, n_ctx: int, n_threads: int, n_batch: int, extra_bufts: bool) -> Any:
-    """Construct `llama_cpp.Llama`; patch the model params it builds when extra bufts must be off.
-
-    `Llama.__init__` exposes no `use_extra_bufts` argument and loads the model
-    inside the constructor, so the only hook is the default-params factory it
-    calls.  The patch is confined to this call.
-    """
+def _load_model(model_path: str, extra_bufts: bool) -> Any:
+    """Load the GGUF weights (no context: the engine builds its own, with several sequences)."""
     import llama_cpp
-    import llama_cpp.llama as llama_mod
 
-    lib = llama_mod.llama_cpp
-    orig = lib.llama_model_default_params
+    global _backend_initialized, _log_callback
+    if not _backend_initialized:
+        llama_cpp.llama_backend_init()
+        # llama.cpp's own messages (model metadata, cache layout, a tokenizer warning on every
+        # load of this model) go to our log at DEBUG rather than to stderr; its errors at WARNING.
+        native = logging.getLogger("aios.llm.llamacpp.native")
 
-    def params_without_extra_bufts() -> Any:
-        p = orig()
-        p.use_extra_bufts = False
-        return p
+        @llama_cpp.llama_log_callback
+        def _to_logging(level: int, text: bytes, user_data: Any) -> None:
+            native.log(logging.WARNING if level == 4 else logging.DEBUG, "%s",  # 4: GGML_LOG_LEVEL_ERROR
+                       text.decode("utf-8", "replace").rstrip())
 
-    if not extra_bufts:
-        lib.llama_model_default_params = params_without_extra_bufts
+        _log_callback = _to_logging  # referenced for as long as llama.cpp may call it
+        llama_cpp.llama_log_set(_log_callback, None)
+        _backend_initialized = True
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = extra_bufts
+    model = llama_cpp.llama_model_load_from_file(model_path.encode("utf-8"), params)
+    if not model:
+        raise ValueError(f"llama.cpp could not load the model file {model_path!r}")
+    return model
+
+
+def _option_int(name: str, value: Any, low: int, high: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"llm option {name} must be an integer from {low} to {high}{why}, not {value!r}")
+    return value
+
+
+def _physical_ram_mb() -> float:
     try:
-        return llama_cpp.Llama(
-            model_path=model_path,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=n_batch,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            logits_all=False,
-            flash_attn=False,
-            verbose=False,
-        )
-    finally:
-        lib.llama_model_default_params = orig
+        import psutil
+        return psutil.virtual_memory().total / (1024 * 1024)
+    except Exception:  # noqa: BLE001 - no limit known
+        return float("inf")
 
 
 # --------------------------------------------------------------------------- grammar
@@ -189,85 +206,15 @@ def _schema_to_grammar(schema: dict[str, Any]) -> str:
     return gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
 
 
-class _Grammar:
-    """Owns one llama.cpp grammar sampler (C object); freed with the Python object."""
-
-    def __init__(self, vocab: Any, gbnf: str) -> None:
-        import llama_cpp
-
-        self._lib = llama_cpp
-        self.ptr = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
-        if not self.ptr:
-            raise BackendError("INVALID_ARGUMENT", "could not compile the output grammar for this schema")
-        self.n_accepted = 0
-
-    def accept(self, token: int) -> None:
-        self._lib.llama_sampler_accept(self.ptr, token)
-        self.n_accepted += 1
-
-    def free(self) -> None:
-        if self.ptr:
-            self._lib.llama_sampler_free(self.ptr)
-            self.ptr = None
-
-    def __del__(self) -> None:
-        try:
-            self.free()
-        except Exception:
-            pass
-
-
-# --------------------------------------------------------------------------- generation
-
-
-_ids = itertools.count(1)
-
-
-class LlamaCppGeneration(Generation):
-    """All state of one completion; after `suspend` it is plain data and picklable."""
-
-    def __init__(self, args: ChatArgs, prompt_tokens: list[int], mode: Mode, gbnf: str | None,
-                 stops: tuple[str, ...]) -> None:
-        self.uid = next(_ids)
-        self.args = args
-        self.text = ""
-        self.usage = Usage(prompt_tokens=len(prompt_tokens), completion_tokens=0)
-        self.finish_reason = None
-        self.mode: Mode = mode
-        self.gbnf = gbnf
-        self.prompt_tokens = prompt_tokens
-        self.tokens: list[int] = []  # sampled completion tokens (EOS not included)
-        self.raw = ""  # decoded completion before stop/whitespace handling (for JSON parsing)
-        self.n_evaluated = 0  # tokens whose K/V are in the cache
-        self.pending: int | None = None  # sampled, not yet decoded
-        self.kv_state: bytes | bytearray | None = None  # seq-0 state while suspended
-        self.rng = np.random.default_rng(args.seed) if args.temperature > 0 else None
-        self.utf8 = prompting.Utf8Stream()
-        self.stream = prompting.StopStream(stops=stops)
-        self._grammar: _Grammar | None = None  # transient; rebuilt from tokens when missing
-
-    def snapshot_bytes(self) -> int:
-        return (len(self.kv_state) if self.kv_state else 0) + 4 * (len(self.prompt_tokens) + len(self.tokens)) \
-            + 2 * len(self.raw) + 512
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_grammar"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-
 # --------------------------------------------------------------------------- backend
 
 
 class LlamaCppBackend(Backend):
-    """Gemma (or any GGUF) in process, generations multiplexed over one context.
+    """Gemma (or any GGUF) in process: up to `max_batch` generations share one context.
 
-    One context and one sequence: a 2-core machine gains nothing from batching
-    sequences, and a single resident sequence makes suspend/resume a plain copy of
-    one KV snapshot.  A generation that is not resident lives in its `Generation`.
+    Thread-safe: the core calls `advance` from one handler thread per running
+    request; a single decode thread (the engine) owns the llama context and
+    advances all of them together.
     """
 
     def __init__(
@@ -279,10 +226,35 @@ class LlamaCppBackend(Backend):
         *,
         n_batch: int = 512,
         extra_buffer_types: bool | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        prefix_cache_mb: float | None = None,
+        ram_budget_mb: float | None = None,
     ) -> None:
-        import llama_cpp
+        # Settings first: a bad one is refused before the model is loaded.
+        max_batch = _option_int("max_batch", max_batch, 1, MAX_BATCH_LIMIT, " (generations decoded together)")
+        n_batch = _option_int("n_batch", n_batch, 1, 1 << 16)
+        prefill_chunk = _option_int("prefill_chunk", prefill_chunk, 1, n_batch, " (at most n_batch)")
+        prefill_budget = _option_int("prefill_budget", prefill_budget, 1, 1 << 20)
+        n_batch = max(n_batch, max_batch)
+        if prefix_cache_mb is None:
+            prefix_cache_mb = DEFAULT_PREFIX_CACHE_MB if ram_budget_mb is None \
+                else min(DEFAULT_PREFIX_CACHE_MB, ram_budget_mb / 2)
+        elif isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) \
+                or prefix_cache_mb < 0:
+            raise ValueError(f"llm option prefix_cache_mb must be a number of MB >= 0 (0 turns the prefix "
+                             f"cache off), not {prefix_cache_mb!r}")
+        elif ram_budget_mb is not None and prefix_cache_mb > ram_budget_mb:
+            raise ValueError(f"llm option prefix_cache_mb = {prefix_cache_mb:g} exceeds [context] ram_budget_mb = "
+                             f"{ram_budget_mb:g}: the prefix cache is part of the context RAM budget; lower "
+                             f"prefix_cache_mb or raise ram_budget_mb")
+        elif prefix_cache_mb > _physical_ram_mb():
+            raise ValueError(f"llm option prefix_cache_mb = {prefix_cache_mb:g} exceeds this machine's RAM "
+                             f"({_physical_ram_mb():.0f} MB)")
+        if n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16 tokens, not {n_ctx}")
 
-        self._lib = llama_cpp
         self.model_path = model_path or default_model_path()
         self.name = name
         stem = Path(self.model_path).stem
@@ -293,83 +265,51 @@ class LlamaCppBackend(Backend):
             except (AttributeError, OSError):
                 n_threads = os.cpu_count() or 1
         self.n_threads = n_threads
-        self.n_batch = max(1, min(n_batch, n_ctx))
+        self.n_ctx = n_ctx
+        self.max_batch = self.max_concurrency = max_batch
         t0 = time.perf_counter()
-        self._llm = _load_llama(self.model_path, n_ctx, n_threads, self.n_batch, _want_extra_bufts(extra_buffer_types))
+        self._model = _load_model(self.model_path, _want_extra_bufts(extra_buffer_types))
+        import llama_cpp
+
+        self._lib = llama_cpp
+        n_swa = max(0, int(llama_cpp.llama_model_n_swa(self._model)))
+        budget = int(prefix_cache_mb * 1024 * 1024)
+        cache = PrefixCache(budget, prefill_chunk, truncate_limit=n_swa or None) if budget > 0 else None
+        self.prefix_cache_budget_bytes = budget if cache is not None else 0
+        try:
+            self._engine = Engine(self._model, n_ctx=n_ctx, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                  n_batch=n_batch, n_threads=n_threads, prefix_cache=cache,
+                                  prefill_budget=prefill_budget)
+        except BaseException:
+            llama_cpp.llama_model_free(self._model)
+            raise
+        self.prefix_cache = cache
         self.load_seconds = time.perf_counter() - t0
-        self._ctx = self._llm._ctx.ctx
-        self._vocab = self._llm._model.vocab
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-
-        # One batch, reused: token/pos/logits are refilled through numpy views,
-        # seq ids never change.
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
-        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
-        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
-        self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
-        self._b_nseq[:] = 1
-        for i in range(self.n_batch):
-            self._batch.seq_id[i][0] = _SEQ
-
-        # Candidate array for the grammar sampler, sized for the whole vocabulary
-        # but usually filled with just one or a few tokens.
-        dt = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
-        self._cand = np.zeros(self.n_vocab, dtype=dt)
-        self._cand_ids = np.arange(self.n_vocab, dtype=np.int32)
-        self._cand_arr = llama_cpp.llama_token_data_array(
-            data=self._cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=self.n_vocab, selected=-1, sorted=False)
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._gbnf_cache: dict[str, str] = {}
-
-        # Weak, so a generation the core spilled to disk and forgot is not kept
-        # alive (with its snapshot) by the backend.
-        self._resident_ref: weakref.ref[LlamaCppGeneration] | None = None
-        #: last measured costs, for benchmarks and the context manager's accounting
-        self.timings: dict[str, float] = {"save_ms": 0.0, "restore_ms": 0.0, "snapshot_bytes": 0.0}
         self._closed = False
-        log.info("loaded %s (n_ctx=%d, threads=%d) in %.2fs", self.model_path, self.n_ctx, n_threads, self.load_seconds)
+        log.info("loaded %s (n_ctx=%d, max_batch=%d, threads=%d, prefix cache %.0f MB) in %.2fs",
+                 self.model_path, n_ctx, max_batch, n_threads, prefix_cache_mb, self.load_seconds)
 
     @property
-    def _resident(self) -> LlamaCppGeneration | None:
-        """The generation whose KV the context currently holds, if it is still alive."""
-        return self._resident_ref() if self._resident_ref is not None else None
+    def timings(self) -> dict[str, float]:
+        """Last measured save/restore costs, for benchmarks and the context manager's accounting."""
+        return self._engine.timings
 
-    @_resident.setter
-    def _resident(self, gen: LlamaCppGeneration | None) -> None:
-        self._resident_ref = weakref.ref(gen) if gen is not None else None
-
-    # ------------------------------------------------------------------ tokens
+    @property
+    def switch_seconds(self) -> float:  # type: ignore[override]
+        return self._engine.switch_seconds
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Tokens of `text`; special-token syntax in user text is *not* parsed (no injection)."""
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        arr = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos and self._add_bos, False)
-        if n < 0:
-            cap = -n
-            arr = (self._lib.llama_token * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos and self._add_bos, False)
-            if n < 0:
-                raise BackendError("INTERNAL", "tokenization failed")
-        return list(arr[:n])
+        return self._engine.tokenize(text, add_bos)
 
-    def _piece(self, token: int) -> bytes:
-        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            return buf.raw[:n]
-        return self._piece_buf.raw[:n]
+    def stats(self) -> dict[str, Any]:
+        return self._engine.stats()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, args: ChatArgs) -> LlamaCppGeneration:
-        """Render, tokenize and validate; touches no model state, so it never disturbs the resident."""
+        """Render, tokenize and validate; touches no model state."""
         self._check_open()
         if args.json_schema is not None and args.tools:
             raise BackendError("INVALID_ARGUMENT", "json_schema and tools cannot be combined in one request")
@@ -399,10 +339,39 @@ class LlamaCppBackend(Backend):
         # Stop strings would cut JSON in the middle of a value; the grammar ends those modes.
         stops = tuple(dict.fromkeys(prompting.ALPACA_STOPS + tuple(args.stop))) \
             if mode == "text" and not args.ignore_eos else ()
-        gen = LlamaCppGeneration(args, tokens, mode, gbnf, stops)
+        gen = LlamaCppGeneration(args, tokens, mode, gbnf, stops, self._snapshot_points(args, tokens))
         if gbnf is not None:
-            gen._grammar = _Grammar(self._vocab, gbnf)  # fail in start(), not mid-generation
+            gen._grammar = Grammar(self._engine.vocab, gbnf)  # fail in start(), not mid-generation
         return gen
+
+    def _snapshot_points(self, args: ChatArgs, tokens: list[int]) -> tuple[int, ...]:
+        """Prompt lengths whose KV goes into the prefix cache while the prompt is prefilled.
+
+        The longest chunk boundary before the prompt's last token serves the same
+        conversation's next step.  When that prefix is too long to be cut (a
+        sliding-window model), the boundary after the shared part (system prompt,
+        tool and schema descriptions) is saved too, for other agents that share it.
+        """
+        cache = self.prefix_cache
+        if cache is None:
+            return ()
+        chunk = cache.chunk
+        whole = (len(tokens) - 1) // chunk * chunk
+        if whole <= 0:
+            return ()
+        points = [whole]
+        if cache.truncate_limit is not None and whole > cache.truncate_limit:
+            system = [m for m in args.messages if m.role == "system"]
+            head = prompting.render_alpaca(system, tools=args.tools, json_schema=args.json_schema)
+            head = head[: len(head) - len(prompting.RESPONSE_HEADER) - 1]  # drop the open response
+            shared = self.tokenize(head)
+            n = 0
+            while n < min(len(shared), len(tokens)) and shared[n] == tokens[n]:
+                n += 1
+            boundary = n // chunk * chunk
+            if 0 < boundary < whole:
+                points.insert(0, boundary)
+        return tuple(points)
 
     def advance(self, gen: Generation, max_tokens: int | None, on_text: Callable[[str], None]) -> None:
         """Generate up to `max_tokens` tokens (the first call also evaluates the prompt).
@@ -410,41 +379,19 @@ class LlamaCppBackend(Backend):
         Streamed pieces add up exactly to the final `message.content` (stripped,
         stop string excluded).  Tool-call requests stream nothing: their result is
         a structured call with empty content, and streaming the raw JSON would
-        contradict it.
+        contradict it.  `on_text` runs on the calling thread.
         """
         self._check_open()
-        g = self._own(gen)
-        if g.done:
-            return
-        self._make_resident(g)
-        n = 0
-        while not g.done and (max_tokens is None or n < max_tokens):
-            self._step(g, on_text)
-            n += 1
-        if g.done and self._resident is g:
-            self._resident = None  # its KV is no longer needed; the next user clears it
+        self._engine.advance(self._own(gen), max_tokens, on_text)
 
     def suspend(self, gen: Generation) -> None:
-        """Copy the resident sequence's KV into `gen` (idempotent; a no-op for non-resident gens).
+        """Copy the generation's KV into `gen` (idempotent; a no-op for non-resident gens).
 
         The context keeps the same KV afterwards, so resuming the same generation
-        before anyone else runs skips the restore.
+        before another one needs its sequence skips the restore.
         """
-        g = self._own(gen)
-        if g is not self._resident or g.done or g.kv_state is not None or g.n_evaluated == 0:
-            return
-        lib = self._lib
-        t0 = time.perf_counter()
-        size = lib.llama_state_seq_get_size(self._ctx, _SEQ)
-        buf = bytearray(size)
-        got = lib.llama_state_seq_get_data(self._ctx, (ctypes.c_uint8 * size).from_buffer(buf), size, _SEQ)
-        if got != size:
-            raise BackendError("INTERNAL", f"llama_state_seq_get_data wrote {got} of {size} bytes")
-        g.kv_state = buf  # a bytearray: converting to bytes would double the cost (8 ms vs 1.4 ms at 10 MB)
-        self.timings["save_ms"] = (time.perf_counter() - t0) * 1e3
-        self.switch_seconds += self.timings["save_ms"] / 1e3
-        self.timings["snapshot_bytes"] = float(size)
-        log.debug("suspended gen %d: %d bytes in %.3f ms", g.uid, size, self.timings["save_ms"])
+        self._check_open()
+        self._engine.suspend(self._own(gen))
 
     def finish(self, gen: Generation) -> ChatResult:
         g = self._own(gen)
@@ -478,23 +425,17 @@ class LlamaCppBackend(Backend):
 
     def drop(self, gen: Generation) -> None:
         g = self._own(gen)
-        if self._resident is g:
-            self._resident = None
-        if g._grammar is not None:
-            g._grammar.free()
-            g._grammar = None
-        g.kv_state = None
+        if self._closed:
+            g.kv_state = None
+            return
+        self._engine.release(g)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._resident = None
-        try:
-            self._lib.llama_batch_free(self._batch)
-        except Exception:
-            pass
-        self._llm.close()
+        self._engine.close()
+        self._lib.llama_model_free(self._model)
 
     # ------------------------------------------------------------------ internals
 
@@ -517,191 +458,6 @@ class LlamaCppBackend(Backend):
                 self._gbnf_cache.clear()
             self._gbnf_cache[key] = gbnf
         return gbnf
-
-    def _make_resident(self, g: LlamaCppGeneration) -> None:
-        """Put `g`'s KV into the context, first saving whichever generation holds it."""
-        if self._resident is g:
-            g.kv_state = None  # the context still holds exactly this state
-            return
-        other = self._resident
-        if other is not None and not other.done and other.kv_state is None:
-            log.debug("auto-suspending gen %d to run gen %d", other.uid, g.uid)
-            self.suspend(other)
-        self._resident = None
-        self._lib.llama_memory_clear(self._mem, False)  # metadata only; data gets overwritten
-        if g.kv_state is not None:
-            t0 = time.perf_counter()
-            state = g.kv_state
-            if isinstance(state, bytearray):
-                src: Any = (ctypes.c_uint8 * len(state)).from_buffer(state)
-            else:  # immutable bytes (e.g. read back from a spill file): borrow, do not copy
-                src = ctypes.cast(ctypes.c_char_p(bytes(state)), ctypes.POINTER(ctypes.c_uint8))
-            if self._lib.llama_state_seq_set_data(self._ctx, src, len(state), _SEQ) == 0:
-                raise BackendError("INTERNAL", "llama_state_seq_set_data failed to restore a snapshot")
-            if self._lib.llama_memory_seq_pos_max(self._mem, _SEQ) != g.n_evaluated - 1:
-                self._lib.llama_memory_clear(self._mem, False)
-                raise BackendError("INTERNAL", "restored snapshot does not match the generation's token count")
-            self.timings["restore_ms"] = (time.perf_counter() - t0) * 1e3
-            self.switch_seconds += self.timings["restore_ms"] / 1e3
-            g.kv_state = None
-        elif g.n_evaluated > 0:
-            # Snapshot lost (should not happen): replaying the same decode calls
-            # rebuilds the same KV, so exactness survives.
-            log.warning("gen %d has no snapshot; replaying %d tokens", g.uid, g.n_evaluated)
-            self._replay(g)
-        if g.mode != "text" and g._grammar is None:
-            g._grammar = _Grammar(self._vocab, g.gbnf or "")
-            for t in g.tokens:
-                g._grammar.accept(t)
-        self._resident = g
-
-    def _replay(self, g: LlamaCppGeneration) -> None:
-        n_done = g.n_evaluated
-        self._eval_prompt(g)
-        for i, t in enumerate(g.tokens[: n_done - len(g.prompt_tokens)]):
-            self._decode_one(t, len(g.prompt_tokens) + i)
-        g.n_evaluated = n_done
-
-    def _decode(self, n: int) -> None:
-        self._batch.n_tokens = n
-        rc = self._lib.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise BackendError("BACKEND_ERROR", f"llama_decode failed with code {rc}")
-
-    def _eval_prompt(self, g: LlamaCppGeneration) -> np.ndarray:
-        toks = g.prompt_tokens
-        for start in range(0, len(toks), self.n_batch):
-            chunk = toks[start:start + self.n_batch]
-            n = len(chunk)
-            self._b_token[:n] = chunk
-            self._b_pos[:n] = np.arange(start, start + n, dtype=np.int32)
-            self._b_logits[:n] = 0
-            if start + n == len(toks):
-                self._b_logits[n - 1] = 1
-            self._decode(n)
-        g.n_evaluated = len(toks)
-        return self._last_logits()
-
-    def _decode_one(self, token: int, pos: int) -> np.ndarray:
-        self._b_token[0] = token
-        self._b_pos[0] = pos
-        self._b_logits[0] = 1
-        self._decode(1)
-        return self._last_logits()
-
-    def _last_logits(self) -> np.ndarray:
-        """A zero-copy view of the last logits row (valid until the next decode)."""
-        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    def _step(self, g: LlamaCppGeneration, on_text: Callable[[str], None]) -> None:
-        """Decode what is pending, sample one token, turn it into text."""
-        if g.n_evaluated < len(g.prompt_tokens):
-            logits = self._eval_prompt(g)
-        else:
-            assert g.pending is not None
-            logits = self._decode_one(g.pending, g.n_evaluated)
-            g.n_evaluated += 1
-        tok = self._sample(g, logits)
-        while g.args.ignore_eos and tok >= 0 and self._lib.llama_vocab_is_eog(self._vocab, tok):
-            logits[tok] = -np.inf  # fixed-length generation: the next best token instead
-            tok = self._sample(g, logits)
-        if tok < 0 or self._lib.llama_vocab_is_eog(self._vocab, tok):
-            g.pending = None
-            self._finish(g, "stop", on_text)
-            return
-        g.tokens.append(tok)
-        g.pending = tok
-        g.usage.completion_tokens += 1
-        if g._grammar is not None:
-            g._grammar.accept(tok)
-        piece = g.utf8.feed(self._piece(tok))
-        if piece:
-            g.raw += piece
-            if g.mode != "tools":  # a tool call is returned as structure, not streamed as text
-                out = g.stream.feed(piece)
-                if out:
-                    g.text += out
-                    on_text(out)
-        if g.stream.stopped:
-            g.finish_reason = "stop"
-        elif g.mode == "json" and prompting.json_complete(g.raw):
-            self._finish(g, "stop", on_text)
-        elif g.mode == "tools" and prompting.json_complete(g.raw):
-            self._finish(g, "stop", on_text)
-        elif len(g.tokens) >= g.args.max_tokens:
-            self._finish(g, "length", on_text)
-
-    def _finish(self, g: LlamaCppGeneration, reason: Literal["stop", "length"], on_text: Callable[[str], None]) -> None:
-        tail = g.utf8.flush()
-        if tail:
-            g.raw += tail
-        if g.mode != "tools":
-            out = g.stream.feed(tail) if tail else ""
-            if not g.stream.stopped:
-                out += g.stream.flush()
-            if out:
-                g.text += out
-                on_text(out)
-        g.finish_reason = reason
-
-    def _sample(self, g: LlamaCppGeneration, logits: np.ndarray) -> int:
-        """Greedy or temperature sampling from our own logits, filtered by the grammar if any.
-
-        The grammar is consulted on the chosen token first, then (greedy) on the
-        64 best, and on the whole vocabulary only when none of those is allowed:
-        scanning 262k tokens through the grammar costs 30-100 ms, several decodes.
-        At temperature > 0 a rejected draw is redrawn from the grammar-filtered
-        distribution with the same RNG (the scheme llama.cpp's own sampler uses).
-        """
-        temp = g.args.temperature
-        gram = g._grammar
-        tok = int(logits.argmax()) if temp <= 0 else self._draw(g, logits, None)
-        if gram is None:
-            return tok
-        if self._apply_grammar(gram, np.array([tok], dtype=np.int32), logits[tok:tok + 1])[0]:
-            return tok
-        if temp <= 0:
-            # Greedy: if any of the K best tokens is allowed, the best allowed one is
-            # the global answer, at a fraction of the cost of a full-vocabulary scan.
-            top = np.argpartition(logits, -_TOPK)[-_TOPK:]
-            top = top[np.lexsort((top, -logits[top]))]
-            if self._apply_grammar(gram, top, logits[top]).any():
-                return int(top[np.isfinite(self._cand["logit"][:_TOPK]).argmax()])
-        allowed = self._apply_grammar(gram, self._cand_ids, logits)
-        if not allowed.any():
-            log.warning("gen %d: grammar allows no token; ending generation", g.uid)
-            return -1
-        if temp <= 0:
-            return int(np.where(allowed, logits, -np.inf).argmax())
-        return self._draw(g, logits, allowed)
-
-    def _apply_grammar(self, gram: _Grammar, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """Run the grammar over candidate tokens `ids`; returns the mask of allowed ones."""
-        n = len(ids)
-        cand = self._cand
-        cand["id"][:n] = ids
-        cand["logit"][:n] = logits
-        cand["p"][:n] = 0.0
-        self._cand_arr.data = cand.ctypes.data_as(self._lib.llama_token_data_p)
-        self._cand_arr.size = n
-        self._cand_arr.selected = -1
-        self._cand_arr.sorted = False
-        self._lib.llama_sampler_apply(gram.ptr, ctypes.byref(self._cand_arr))
-        return np.isfinite(cand["logit"][:n])
-
-    @staticmethod
-    def _draw(g: LlamaCppGeneration, logits: np.ndarray, allowed: np.ndarray | None) -> int:
-        assert g.rng is not None
-        x = logits.astype(np.float64)
-        if allowed is not None:
-            x[~allowed] = -np.inf
-        x /= g.args.temperature
-        x -= x.max()
-        np.exp(x, out=x)
-        cdf = np.cumsum(x)
-        u = g.rng.random() * cdf[-1]
-        return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
 
     @staticmethod
     def _decode_json(raw: str) -> Any:

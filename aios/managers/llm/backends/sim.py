@@ -4,11 +4,19 @@ It exists to exercise scheduling at scales the real model cannot reach on two
 cores (hundreds of agents): `aios bench llm --backend sim`. Its "text" is a
 deterministic sequence of words, so exact-resume logic still has something to
 check, but nothing here says anything about a real model's output.
+
+Concurrency (also simulated): with `max_concurrency = M` the core runs up to M
+generations at once, and while B of them are inside `advance` each token
+takes `seconds_per_token * (1 + (B - 1) * c)`, with c chosen so that B = M
+gives an aggregate speed-up of `batch_speedup` over one at a time (default M:
+a remote server whose throughput grows with load, like a vLLM or llama.cpp
+server with parallel slots).
 """
 from __future__ import annotations
 
+import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from aios.managers.llm.types import (
     SAMPLING_DEFAULTS,
@@ -40,11 +48,25 @@ class SimBackend(Backend):
 
     sampling = frozenset(SAMPLING_DEFAULTS)
 
-    def __init__(self, seconds_per_token: float = 0.01, name: str = "sim", n_ctx: int = 1 << 20) -> None:
+    def __init__(self, seconds_per_token: float = 0.01, name: str = "sim", n_ctx: int = 1 << 20, *,
+                 max_concurrency: int = 1, batch_speedup: float | None = None) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) \
+                or not 1 <= max_concurrency <= 1024:
+            raise ValueError(f"llm option max_concurrency must be an integer from 1 to 1024, not {max_concurrency!r}")
+        speedup = float(max_concurrency if batch_speedup is None else batch_speedup)
+        if not 1.0 <= speedup <= max_concurrency:
+            raise ValueError(f"llm option batch_speedup must be between 1 and max_concurrency ({max_concurrency}), "
+                             f"not {batch_speedup!r}")
         self.seconds_per_token = seconds_per_token
         self.models = [name]
         self.name = name
         self.n_ctx = n_ctx
+        self.max_concurrency = max_concurrency
+        self.batch_speedup = speedup
+        # per-token slowdown for each extra concurrent generation
+        self._c = (max_concurrency / speedup - 1) / (max_concurrency - 1) if max_concurrency > 1 else 0.0
+        self._active = 0
+        self._lock = threading.Lock()
 
     def start(self, args: ChatArgs) -> SimGeneration:
         prompt = sum(len(m.content.split()) + 4 for m in args.messages)
@@ -55,11 +77,20 @@ class SimBackend(Backend):
 
     def advance(self, gen: Generation, max_tokens: int | None, on_text: Callable[[str], None]) -> None:
         assert isinstance(gen, SimGeneration)
+        with self._lock:
+            self._active += 1
+        try:
+            self._advance(gen, max_tokens, on_text)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _advance(self, gen: SimGeneration, max_tokens: int | None, on_text: Callable[[str], None]) -> None:
         n = 0
         end = time.perf_counter()
         while not gen.done and (max_tokens is None or n < max_tokens):
             i = gen.usage.completion_tokens
-            end += self.seconds_per_token
+            end += self.seconds_per_token * (1.0 + (self._active - 1) * self._c)
             delay = end - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -90,6 +121,10 @@ class SimBackend(Backend):
 
     def suspend(self, gen: Generation) -> None:
         """Nothing lives outside the object."""
+
+    def stats(self) -> dict[str, Any]:
+        return {"simulated": True, "max_concurrency": self.max_concurrency, "batch_speedup": self.batch_speedup,
+                "running": self._active}
 
     def finish(self, gen: Generation) -> ChatResult:
         return ChatResult(message=ChatMessage(role="assistant", content=gen.text.strip()),

@@ -50,6 +50,7 @@ from aios.managers.llm.types import (
     ChatMessage,
     ChatResult,
     Generation,
+    SAMPLING_DEFAULTS,
     ToolCall,
 )
 
@@ -216,6 +217,8 @@ class LlamaCppBackend(Backend):
     request; a single decode thread (the engine) owns the llama context and
     advances all of them together.
     """
+
+    sampling = frozenset(SAMPLING_DEFAULTS)  # applied to its own logits (`sampling.py`)
 
     def __init__(
         self,

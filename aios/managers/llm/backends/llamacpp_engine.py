@@ -62,7 +62,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from aios.managers.llm.backends import prompting
+from aios.managers.llm.backends import prompting, sampling
 from aios.managers.llm.prefix_cache import PrefixCache
 from aios.managers.llm.types import BackendError, ChatArgs, Generation, Usage
 
@@ -859,9 +859,13 @@ class Engine:
         scanning 262k tokens through the grammar costs 30-100 ms, several decodes.
         At temperature > 0 a rejected draw is redrawn from the grammar-filtered
         distribution with the same RNG (the scheme llama.cpp's own sampler uses).
+        Penalties and top-k/top-p/min-p (`sampling`) shape the logits first; they
+        read only tokens the generation holds, so a resumed run samples the same.
         """
         temp = g.args.temperature
         gram = g._grammar
+        if g.args.sampling_set():
+            logits = sampling.shaped(logits, g.tokens[-sampling.PENALTY_LAST_N:], g.args)
         tok = int(logits.argmax()) if temp <= 0 else self._draw(g, logits, None)
         if gram is None:
             return tok

@@ -188,6 +188,46 @@ def test_repeat_penalty_reduces_repetition(backend: LlamaCppBackend) -> None:
     assert len(set(penalized)) >= 4 * len(set(plain))
 
 
+NOTES = ["My cat sleeps on the sofa all afternoon.", "The stock market fell sharply on Tuesday.",
+         "Paris is the capital of France.", "I need to buy milk and eggs at the grocery store.",
+         "The rocket launched into orbit carrying a satellite."]
+
+
+def test_embeddings_rank_by_meaning(backend: LlamaCppBackend) -> None:
+    import numpy as np
+
+    notes = np.array(backend.embed(NOTES))
+    assert notes.shape == (5, 640)
+    assert np.allclose(np.linalg.norm(notes, axis=1), 1.0, atol=1e-5)
+    assert backend.embed(NOTES[:1])[0] == notes[0].tolist()  # deterministic
+    # paraphrases sharing no word with their note
+    queries = {"finance and shares": 1, "french city": 2, "shopping list": 3, "space travel": 4}
+    best = (np.array(backend.embed(list(queries))) @ notes.T).argmax(axis=1)
+    assert best.tolist() == list(queries.values())
+
+
+def test_long_texts_are_embedded_whole(backend: LlamaCppBackend) -> None:
+    import numpy as np
+
+    from aios.managers.llm.backends.llamacpp_embed import WINDOW
+
+    long = " ".join(NOTES * 12)
+    assert len(backend.tokenize(long)) > WINDOW
+    vec = np.array(backend.embed([long])[0])
+    assert abs(np.linalg.norm(vec) - 1.0) < 1e-5
+    assert vec.tolist() != backend.embed([" ".join(NOTES * 6)])[0]  # the second window counted
+
+
+def test_embedding_between_steps_does_not_disturb_a_generation(
+        backend: LlamaCppBackend, greedy_ref: tuple[ChatResult, list[int]]) -> None:
+    gen = backend.start(user(LONG_PROMPT, max_tokens=48, stop=[]))
+    while not gen.done:
+        backend.advance(gen, 8, lambda s: None)
+        backend.embed(["an interruption", NOTES[0]])
+    assert list(gen.tokens) == greedy_ref[1]  # type: ignore[attr-defined]
+    backend.finish(gen)
+
+
 def test_stop_sequences_never_leak(backend: LlamaCppBackend) -> None:
     base, _, _ = run(backend, user(LONG_PROMPT, max_tokens=40))
     text = base.message.content

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aios.managers.llm.backends import prompting
+from aios.managers.llm.backends.llamacpp_embed import Embedder
 from aios.managers.llm.backends.llamacpp_engine import Engine, Grammar, LlamaCppGeneration, Mode
 from aios.managers.llm.prefix_cache import PrefixCache
 from aios.managers.llm.types import (
@@ -219,6 +220,7 @@ class LlamaCppBackend(Backend):
     """
 
     sampling = frozenset(SAMPLING_DEFAULTS)  # applied to its own logits (`sampling.py`)
+    embeddings = True  # mean-pooled, from a second context on the same weights (`llamacpp_embed.py`)
 
     def __init__(
         self,
@@ -289,6 +291,7 @@ class LlamaCppBackend(Backend):
         self.prefix_cache = cache
         self.load_seconds = time.perf_counter() - t0
         self._gbnf_cache: dict[str, str] = {}
+        self._embedder: Embedder | None = None  # created by the first `embed`
         self._closed = False
         log.info("loaded %s (n_ctx=%d, max_batch=%d, threads=%d, prefix cache %.0f MB) in %.2fs",
                  self.model_path, n_ctx, max_batch, n_threads, prefix_cache_mb, self.load_seconds)
@@ -308,6 +311,22 @@ class LlamaCppBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         return self._engine.stats()
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Unit-length mean-pooled vectors, computed on the decode thread between two steps."""
+        self._check_open()
+        return self._engine.call(self._embed_on_decode_thread, texts)
+
+    def _embed_on_decode_thread(self, texts: list[str]) -> list[list[float]]:
+        if self._embedder is None:
+            try:
+                self._embedder = Embedder(self._lib, self._model, self.n_threads, self._engine.tokenize)
+            except RuntimeError as exc:
+                raise BackendError("UNAVAILABLE", f"embeddings: {exc}") from None
+        try:
+            return self._embedder.embed(texts)
+        except RuntimeError as exc:
+            raise BackendError("INTERNAL", f"embeddings: {exc}") from None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -437,7 +456,9 @@ class LlamaCppBackend(Backend):
         if self._closed:
             return
         self._closed = True
-        self._engine.close()
+        self._engine.close()  # joins the decode thread, the embedder's only user
+        if self._embedder is not None:
+            self._embedder.close()
         self._lib.llama_model_free(self._model)
 
     # ------------------------------------------------------------------ internals

@@ -196,6 +196,12 @@ class Config(_Strict):
         if on("memory") and self.builtin.get("memory", {}).get("storage", True) and not on("storage"):
             raise ValueError("[memory] keeps its entries in the storage service, which [storage] turns off: "
                              "enable [storage], or set [memory] storage = false (RAM only, nothing survives a restart)")
+        for i, core in enumerate(self.llm):
+            if core.prefix_cache_mb is not None and core.prefix_cache_mb > self.context.ram_budget_mb:
+                raise ValueError(f'[[llm]] #{i + 1} (name "{core.name}"): prefix_cache_mb = {core.prefix_cache_mb:g} '
+                                 f'exceeds [context] ram_budget_mb = {self.context.ram_budget_mb:g}; the prefix '
+                                 f'cache is part of the context RAM budget: lower prefix_cache_mb or raise '
+                                 f'ram_budget_mb')
         names = [s.name for s in self.manager_specs()]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -136,6 +136,12 @@ def test_a_remote_llm_server_that_is_down_is_reported_at_start_and_fails_each_ch
     ('[[managers]]\nname = "m"\ntarget = "tests.support.echo_manager:EchoManager"\noptions = { shout = true }\n',
      '[[managers]] #1 (name "m"), key "shout": unknown option'),
     ("this is = not toml [", "not valid TOML"),
+    ('[[llm]]\nmax_batch = 0\n', '[[llm]] #1, key "max_batch": Input should be greater than or equal to 1'),
+    ('[context]\nram_budget_mb = 64\n[[llm]]\nprefix_cache_mb = 100\n',
+     'prefix_cache_mb = 100 exceeds [context] ram_budget_mb = 64'),
+    ('[[llm]]\nbackend = "ollama"\nmodel = "m"\nmax_batch = 4\n', "max_batch applies to the llamacpp backend only"),
+    ('[[llm]]\nmax_inflight = 4\n', "max_inflight applies to remote backends"),
+    ('[[llm]]\noptions = { max_batch = 4 }\n', "set max_batch in the [[llm]] entry itself, not in its options (write max_batch = 4"),
 ])
 def test_config_errors_are_one_line_each_with_their_place(tmp_path: Path, toml: str, expect: str) -> None:
     path = tmp_path / "bad.toml"

@@ -20,7 +20,7 @@ from tests.conftest import KernelFactory, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
-CORE = {"name": "llm-0", "backend": "llamacpp", "options": {"max_batch": 1}}
+CORE = {"name": "llm-0", "backend": "llamacpp", "max_batch": 1}
 #: a shared system prompt of about 260 tokens, so that prompts have a cacheable common prefix
 SYSTEM = "\n".join(
     f"Tool {name}: use it when the task needs {name.replace('_', ' ')}; it takes a query and returns results."
@@ -275,7 +275,7 @@ def test_prefix_cache_keeps_outputs_identical_under_fifo_and_rr(fifo: Any, rr3: 
 @pytest.fixture(scope="module")
 def batched(module_kernel_factory: KernelFactory) -> Any:
     core = {"name": "llm-0", "backend": "llamacpp", "n_ctx": 1024,
-            "options": {"max_batch": 4, "prefix_cache_mb": 1.5}}
+            "max_batch": 4, "prefix_cache_mb": 1.5}
     return module_kernel_factory(echo=False, llm=[core], scheduler={"policy": "rr", "time_slice_tokens": 8},
                                  context={"ram_budget_mb": 3.0})
 

@@ -73,3 +73,45 @@ def test_a_request_naming_no_model_waits_for_the_default_core(two_cores: Any) ->
     short = two_cores.client("short").chat("What is the capital of France?", max_tokens=8).result
     t.join(120)
     assert short["model"] == long_reply["r"].result["model"] != "remote-gemma"
+
+
+def test_a_remote_core_keeps_at_most_max_inflight_requests_open_and_resumes_from_text(
+        kernel: KernelFactory, server: str) -> None:  # noqa: F811
+    """Eight agents at once against a core with max_inflight = 4, rr slices of 4 tokens: the server
+    (the real llama_cpp.server, behind a proxy that counts open requests) never sees more than four,
+    does see four (the core uses its concurrency), and every preempted generation, resumed from its
+    text, ends exactly as an uninterrupted run does."""
+    import threading
+
+    from tests.support.counting_proxy import CountingProxy
+
+    # questions the base model answers at length (measured: 40-80 characters in 16 tokens)
+    prompts = ["Why is the sky blue?", "Why is the sea salty?", "Why do leaves fall?", "Why is snow white?",
+               "Why do cats purr?", "Why is grass green?", "Why does ice float?", "Tell me about rivers."]
+    direct = OpenAIBackend(base_url=server, model="remote-gemma", mode="completion", extra_body=REMOTE)
+    expected = {}
+    for p in prompts:
+        gen = direct.start(ChatArgs(messages=[{"role": "user", "content": p}], max_tokens=16, stop=[]))
+        direct.advance(gen, None, lambda s: None)
+        expected[p] = direct.finish(gen).message.content
+    with CountingProxy(server) as proxy:
+        core = {"name": "llm-remote", "backend": "openai", "base_url": proxy.url, "model": "remote-gemma",
+                "mode": "completion", "max_inflight": 4, "options": {"extra_body": REMOTE}}
+        k = kernel(echo=False, llm=[core], scheduler={"policy": "rr", "time_slice_tokens": 4})
+        assert (k.manager_info("llm-remote") or {}).get("capacity") == 4
+        replies: dict[str, Any] = {}
+
+        def agent(i: int, prompt: str) -> None:
+            with k.client(f"a{i}", timeout=120) as c:
+                replies[prompt] = c.chat(prompt, max_tokens=16, stop=[])
+
+        threads = [threading.Thread(target=agent, args=(i, p)) for i, p in enumerate(prompts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+    assert len(replies) == len(prompts)
+    assert proxy.max_open == 4, f"{proxy.max_open} requests were open at once (max_inflight = 4)"
+    assert all(len(r.result["message"]["content"]) > 20 for r in replies.values()), {p: r.result["message"]["content"] for p, r in replies.items()}
+    assert sum(r.timing["preemptions"] for r in replies.values()) >= len(prompts)
+    assert {p: r.result["message"]["content"] for p, r in replies.items()} == expected

@@ -110,8 +110,11 @@ class _Handler(BaseHTTPRequestHandler):
             part: dict[str, Any] = {"model": MODEL, "created_at": "2024-01-01T00:00:00Z", "done": False}
             part[key] = {"role": "assistant", "content": text} if key == "message" else text
             part.update(extra)
-            self.wfile.write((json.dumps(part) + "\n").encode())
-            self.wfile.flush()
+            try:
+                self.wfile.write((json.dumps(part) + "\n").encode())
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading (a stop sequence it found itself): as a server would
 
         if body.get("tools") and self.path == "/api/chat":
             n = min(TOOL_CALL_TOKENS, limit) if limit >= 0 else TOOL_CALL_TOKENS

@@ -73,7 +73,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", LAUNCHER, "--model", str(model_path), "--chat_format", "alpaca",
-             "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048", "--n_batch", "1"],
+             "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048", "--n_batch", "1",
+             "--interrupt_requests", "False"],  # concurrent requests queue instead of cutting each other off
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}/v1"
@@ -241,3 +242,25 @@ def test_http_status_mapping(status: int, code: str) -> None:
     err = backend._map_error(exc)
     assert err.code == code
     assert url in err.message and "the server says no" in err.message
+
+
+def test_cached_prompt_tokens_are_read_from_the_usage_chunk() -> None:
+    """Servers with a prefix cache (vLLM, OpenAI) report prompt_tokens_details.cached_tokens in the final
+    usage chunk; llama_cpp.server does not, so this parses a chunk built with openai's own types."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from aios.managers.llm.backends.remote import StreamEvent
+
+    chunk = ChatCompletionChunk.model_validate({
+        "id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+        "usage": {"prompt_tokens": 120, "completion_tokens": 7, "total_tokens": 127,
+                  "prompt_tokens_details": {"cached_tokens": 96}}})
+    ev = StreamEvent()
+    OpenAIBackend._usage_event(ev, chunk)
+    assert (ev.prompt_tokens, ev.completion_tokens, ev.cached_prompt_tokens) == (120, 7, 96)
+    plain = ChatCompletionChunk.model_validate({
+        "id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+    ev = StreamEvent()
+    OpenAIBackend._usage_event(ev, plain)
+    assert ev.cached_prompt_tokens is None

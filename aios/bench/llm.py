@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ def kernel_config(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     else:
         # Policies order requests that contend for a core; a batching core with room for the
         # whole workload would run everything at once.  --max-batch changes it.
-        core["options"] = {"max_batch": getattr(args, "max_batch", None) or 1}
+        core["max_batch"] = getattr(args, "max_batch", None) or 1
     return {"scheduler": {"policy": policy, "time_slice_tokens": args.slice}, "llm": [core]}
 
 
@@ -161,6 +162,10 @@ def run_direct(args: argparse.Namespace, jobs: list[Job], progress: Progress) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "sim" and (getattr(args, "agents_steps", False) or getattr(args, "determinism", False)):
+        print("aios bench llm: --agents-steps and --determinism measure the real model's prefix cache and "
+              "batching; use --backend llamacpp (the default)", file=sys.stderr)
+        return 2
     if any(getattr(args, flag, False) for flag in ("concurrency", "agents_steps", "determinism")):
         from aios.bench import llm_throughput
         results = llm_throughput.run(args)

@@ -35,8 +35,12 @@ TOPICS = ["the sea", "a mountain", "an old city", "a forest", "the desert", "a r
           "a lighthouse", "a glacier", "a volcano", "a market"]
 
 
-def _core(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
-    core: dict[str, Any] = {"name": "llm-0", "backend": args.backend, "options": options}
+def _core(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    """One [[llm]] entry: `settings` are its throughput keys (max_batch, prefix_cache_mb, max_inflight)."""
+    sim_only = {k: settings.pop(k) for k in ("batch_speedup",) if k in settings}
+    core: dict[str, Any] = {"name": "llm-0", "backend": args.backend, **settings}
+    if sim_only:
+        core["options"] = sim_only
     if args.backend == "sim":
         core["sim_seconds_per_token"] = args.sim_seconds_per_token
     return {"scheduler": {"policy": "fifo"}, "llm": [core]}
@@ -49,7 +53,7 @@ def _max_batch(args: argparse.Namespace) -> int:
 def _batched_options(args: argparse.Namespace, batched: bool) -> dict[str, Any]:
     m = _max_batch(args)
     if args.backend == "sim":
-        return {"max_concurrency": m, "batch_speedup": min(args.sim_speedup, m)} if batched else {}
+        return {"max_inflight": m, "batch_speedup": min(args.sim_speedup, m)} if batched else {}
     return {"max_batch": m if batched else 1}
 
 

@@ -66,24 +66,26 @@ def make_backend(core: LLMCoreConfig, ram_budget_mb: float | None = None) -> Bac
 
     `ram_budget_mb` is `[context] ram_budget_mb`: the llama.cpp prefix cache must fit in it.
     """
+    typed = core.backend_kwargs()
     if core.backend == "llamacpp":
         from aios.managers.llm.backends.llamacpp import LlamaCppBackend
         kwargs: dict[str, Any] = {"model_path": core.model_path, "n_ctx": core.n_ctx, "n_threads": core.n_threads,
                                   "ram_budget_mb": ram_budget_mb}
         if core.model:
             kwargs["name"] = core.model
-        return LlamaCppBackend(**kwargs, **core.options)
+        return LlamaCppBackend(**kwargs, **typed, **core.options)
     if core.backend == "openai":
         from aios.managers.llm.backends.openai_backend import OpenAIBackend
         assert core.base_url and core.model
         return OpenAIBackend(base_url=core.base_url, model=core.model, api_key_env=core.api_key_env,
-                             mode=core.mode, **core.options)
+                             mode=core.mode, **typed, **core.options)
     if core.backend == "ollama":
         from aios.managers.llm.backends.ollama_backend import OllamaBackend
         assert core.model
-        return OllamaBackend(host=core.base_url or "http://127.0.0.1:11434", model=core.model, **core.options)
+        return OllamaBackend(host=core.base_url or "http://127.0.0.1:11434", model=core.model, **typed,
+                             **core.options)
     return SimBackend(seconds_per_token=core.sim_seconds_per_token, name=core.model or "sim", n_ctx=core.n_ctx,
-                      **core.options)
+                      **typed, **core.options)
 
 
 class LLMCore(Manager):

@@ -13,6 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 NAME_PATTERN = r"^[a-z][a-z0-9_\-]{0,30}$"
 
+#: most generations one llama.cpp context decodes together (the KV cache grows linearly with it)
+MAX_BATCH_LIMIT = 64
+#: requests a remote core keeps open by default: a real server (vLLM, llama.cpp's server with
+#: slots, Ollama with OLLAMA_NUM_PARALLEL) batches them; one at a time would waste it
+DEFAULT_MAX_INFLIGHT = 32
+#: `[[llm]]` keys that only the embedded llama.cpp backend understands
+LLAMACPP_KEYS = ("max_batch", "prefix_cache_mb", "prefill_chunk", "prefill_budget", "n_batch", "extra_buffer_types")
+
 
 class LLMCoreConfig(BaseModel):
     """One LLM instance = one core process."""
@@ -33,6 +41,25 @@ class LLMCoreConfig(BaseModel):
     memory_limit_mb: int | None = Field(default=None, ge=64,
                                         description="the supervisor kills (and restarts) the core above this "
                                                     "resident memory; default: sized from the model file")
+    # ---- throughput (see the README's "LLM throughput"); None: the backend's measured default
+    max_batch: int | None = Field(default=None, ge=1, le=MAX_BATCH_LIMIT,
+                                  description="llamacpp: generations decoded together in one context (default 1, "
+                                              "exact mode; 8 pays off with many concurrent agents)")
+    prefix_cache_mb: float | None = Field(default=None, ge=0,
+                                          description="llamacpp: RAM for cached prompt prefixes, part of [context] "
+                                                      "ram_budget_mb (default 128, at most half of it; 0: off)")
+    prefill_chunk: int | None = Field(default=None, ge=1, le=1 << 16,
+                                      description="llamacpp: prompt tokens per prefill call (default 64)")
+    prefill_budget: int | None = Field(default=None, ge=1, le=1 << 20,
+                                       description="llamacpp: prompt tokens prefilled per step while others wait "
+                                                   "(default 256)")
+    n_batch: int | None = Field(default=None, ge=1, le=1 << 16, description="llamacpp: llama.cpp's n_batch (512)")
+    extra_buffer_types: bool | None = Field(default=None,
+                                            description="llamacpp: allow llama.cpp's extra CPU buffer types "
+                                                        "(default: on unless the CPU has AMX)")
+    max_inflight: int | None = Field(default=None, ge=1, le=1024,
+                                     description="openai/ollama: requests open at once on the server (default "
+                                                 f"{DEFAULT_MAX_INFLIGHT}); sim: simulated concurrency (default 1)")
     options: dict[str, Any] = Field(default_factory=dict,
                                     description="extra keyword arguments for the backend (e.g. openai extra_body)")
 
@@ -42,6 +69,31 @@ class LLMCoreConfig(BaseModel):
         if v is not None and not Path(v).expanduser().is_file():
             raise ValueError(f"model file {v!r} does not exist")
         return v
+
+    @model_validator(mode="after")
+    def _keys_fit_the_backend(self) -> "LLMCoreConfig":
+        for key in LLAMACPP_KEYS:
+            if getattr(self, key) is not None and self.backend != "llamacpp":
+                raise ValueError(f"{key} applies to the llamacpp backend only, not {self.backend!r}"
+                                 + (" (a remote core's concurrency is max_inflight)" if key == "max_batch" else ""))
+        if self.max_inflight is not None and self.backend == "llamacpp":
+            raise ValueError("max_inflight applies to remote backends; the llamacpp backend's concurrency is max_batch")
+        chunk, n_batch = self.prefill_chunk, self.n_batch or 512
+        if chunk is not None and chunk > n_batch:
+            raise ValueError(f"prefill_chunk = {chunk} exceeds n_batch = {n_batch} (one prefill call is one batch)")
+        moved = sorted(set(self.options) & set(type(self).model_fields))
+        if moved:
+            raise ValueError(f"set {', '.join(moved)} in the [[llm]] entry itself, not in its options "
+                             f"(write {moved[0]} = {self.options[moved[0]]!r} next to backend = ...)")
+        return self
+
+    def backend_kwargs(self) -> dict[str, Any]:
+        """The typed throughput settings the user set, as the backend's keyword arguments."""
+        if self.backend == "llamacpp":
+            return {k: getattr(self, k) for k in LLAMACPP_KEYS if getattr(self, k) is not None}
+        if self.backend == "sim":
+            return {"max_concurrency": self.max_inflight} if self.max_inflight is not None else {}
+        return {"max_inflight": self.max_inflight if self.max_inflight is not None else DEFAULT_MAX_INFLIGHT}
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> "LLMCoreConfig":

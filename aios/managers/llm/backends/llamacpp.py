@@ -43,6 +43,7 @@ from typing import Any, Callable
 from aios.managers.llm.backends import prompting
 from aios.managers.llm.backends.llamacpp_embed import Embedder
 from aios.managers.llm.backends.llamacpp_engine import Engine, Grammar, LlamaCppGeneration, Mode
+from aios.managers.llm.options import MAX_BATCH_LIMIT
 from aios.managers.llm.prefix_cache import PrefixCache
 from aios.managers.llm.types import (
     Backend,
@@ -78,7 +79,6 @@ DEFAULT_PREFILL_CHUNK = 64
 DEFAULT_PREFILL_BUDGET = 256
 #: Default prefix-cache RAM, capped at half of [context] ram_budget_mb.
 DEFAULT_PREFIX_CACHE_MB = 128.0
-MAX_BATCH_LIMIT = 64
 
 _backend_initialized = False
 _log_callback: Any = None

@@ -40,6 +40,7 @@ import httpx
 import ollama
 import pydantic
 
+from ..options import DEFAULT_MAX_INFLIGHT
 from ..types import SAMPLING_DEFAULTS, BackendError
 from .prompting import PromptRenderer
 from .remote import RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta, http_status_error
@@ -85,6 +86,7 @@ class OllamaBackend(RemoteBackend):
         options: dict[str, Any] | None = None,
         keep_alive: float | str | None = None,
         max_server_stops: int = 16,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
         embedding_model: str | None = None,
     ) -> None:
         if not model:
@@ -92,7 +94,8 @@ class OllamaBackend(RemoteBackend):
         if mode not in ("chat", "generate"):
             raise ValueError(f"mode must be 'chat' or 'generate', not {mode!r}")
         super().__init__(mode="chat" if mode == "chat" else "completion", prompt_format=prompt_format, stop=stop,
-                         chat_resume=chat_resume, max_server_stops=max_server_stops)
+                         chat_resume=chat_resume, max_server_stops=max_server_stops,
+                         max_inflight=max_inflight)
         self.host = host.rstrip("/")
         self.url = self.host
         self.model = model

@@ -73,6 +73,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import openai
 
+from ..options import DEFAULT_MAX_INFLIGHT
 from ..types import SAMPLING_DEFAULTS, BackendError
 from .prompting import PromptRenderer
 from .remote import RemoteBackend, RemoteGeneration, StreamEvent, ToolDelta, http_status_error
@@ -126,11 +127,13 @@ class OpenAIBackend(RemoteBackend):
         extra_body: dict[str, Any] | None = None,
         prefill_extra_body: dict[str, Any] | None = None,
         max_server_stops: int = 4,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_retries: int = 0,
         embedding_model: str | None = None,
     ) -> None:
         super().__init__(mode=mode, prompt_format=prompt_format, stop=stop, chat_resume=chat_resume,
-                         max_server_stops=max_server_stops)
+                         max_server_stops=max_server_stops,
+                         max_inflight=max_inflight)
         if completion_json not in ("prompt", "grammar"):
             raise ValueError(f"completion_json must be 'prompt' or 'grammar', not {completion_json!r}")
         self.base_url = base_url.rstrip("/")
@@ -280,6 +283,10 @@ class OpenAIBackend(RemoteBackend):
         if usage is not None:
             ev.prompt_tokens = getattr(usage, "prompt_tokens", None)
             ev.completion_tokens = getattr(usage, "completion_tokens", None)
+            details = getattr(usage, "prompt_tokens_details", None)  # servers with a prefix cache
+            cached = getattr(details, "cached_tokens", None) if details is not None else None
+            if isinstance(cached, int):
+                ev.cached_prompt_tokens = cached
 
     def _chat_events(self, stream: Any) -> Iterator[StreamEvent]:
         for chunk in stream:

@@ -102,6 +102,8 @@ class StreamEvent:
     finish: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: prompt tokens the server took from its own prefix cache (OpenAI's prompt_tokens_details.cached_tokens)
+    cached_prompt_tokens: int | None = None
 
 
 def _has_truncated_call(calls: Sequence[dict[str, Any]]) -> bool:
@@ -151,7 +153,14 @@ class RemoteBackend(Backend):
         stop: Sequence[str],
         chat_resume: Literal["prefill", "replay"],
         max_server_stops: int,
+        max_inflight: int,
     ) -> None:
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or not 1 <= max_inflight <= 1024:
+            raise ValueError(f"llm option max_inflight must be an integer from 1 to 1024, not {max_inflight!r}")
+        #: requests open on the server at once: the core runs this many generations concurrently,
+        #: each on its own handler thread (the HTTP clients are thread-safe; the little state the
+        #: backends share across requests is capability hints whose races are benign)
+        self.max_concurrency = max_inflight
         if mode not in ("chat", "completion"):
             raise ValueError(f"mode must be 'chat' or 'completion', not {mode!r}")
         if chat_resume not in ("prefill", "replay"):
@@ -273,6 +282,7 @@ class RemoteBackend(Backend):
         finish: str | None = None
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
+        cached_tokens: int | None = None
         client_stop = False
         diverged = False
         close: Callable[[], None] | None = None
@@ -289,6 +299,8 @@ class RemoteBackend(Backend):
                     prompt_tokens = ev.prompt_tokens
                 if ev.completion_tokens is not None:
                     completion_tokens = ev.completion_tokens
+                if ev.cached_prompt_tokens is not None:
+                    cached_tokens = ev.cached_prompt_tokens
                 for d in ev.tool_calls:
                     merge_tool_delta(calls, d)
                 if not ev.text and any(d.arguments or d.complete for d in ev.tool_calls):
@@ -353,6 +365,7 @@ class RemoteBackend(Backend):
         if g.usage.prompt_tokens == 0:
             if prompt_tokens is not None and not prefill:
                 g.usage.prompt_tokens = prompt_tokens
+                g.usage.cached_prompt_tokens = min(cached_tokens or 0, prompt_tokens)
             elif not prefill:
                 g.usage.prompt_tokens = g.prompt_estimate
                 g.usage_exact = False

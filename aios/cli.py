@@ -91,12 +91,13 @@ def _start(args: argparse.Namespace, prog: str) -> int:
 def status_main(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
     human = not args.json
-    st = kernel.status(run_dir, verbose=args.verbose or human)
+    st = kernel.status(run_dir, verbose=args.verbose or human, details=args.verbose)
     if args.json:
         out = {k: st[k] for k in ("running", "run_dir", "supervisor_pid")}
         out["processes"] = [{k: p.get(k) for k in ("name", "pid", "state", "restarts")} for p in st["processes"]]
         if args.verbose:
             out["kernel"] = st.get("kernel")
+            out["details"] = st.get("details", {})
         print(json.dumps(out, indent=2))
         return 0 if st["running"] else 1
     if not st["running"]:
@@ -131,6 +132,13 @@ def status_main(args: argparse.Namespace) -> int:
                   f"{c['preemptions']:>9}{c['requeued']:>9}{c['wait_mean_s']:>10.3f}s{c['turnaround_mean_s']:>11.3f}s")
     elif not k:
         print("(the scheduler did not answer; see `aios logs scheduler`)")
+    if st.get("details"):
+        from aios.status_view import detail_lines
+        print()
+        order = [p["name"] for p in st["processes"]]
+        details = dict(sorted(st["details"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+        for line in detail_lines(details, {m["name"]: m["service"] for m in k.get("managers", [])}):
+            print(line)
     return 0
 
 
@@ -343,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the kernel's processes, services and queues")
     _run_dir_arg(p)
     p.add_argument("--json", action="store_true", help='print {"running", "processes": [{name, pid, state, restarts}]}')
-    p.add_argument("-v", "--verbose", action="store_true", help="with --json: add the scheduler's own status")
+    p.add_argument("-v", "--verbose", action="store_true", help="add each manager's figures (LLM batching and prefix cache, "
+                        "memory compression and evictions, tool isolation); with --json, also the scheduler's status")
     p.set_defaults(func=status_main)
     p = sub.add_parser("stop", help="stop the kernel and every process it started")
     _run_dir_arg(p)

@@ -156,11 +156,13 @@ def _kill_leftovers(rd: RunDir, pids: list[int]) -> None:
             pass
 
 
-def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False) -> dict[str, Any]:
+def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False,
+           details: bool = False) -> dict[str, Any]:
     """{"running", "run_dir", "supervisor_pid", "processes": [{name, pid, state, restarts, message}], "kernel"?}.
 
     With `verbose`, "kernel" holds the scheduler's own `kernel.status` (queues,
-    managers, per-service counts) when it answers.
+    managers, per-service counts) when it answers. With `details`, "details"
+    holds each manager's own figures, by process name (`MANAGER_DETAILS`).
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     pid = rd.supervisor_pid()
@@ -168,18 +170,44 @@ def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False)
     state = rd.read_state() or {} if running else {}
     out: dict[str, Any] = {"running": running, "run_dir": str(rd.path), "supervisor_pid": pid,
                            "processes": state.get("processes", [])}
-    if running and verbose:
-        out["kernel"] = _kernel_status(rd)
+    if running and (verbose or details):
+        out.update(_kernel_status(rd, details))
     return out
 
 
-def _kernel_status(rd: RunDir) -> dict[str, Any] | None:
+#: what `aios status -v` asks each kind of manager: (service, op, the part of the result to keep)
+MANAGER_DETAILS: dict[str, tuple[str, str | None]] = {
+    "llm": ("info", None),          # backend, batching, prefix cache, context store
+    "memory": ("stats", "store"),   # raw vs stored bytes, budget, evictions, swap-ins
+    "tools": ("status", None),      # isolation, workers, MCP servers
+}
+
+
+def _kernel_status(rd: RunDir, details: bool) -> dict[str, Any]:
     from aios.sdk import AIOSError, connect
+    out: dict[str, Any] = {"kernel": None}
     try:
         with connect(rd, agent="aios-cli", timeout=2.0) as client:
-            return client.call("kernel", "status")
+            out["kernel"] = client.call("kernel", "status")
+            if details:
+                out["details"] = {m["name"]: _manager_details(client, m) for m in out["kernel"].get("managers", [])
+                                  if m.get("service") in MANAGER_DETAILS}
     except AIOSError:
-        return None
+        pass
+    return out
+
+
+def _manager_details(client: Any, manager: dict[str, Any]) -> dict[str, Any]:
+    from aios.sdk import AIOSError
+    service = manager["service"]
+    op, part = MANAGER_DETAILS[service]
+    # an LLM core is reached through a model it serves; other services have one manager each
+    target = (manager.get("targets") or [None])[0] if service == "llm" else None
+    try:
+        result = client.request(service, op, {}, target=target, timeout=5.0, idempotent=True).result
+    except AIOSError as exc:
+        return {"error": f"{exc.code}: {exc.message}"}
+    return result.get(part, {}) if part else result
 
 
 __all__ += ["ConfigError", "RunDirError"]

@@ -188,6 +188,11 @@ def test_search_by_meaning_is_merged_and_says_which_ranking_found_each_hit(kerne
     by_id = {h["id"]: h for h in both["hits"]}
     assert by_id[ids[3]]["ranking"] == "bm25+embedding" and both["hits"][0]["id"] == ids[3]  # found both ways
     assert all(h["rankings"][name]["rank"] >= 1 for h in both["hits"] for name in h["rankings"])
+    # `aios status -v`: each manager's figures, one line each
+    lines = {line.split(":")[0]: line for line in k.aios("status", "-v").stdout.splitlines() if ": " in line}
+    assert "llamacpp gemma3-270m" in lines["llm-0"] and "prefix cache" in lines["llm-0"]
+    assert "embeddings" in lines["llm-0"]
+    assert lines["memory"].startswith("memory: write-through, 4 entries in RAM for 1 agents")
 
 
 def test_without_embeddings_search_says_it_ranked_by_keywords_only(kernel, tmp_path: Path) -> None:

@@ -152,3 +152,17 @@ def test_kill9_of_the_tool_manager_mid_call(kernel, tmp_path: Path) -> None:
     err = out["once"]
     assert isinstance(err, sdk.AIOSError) and err.code == "MANAGER_DIED" and err.retryable, err
     assert kk.processes()["tools"]["restarts"] == 1
+
+
+def test_the_model_calls_a_registered_tool_by_name(kernel, tmp_path: Path) -> None:
+    """`tools=["calculator"]`: the LLM core asks the tool manager for the schema (a call between
+    managers), the real model picks the tool, and `tools.step` runs it through the kernel."""
+    k2 = kernel(echo=False, llm=[{"name": "llm-0", "backend": "llamacpp", "n_ctx": 1024}],
+                builtins={"storage": {"path": str(tmp_path / "storage.sqlite3")}, "tools": {}})
+    with k2.client("stepper", timeout=60) as c:
+        step = c.tools.step("What is 12 times 7?", tools=["calculator"])
+        assert step["call"]["function"]["name"] == "calculator"
+        assert step["result"]["value"] == 84
+        with pytest.raises(sdk.AIOSError) as err:
+            c.llm.tools("What is 12 times 7?", tools=["no_such_tool"])
+    assert "no_such_tool" in err.value.message and err.value.code in ("NOT_FOUND", "INVALID_ARGUMENT")

@@ -146,7 +146,7 @@ class RequestContext:
         """
         if self._manager is None:
             raise OpError(ErrorCode.INTERNAL, "this request context cannot make calls")
-        return self._manager._call(self, service, op, args, target, timeout, idempotent)
+        return self._manager._service_call(self, service, op, args, target, timeout, idempotent)
 
     @property
     def key(self) -> str:
@@ -433,8 +433,8 @@ class Manager:
         sock.send_multipart(frames)
 
     # ------------------------------------------------------------- calls
-    def _call(self, ctx: RequestContext, service: str, op_name: str, args: dict[str, Any],
-              target: str | None, timeout: float | None, idempotent: bool) -> Any:
+    def _service_call(self, ctx: RequestContext, service: str, op_name: str, args: dict[str, Any],
+                      target: str | None, timeout: float | None, idempotent: bool) -> Any:
         from aios.sdk.engine import PendingCall, Send, Wait
         from aios.sdk.errors import AIOSError
 

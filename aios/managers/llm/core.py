@@ -194,7 +194,7 @@ class LLMCore(Manager):
         assert self.backend is not None
         if sum(len(t) for t in args.texts) > self.core.n_ctx * MAX_CHARS_PER_TOKEN * 4:
             raise OpError(ErrorCode.INVALID_ARGUMENT, f"the texts are too long to embed on core {self.name}")
-        vectors = self._call(self.backend.embed, list(args.texts))
+        vectors = self._backend_call(self.backend.embed, list(args.texts))
         return {"vectors": vectors, "model": self.models[0], "dimensions": len(vectors[0]) if vectors else 0}
 
     @op(InfoArgs, idempotent=True)
@@ -241,7 +241,7 @@ class LLMCore(Manager):
             self._check_cost(args)
             if ctx.resume and args.stream:
                 ctx.partial({"reset": True})  # its saved context is gone: the agent gets a fresh stream
-            gen = self._call(backend.start, args)
+            gen = self._backend_call(backend.start, args)
 
         def on_text(piece: str) -> None:
             if args.stream and piece:
@@ -255,7 +255,7 @@ class LLMCore(Manager):
                 step = CANCEL_CHECK_TOKENS if budget is None else min(CANCEL_CHECK_TOKENS, budget)
                 if step <= 0:
                     break
-                self._call(backend.advance, gen, step, on_text)
+                self._backend_call(backend.advance, gen, step, on_text)
                 if budget is not None:
                     budget -= step
             self._add_time("generate_s", time.perf_counter() - t1)
@@ -267,7 +267,7 @@ class LLMCore(Manager):
             backend.drop(gen)
             raise OpError(ErrorCode.CANCELLED, "cancelled")
         if gen.done:
-            result: ChatResult = self._call(backend.finish, gen)
+            result: ChatResult = self._backend_call(backend.finish, gen)
             return result
         return self._preempt(gen, ctx)
 
@@ -308,7 +308,7 @@ class LLMCore(Manager):
         """Slice used up: save the generation and hand the request back to the scheduler."""
         backend = self.backend
         assert backend is not None
-        self._call(backend.suspend, gen)
+        self._backend_call(backend.suspend, gen)
         t0 = time.perf_counter()
         with self._store_lock:  # a cancellation either comes before (seen here) or drops what is stored
             cancelled = ctx.cancelled.is_set()
@@ -322,15 +322,15 @@ class LLMCore(Manager):
         # No budget can hold it: finish it now rather than exceed the budget.
         self.log.warning("context budget full; running %s to completion without preemption", ctx.id)
         before = gen.usage.completion_tokens
-        self._call(backend.advance, gen, None, lambda piece: ctx.partial({"delta": piece}) if gen.args.stream and piece else None)
+        self._backend_call(backend.advance, gen, None, lambda piece: ctx.partial({"delta": piece}) if gen.args.stream and piece else None)
         ctx.tokens += gen.usage.completion_tokens - before  # the policy is charged for all of it
-        return self._call(backend.finish, gen)
+        return self._backend_call(backend.finish, gen)
 
     def _add_time(self, name: str, seconds: float) -> None:
         with self._stats_lock:  # handlers of concurrent requests add from their own threads
             setattr(self, name, getattr(self, name) + seconds)
 
-    def _call(self, fn: Any, *a: Any) -> Any:
+    def _backend_call(self, fn: Any, *a: Any) -> Any:
         try:
             return fn(*a)
         except BackendError as exc:

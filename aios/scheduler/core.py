@@ -519,17 +519,7 @@ class SchedulerCore:
         """Answer a live request with an error, wherever it is (held, queued, running)."""
         if not req.live:
             return
-        if req.state == State.QUEUED:
-            q = self.queues.get(req.service)
-            if q is not None and q.remove(req):
-                self._dequeued(req)
-        elif req.state == State.HELD:
-            self.admission.forget(req)
-        self._cancel_on_manager(req, now)
-        req.move(State.FAILED)
-        req.finished = now
-        self.stats[req.service].errors += 1
-        self._forget(req, now)
+        self._cancel_quietly(req, now)
         self.reply_error(req.client, req.id, code, message, req.timing())
 
     def _cancel_on_manager(self, req: Request, now: float) -> None:

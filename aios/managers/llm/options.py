@@ -88,7 +88,8 @@ class LLMCoreConfig(BaseModel):
         return self
 
     def backend_kwargs(self) -> dict[str, Any]:
-        """The typed throughput settings the user set, as the backend's keyword arguments."""
+        """The typed throughput settings as the backend's keyword arguments: the llama.cpp keys the user
+        set (the backend has measured defaults for the rest), a remote core's max_inflight (default 32)."""
         if self.backend == "llamacpp":
             return {k: getattr(self, k) for k in LLAMACPP_KEYS if getattr(self, k) is not None}
         if self.backend == "sim":

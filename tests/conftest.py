@@ -16,9 +16,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -58,6 +60,38 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
             extra = f" (last error: {last_exc!r})" if last_exc is not None else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run `fn` in a started thread; the dict gets "result" or "error", and "elapsed" seconds."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            out["error"] = exc
+        out["elapsed"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def op_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The OpError that `fn(*args, **kwargs)` raises (the test fails if it raises none)."""
+    from aios.managers.base import OpError
+    with pytest.raises(OpError) as info:
+        fn(*args, **kwargs)
+    return info.value
 
 
 def processes_of(run_dir: RunDir) -> list[psutil.Process]:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from aios import sdk
-from tests.conftest import AIOS, AIOS_START, REPO, wait_until
+from tests.conftest import AIOS, AIOS_START, REPO, in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,20 +20,6 @@ def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            out["error"] = exc
-        out["elapsed"] = time.monotonic() - t0
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
 
 
 # ------------------------------------------------------------------------------- no kernel
@@ -54,7 +38,7 @@ def test_connecting_where_the_kernel_was_stopped_fails_at_once(kernel) -> None:
 def test_a_call_in_flight_when_the_kernel_stops_fails_at_once(kernel, op: str) -> None:
     k = kernel()
     c = sdk.connect(k.run_dir, agent="mid", timeout=60)
-    t, out = _in_thread(lambda: c.call("echo", op, seconds=20))
+    t, out = in_thread(lambda: c.call("echo", op, seconds=20))
     wait_until(lambda: (m := k.manager_info("echo")) is not None and m["busy"] == 1, timeout=10,
                message="the call running")
     k.stop()

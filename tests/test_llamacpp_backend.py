@@ -207,15 +207,24 @@ def test_embeddings_rank_by_meaning(backend: LlamaCppBackend) -> None:
 
 
 def test_long_texts_are_embedded_whole(backend: LlamaCppBackend) -> None:
+    """A text longer than one window is the token-weighted mean of its windows, not its first window."""
     import numpy as np
 
     from aios.managers.llm.backends.llamacpp_embed import WINDOW
 
-    long = " ".join(NOTES * 12)
-    assert len(backend.tokenize(long)) > WINDOW
+    long = " ".join(NOTES * 24)
+    tokens = backend.tokenize(long)
+    assert WINDOW < len(tokens) < 2 * WINDOW
     vec = np.array(backend.embed([long])[0])
     assert abs(np.linalg.norm(vec) - 1.0) < 1e-5
-    assert vec.tolist() != backend.embed([" ".join(NOTES * 6)])[0]  # the second window counted
+    embedder = backend._embedder
+    assert embedder is not None
+    first, second = (np.array(backend._engine.call(embedder._pass, part))
+                     for part in (tokens[:WINDOW], tokens[WINDOW:]))
+    expected = first * WINDOW + second * (len(tokens) - WINDOW)
+    assert np.allclose(vec, expected / np.linalg.norm(expected), atol=1e-5)
+    alone = first / np.linalg.norm(first)
+    assert not np.allclose(vec, alone, atol=1e-3)  # the second window changed the vector
 
 
 def test_embedding_between_steps_does_not_disturb_a_generation(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ import pytest
 
 from aios.managers.llm.backends.ollama_backend import OllamaBackend
 from aios.managers.llm.types import BackendError, ChatArgs
+from tests.conftest import free_port
 from tests.support.llm_driver import q, run
 
 pytestmark = pytest.mark.timeout(30)
@@ -306,14 +306,10 @@ def test_tool_result_messages_carry_tool_name(fake: FakeOllama) -> None:
     assert msgs[1] == {"role": "tool", "content": "sunny", "tool_name": "get_weather"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_connection_refused_is_unavailable() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     b = OllamaBackend(url, MODEL)
     gen = b.start(q(max_tokens=4))
     with pytest.raises(BackendError) as ei:

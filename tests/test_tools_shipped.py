@@ -10,9 +10,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from aios.managers.base import OpError
 from aios.managers.tools.runtime import SHIPPED_TOOLS_DIR, ToolRuntime
 from aios.protocol import ErrorCode
+from tests.conftest import op_error
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,10 +26,6 @@ def rt() -> Iterator[ToolRuntime]:
         runtime.close()
 
 
-def op_error(fn, *args, **kwargs) -> OpError:
-    with pytest.raises(OpError) as info:
-        fn(*args, **kwargs)
-    return info.value
 
 
 def test_every_shipped_tool_loads() -> None:

@@ -37,10 +37,10 @@ TOPICS = ["the sea", "a mountain", "an old city", "a forest", "the desert", "a r
 
 def _core(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     """One [[llm]] entry: `settings` are its throughput keys (max_batch, prefix_cache_mb, max_inflight)."""
-    sim_only = {k: settings.pop(k) for k in ("batch_speedup",) if k in settings}
-    core: dict[str, Any] = {"name": "llm-0", "backend": args.backend, **settings}
-    if sim_only:
-        core["options"] = sim_only
+    core: dict[str, Any] = {"name": "llm-0", "backend": args.backend,
+                            **{k: v for k, v in settings.items() if k != "batch_speedup"}}
+    if "batch_speedup" in settings:  # a knob of the simulated backend only: one of its options
+        core["options"] = {"batch_speedup": settings["batch_speedup"]}
     if args.backend == "sim":
         core["sim_seconds_per_token"] = args.sim_seconds_per_token
     return {"scheduler": {"policy": "fifo"}, "llm": [core]}

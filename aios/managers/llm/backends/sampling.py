@@ -51,8 +51,6 @@ def penalized(logits: np.ndarray, history: Sequence[int], args: ChatArgs) -> np.
     out = logits.astype(np.float32, copy=True)
     ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
     n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-    ids_ok = ids < len(out)
-    ids, n = ids[ids_ok], n[ids_ok]
     x = out[ids]
     if rep != 1.0:
         x = np.where(x > 0, x / rep, x * rep)

@@ -192,9 +192,21 @@ def _kernel_status(rd: RunDir, details: bool) -> dict[str, Any]:
             if details:
                 out["details"] = {m["name"]: _manager_details(client, m) for m in out["kernel"].get("managers", [])
                                   if m.get("service") in MANAGER_DETAILS}
+                _add_per_target(out["kernel"], out["details"])
     except AIOSError:
         pass
     return out
+
+
+def _add_per_target(ks: dict[str, Any], details: dict[str, dict[str, Any]]) -> None:
+    """For managers with per-target limits (the tool manager): each target's limit, instances
+    running and requests queued, from the scheduler's own view."""
+    for m in ks.get("managers", []):
+        if m.get("limits") and m["name"] in details and "error" not in details[m["name"]]:
+            queued = ks.get("queued_by_target", {}).get(m["service"], {})
+            details[m["name"]]["per_target"] = {
+                t: {"limit": limit, "running": m.get("running", {}).get(t, 0), "queued": queued.get(t, 0)}
+                for t, limit in sorted(m["limits"].items())}
 
 
 def _manager_details(client: Any, manager: dict[str, Any]) -> dict[str, Any]:

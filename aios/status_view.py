@@ -44,8 +44,10 @@ def tools_line(d: dict[str, Any]) -> str:
     w = d.get("workers", {})
     isolation = "complete" if d.get("isolation_complete") else "INCOMPLETE: " + "; ".join(d.get("problems", []))
     servers = ", ".join(d.get("mcp", {})) or "none"
+    active = {t: c for t, c in d.get("per_target", {}).items() if c["running"] or c["queued"]}
+    in_use = ", ".join(f"{t} {c['running']}/{c['limit']} running, {c['queued']} queued" for t, c in active.items())
     return (f"isolation {isolation}; workers {w.get('warm', 0)} warm, {w.get('idle', 0)} idle, "
-            f"{w.get('cold', 0)} cold starts; MCP servers: {servers}")
+            f"{w.get('cold', 0)} cold starts; MCP servers: {servers}; in use: {in_use or 'none'}")
 
 
 LINES: dict[str, Callable[[dict[str, Any]], str]] = {"llm": llm_line, "memory": memory_line, "tools": tools_line}

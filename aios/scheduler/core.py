@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -662,6 +662,9 @@ class SchedulerCore:
             "scheduler": scheduler,
             "managers": [m.row(now) for m in self.registry],
             "queues": {s: self.queued(s) for s in services},
+            # per target (a tool, a model): how many requests wait for it; O(queue) but only on status
+            "queued_by_target": {s: counts for s, q in self.queues.items()
+                                 if (counts := dict(Counter(r.target for r in q if r.target is not None)))},
             "policy": {s: st for s, q in self.queues.items() if (st := q.stats())},
             "held": len(self.held),
             "services": {s: self.stats[s].as_dict() for s in services},

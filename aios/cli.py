@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -417,8 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # `kill` (SIGTERM) unwinds like Ctrl-C: a command that started a temporary kernel (bench, demo)
+    # stops it on the way out instead of leaving its process tree running as orphans.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.func(args) or 0)
     except (RunDirError, ConfigError) as exc:

@@ -179,6 +179,7 @@ def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False,
 MANAGER_DETAILS: dict[str, tuple[str, str | None]] = {
     "llm": ("info", None),          # backend, batching, prefix cache, context store
     "memory": ("stats", "store"),   # raw vs stored bytes, budget, evictions, swap-ins
+    "storage": ("status", None),    # database size, writes per commit, checkpoints
     "tools": ("status", None),      # isolation, workers, MCP servers
 }
 

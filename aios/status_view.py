@@ -40,6 +40,13 @@ def memory_line(d: dict[str, Any]) -> str:
             f"{_mb(d.get('budget_bytes'))} budget, {d.get('evictions', 0)} evictions, {d.get('swap_ins', 0)} swap-ins")
 
 
+def storage_line(d: dict[str, Any]) -> str:
+    per_commit = d.get("writes_per_commit")
+    return (f"{d.get('path')} ({_mb(d.get('database_bytes'))}, synchronous={d.get('synchronous')}); "
+            f"{d.get('write_operations', 0)} writes in {d.get('commits', 0)} commits"
+            f"{f' ({per_commit} per commit)' if per_commit else ''}, {d.get('checkpoints') or 0} checkpoints")
+
+
 def tools_line(d: dict[str, Any]) -> str:
     w = d.get("workers", {})
     isolation = "complete" if d.get("isolation_complete") else "INCOMPLETE: " + "; ".join(d.get("problems", []))
@@ -50,7 +57,8 @@ def tools_line(d: dict[str, Any]) -> str:
             f"{w.get('cold', 0)} cold starts; MCP servers: {servers}; in use: {in_use or 'none'}")
 
 
-LINES: dict[str, Callable[[dict[str, Any]], str]] = {"llm": llm_line, "memory": memory_line, "tools": tools_line}
+LINES: dict[str, Callable[[dict[str, Any]], str]] = {"llm": llm_line, "memory": memory_line, "storage": storage_line,
+                                                    "tools": tools_line}
 
 
 def detail_lines(details: dict[str, dict[str, Any]], services: dict[str, str]) -> list[str]:

@@ -173,3 +173,45 @@ def test_aios_files_command(kernel, tmp_path: Path) -> None:
     assert k.aios("files", "cat", "todo.txt", "--agent", "cli-user").stdout == "buy milk"
     other = k.aios("files", "cat", "todo.txt", "--agent", "someone-else")
     assert other.returncode == 1 and "NOT_FOUND" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_writes_arriving_together_share_a_commit_and_fail_alone(kernel, tmp_path: Path) -> None:
+    """21 writes sent at once reach the storage manager together: they commit in fewer transactions
+    than writes (group commit), each is answered only once committed, the one that fails in its
+    transaction (a file where a directory is) fails alone, and the large one (run on the pool, not
+    the socket thread) is stored whole."""
+    import asyncio
+
+    k = storage_kernel(kernel, tmp_path)
+    with k.client("burst", timeout=20) as c:
+        c.storage.write("tree/leaf.md", "under tree")
+        before = c.call("storage", "status")
+
+    async def burst() -> list[Any]:
+        client = sdk.AsyncClient(k.run_dir, agent="burst", timeout=20)
+        try:
+            writes = [client.call("storage", "write", path=f"notes/{i:02d}.md", data=f"note {i}") for i in range(19)]
+            writes.insert(7, client.call("storage", "write", path="tree", data="a file where a directory is"))
+            # over the inline size: chunked on a pool thread, committed there (with whatever is queued)
+            writes.append(client.call("storage", "write", path="big.bin", data=big))
+            return await asyncio.gather(*writes, return_exceptions=True)
+        finally:
+            await client.close()
+
+    big = os.urandom(200_000) + b"tail"
+    results = asyncio.run(burst())
+    assert results.pop()["size"] == len(big)
+    failed = results.pop(7)
+    assert isinstance(failed, sdk.InvalidArgument) and "it is a directory" in str(failed)
+    assert all(isinstance(r, dict) and r["version"] == 1 for r in results), results
+    with k.client("burst", timeout=20) as c:
+        after = c.call("storage", "status")
+        assert [c.storage.read_text(f"notes/{i:02d}.md") for i in range(19)] == [f"note {i}" for i in range(19)]
+        assert c.storage.read_text("tree/leaf.md") == "under tree"
+        assert c.storage.read("big.bin") == big
+    writes = after["write_operations"] - before["write_operations"]
+    commits = after["commits"] - before["commits"]
+    assert writes == 20  # the failed one was rolled back to its savepoint, not counted
+    assert 1 <= commits < writes, (commits, writes)
+    line = next(x for x in k.aios("status", "-v").stdout.splitlines() if x.startswith("storage:"))
+    assert "files.sqlite3" in line and "per commit" in line and "synchronous=NORMAL" in line

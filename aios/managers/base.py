@@ -25,6 +25,15 @@ and turns exceptions into error replies. Handlers may stream partial
 replies (`ctx.partial`), hand a preemptible request back to the scheduler by
 returning `Yield`, and call other services on behalf of the same agent
 (`ctx.call`), which the scheduler queues and charges like the agent's own.
+
+Quick ops that never block may be declared `inline`: they run on the socket
+thread itself, in arrival order, with no hand-off to the pool (a hand-off and
+the reply's way back cost a small op about as much as its work: the storage
+manager measured 2,300 small writes/s through the pool, 3,400 inline). The
+requests that arrive together form a batch, closed by the `end_batch` hook
+before their replies go out; an inline handler may return `Deferred` to be
+answered only then, which is how the storage manager commits the writes of a
+batch in one transaction.
 """
 from __future__ import annotations
 
@@ -57,6 +66,8 @@ DEFAULT_CALL_TIMEOUT_S = 300.0
 #: how often a handler waiting on a call checks whether its own request was cancelled
 CALL_POLL_S = 0.05
 _LOST = object()  # put in a waiting call's inbox when the scheduler connection drops
+#: most messages read from the scheduler before the loop looks at its other sockets and clocks
+MAX_BATCH_MESSAGES = 256
 
 
 class OpError(Exception):
@@ -86,18 +97,43 @@ class OpSpec:
     args_model: type[BaseModel] | None
     idempotent: bool
     preemptible: bool
+    inline: bool | Callable[[Any], bool] = False
+
+    def runs_inline(self, args: Any) -> bool:
+        return self.inline(args) if callable(self.inline) else self.inline
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Returned by an inline handler whose answer is known only once its batch ends.
+
+    Once the batch's last request is handled, the base calls the manager's
+    `end_batch(tokens)` with the `token` of each deferred request, then
+    `finish()` for each; what `finish` returns (or raises) is the reply.
+    """
+
+    finish: Callable[[], Any]
+    token: Any = None
 
 
 def op(args_model: type[BaseModel] | None = None, *, name: str | None = None,
-       idempotent: bool = False, preemptible: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+       idempotent: bool = False, preemptible: bool = False,
+       inline: bool | Callable[[Any], bool] = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a method as a syscall handler.
 
     idempotent: safe to run again if its manager dies mid-way (the scheduler re-queues it).
     preemptible: the handler honours `ctx.slice` and may return `Yield`.
+    inline: run on the socket thread, never on the pool: only for handlers that take well
+        under a millisecond or so and never wait (no `ctx.call`, no `Yield`); may return `Deferred`.
+        A function of the validated arguments decides per request (e.g. small writes inline,
+        large ones on the pool).
     """
+    if inline is not False and preemptible:
+        raise ValueError("an inline op cannot be preemptible: it runs on the socket thread")
 
     def mark(func: Callable[..., Any]) -> Callable[..., Any]:
-        func.__aios_op__ = OpSpec(name or func.__name__, func, args_model, idempotent, preemptible)  # type: ignore[attr-defined]
+        func.__aios_op__ = OpSpec(name or func.__name__, func, args_model, idempotent, preemptible,  # type: ignore[attr-defined]
+                                  inline)
         return func
 
     return mark
@@ -151,6 +187,11 @@ class RequestContext:
     @property
     def key(self) -> str:
         return request_key(self.id, self.client)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    body: dict[str, Any]  # error_body(...)
 
 
 class _NoOptions(BaseModel):
@@ -222,6 +263,15 @@ class Manager:
     def on_cancel(self, ctx: RequestContext) -> None:
         """A running request was cancelled (agent gone, deadline): `ctx.cancelled` is already set."""
 
+    def end_batch(self, tokens: list[Any]) -> None:
+        """The requests that arrived together have all been handled: finish what inline handlers
+        deferred (e.g. commit their writes); `tokens` are their `Deferred.token`s. Runs on the
+        socket thread, before any `Deferred` is finished; a handler that ran on the pool and
+        returned `Deferred` gets a batch of its own, closed on its pool thread. (Handing batches to a thread of their
+        own, so that the socket thread reads the next batch meanwhile, measured slower: 3,800
+        small writes/s against 4,700, the replies' hand-off back costing more than the overlap.)
+        An exception here is logged and each deferred request's `finish` decides its reply."""
+
     def on_forget(self, key: str) -> None:
         """A request that is not running here was cancelled: drop anything kept for it
         (e.g. a preempted generation's saved context). `key` is `RequestContext.key`."""
@@ -234,6 +284,8 @@ class Manager:
         self._results = self.zctx.socket(zmq.PULL)
         self._results.bind(f"inproc://results-{id(self)}")
         self._local = threading.local()
+        self._loop_thread = threading.current_thread()
+        self._deferred: list[tuple[RequestContext, Deferred]] = []
         self.pool = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix=self.name)
         self.sock = dealer(self.zctx, self.run_dir, self.config, role="manager", identity=self.identity)
         # The connection monitor tells us at once when the scheduler goes away and comes back, so we
@@ -275,13 +327,16 @@ class Manager:
                         break
                     self._send_frames(frames)
             if self.sock in events:
-                while True:
+                # Everything already queued is one batch (bounded, so heartbeats keep their rhythm).
+                for _ in range(MAX_BATCH_MESSAGES):
                     try:
                         frames = recv_multipart(self.sock, NOBLOCK)
                     except zmq.Again:
                         break
                     last_heard = now
                     self._on_message(frames)
+                if self._deferred:
+                    self._finish_deferred()
             if now - last_heard > hb_expiry:
                 # The scheduler went quiet (restarting?): announce ourselves again.
                 self.log.warning("no word from the scheduler for %.1fs; re-announcing", now - last_heard)
@@ -389,25 +444,59 @@ class Manager:
                               error_body(ErrorCode.INVALID_ARGUMENT, f"{self.service}.{d.op}: {describe_validation(exc)}"))
         with self._lock:
             self._active[ctx.key] = ctx
-        self.pool.submit(self._run, spec, args, ctx)
+        inline = self._outcome(ctx, lambda: spec.runs_inline(args))
+        if isinstance(inline, _Failed):
+            self._answer(ctx, inline)
+        elif inline:
+            self._run(spec, args, ctx)
+        else:
+            self.pool.submit(self._run, spec, args, ctx)
 
     def _run(self, spec: OpSpec, args: Any, ctx: RequestContext) -> None:
-        header: dict[str, Any]
+        result = self._outcome(ctx, lambda: spec.func(self, args, ctx))
+        if isinstance(result, Deferred):
+            if threading.current_thread() is self._loop_thread:
+                self._deferred.append((ctx, result))  # answered when its batch closes
+                return
+            # ran on the pool: a batch of its own, closed at once
+            self._close_batch([(ctx, result)])
+            return
+        self._answer(ctx, result)
+
+    def _finish_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        self._close_batch(deferred)
+
+    def _close_batch(self, deferred: list[tuple[RequestContext, Deferred]]) -> None:
         try:
-            result = spec.func(self, args, ctx)
-            if isinstance(result, Yield):
-                header, body = {"yield": result.affinity}, None
-            else:
-                if isinstance(result, BaseModel):
-                    result = result.model_dump(mode="json")
-                header, body = {"status": _OK}, result
+            self.end_batch([d.token for _, d in deferred])
+        except Exception:  # noqa: BLE001 - each deferred request's finish() reports what it lost
+            self.log.exception("end_batch failed")
+        for ctx, d in deferred:
+            self._answer(ctx, self._outcome(ctx, d.finish))
+
+    def _outcome(self, ctx: RequestContext, call: Callable[[], Any]) -> Any:
+        """What `call()` returns, or, if it raises, `_Failed` with the error reply the exception becomes."""
+        try:
+            return call()
         except OpError as exc:
-            header, body = {"status": _ERROR}, error_body(exc.code, exc.message)
+            return _Failed(error_body(exc.code, exc.message))
         except ValidationError as exc:
-            header, body = {"status": _ERROR}, error_body(ErrorCode.INVALID_ARGUMENT, describe_validation(exc))
+            return _Failed(error_body(ErrorCode.INVALID_ARGUMENT, describe_validation(exc)))
         except Exception as exc:
             self.log.exception("op %s failed", ctx.op)
-            header, body = {"status": _ERROR}, error_body(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return _Failed(error_body(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+    def _answer(self, ctx: RequestContext, result: Any) -> None:
+        header: dict[str, Any]
+        if isinstance(result, _Failed):
+            header, body = {"status": _ERROR}, result.body
+        elif isinstance(result, Yield):
+            header, body = {"yield": result.affinity}, None
+        else:
+            if isinstance(result, BaseModel):
+                result = result.model_dump(mode="json")
+            header, body = {"status": _OK}, result
         with self._lock:
             self._active.pop(ctx.key, None)
         self._post(ctx, header, body, final=True)
@@ -422,7 +511,7 @@ class Manager:
 
     def _post_frames(self, frames: list[bytes]) -> None:
         """Hand frames to the socket loop (only that thread touches the DEALER)."""
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is self._loop_thread:
             self._send_frames(frames)
             return
         sock = getattr(self._local, "push", None)
@@ -438,6 +527,10 @@ class Manager:
         from aios.sdk.engine import PendingCall, Send, Wait
         from aios.sdk.errors import AIOSError
 
+        if threading.current_thread() is self._loop_thread:
+            # the reply would arrive on the socket this thread is blocked from reading
+            raise OpError(ErrorCode.INTERNAL, f"{self.service}.{ctx.op} is an inline op: it cannot call "
+                                              f"{service}.{op_name} (declare it without inline=True)")
         now = time.monotonic()
         left = (ctx.deadline - now) if ctx.deadline is not None else DEFAULT_CALL_TIMEOUT_S
         timeout = left if timeout is None else min(timeout, left)

@@ -1,16 +1,20 @@
 """A small manager for process-tree tests, declared with the manager base like any real one.
 
 It exercises what the scheduler must get right before the real managers land:
-dispatch (echo), backpressure and capacity (sleep), and partial replies (count).
+dispatch (echo), backpressure and capacity (sleep), and partial replies (count);
+and the base's inline ops and batches (`hold`, `tally`, `inline_call`).
 """
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aios.managers.base import Manager, OpError, RequestContext, op
+from aios.managers.base import Deferred, Manager, OpError, RequestContext, op
 
 
 class EchoArgs(BaseModel):
@@ -29,9 +33,52 @@ class CountArgs(BaseModel):
     n: int = Field(ge=0, le=1000)
 
 
+class TallyArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fail: bool = False
+    inline: bool = True  # the op decides per request where it runs
+
+
 class EchoManager(Manager):
     service = "echo"
     capacity = 2
+
+    def setup(self) -> None:
+        self._batch_ids = itertools.count(1)
+        self._closed: dict[int, dict[str, Any]] = {}  # token -> what end_batch saw of its batch
+
+    def end_batch(self, tokens: list[Any]) -> None:
+        batch = {"batch": next(self._batch_ids), "size": len(tokens), "thread": threading.current_thread().name}
+        for token in tokens:
+            self._closed[token] = batch
+
+    @op(SleepArgs, inline=True)
+    def hold(self, args: SleepArgs, ctx: RequestContext) -> dict:
+        """Block the socket thread (what an inline op must never do in earnest): requests arriving
+        meanwhile queue up and form the next batch."""
+        time.sleep(args.seconds)
+        return {"thread": threading.current_thread().name}
+
+    @op(TallyArgs, inline=lambda args: args.inline)
+    def tally(self, args: TallyArgs, ctx: RequestContext) -> Deferred:
+        """Answered only once its batch is closed: with what `end_batch` saw of that batch."""
+        token = object()
+        ran_on = threading.current_thread().name
+
+        def finish() -> dict:
+            if args.fail:
+                raise OpError("NOT_FOUND", "this tally was asked to fail")
+            return {**self._closed.pop(token), "ran_on": ran_on}
+
+        return Deferred(finish, token)
+
+    @op(EchoArgs, inline=True)
+    def inline_call(self, args: EchoArgs, ctx: RequestContext) -> dict:
+        return ctx.call("echo", "echo", text=args.text)
+
+    @op(EchoArgs)
+    def where(self, args: EchoArgs, ctx: RequestContext) -> dict:
+        return {"thread": threading.current_thread().name}
 
     @op(EchoArgs, idempotent=True)
     def echo(self, args: EchoArgs, ctx: RequestContext) -> dict:

@@ -66,7 +66,7 @@ import time
 import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 from aios.managers.base import OpError
 from aios.protocol import ErrorCode
@@ -78,9 +78,10 @@ from . import textindex as TI
 from .checkpoint import Checkpointer
 from .models import Deleted, FileInfo, Record, RecordHit, SearchHit, VersionInfo
 from .schema import SchemaError, migrate
-from .writer import GroupCommitter, Tx
+from .writer import GroupCommitter, Pending, Tx, WriteFn
 
 log = logging.getLogger("aios.storage")
+T = TypeVar("T")
 
 MiB = 1 << 20
 SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
@@ -302,10 +303,25 @@ class StorageEngine:
         finally:
             conn.execute("COMMIT")
 
-    def _write(self, fn: Any) -> Any:
+    def _write(self, fn: WriteFn[T]) -> T:
         if self._closed:
             raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
         return self._writer.run(fn)
+
+    def submit(self, fn: WriteFn[T]) -> Pending[T]:
+        """Queue a write made by one of the `*_fn` methods without waiting for it; `wait` commits.
+
+        A thread that has several writes in hand (the storage manager's socket
+        thread, with the requests that arrived together) commits them in one
+        transaction this way: see writer.py for what that saves."""
+        if self._closed:
+            raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
+        return self._writer.submit(fn)
+
+    def wait(self, pending: list[Pending[Any]]) -> None:
+        """Commit (or wait for the commit of) every submitted write in `pending`; each then holds its
+        outcome (`Pending.outcome()`: the result, or the error raised)."""
+        self._writer.wait(pending)
 
     def close(self) -> None:
         """Close every connection. Further calls get UNAVAILABLE. The last close checkpoints the WAL."""
@@ -585,6 +601,11 @@ class StorageEngine:
     def write(self, agent: str, path: str, data: bytes, *, append: bool = False) -> FileInfo:
         """Store `data` as a new version of the file (created if missing), or append it to the
         current content. Returns the file's info (its new version number)."""
+        return self._write(self.write_fn(agent, path, data, append=append))
+
+    def write_fn(self, agent: str, path: str, data: bytes, *, append: bool = False) -> WriteFn[FileInfo]:
+        """`write` as a write operation for `submit`: the arguments are checked (and the content
+        chunked) now, so a bad one raises here; the rest runs in the transaction."""
         agent = P.agent_name(agent)
         path = P.file_path(path)
         data = _as_bytes(data)
@@ -593,12 +614,12 @@ class StorageEngine:
         if len(data) > self.max_file_bytes:
             raise self._too_large(path, len(data))
         if append:
-            return self._write(lambda tx: self._tx_append(tx, agent, path, data))
+            return lambda tx: self._tx_append(tx, agent, path, data)
         # chunking, hashing, compressing and text checks happen here, in the caller's thread and
         # outside the write lock: zlib and hashlib release the GIL, so this overlaps other commits
         prepared = self._prepare(data)
         plan = TI.plan_full(data, len(data), self.max_index_bytes)
-        return self._write(lambda tx: self._tx_write(tx, agent, path, prepared, len(data), plan))
+        return lambda tx: self._tx_write(tx, agent, path, prepared, len(data), plan)
 
     def _tx_write(self, tx: Tx, agent: str, path: str, prepared: bytes | list[ch.Chunk], size: int,
                   plan: TI.IndexPlan) -> FileInfo:
@@ -904,6 +925,20 @@ class StorageEngine:
         return list(hits.values())
 
     # ---------------------------------------------------------------- stats
+    def activity(self) -> dict[str, Any]:
+        """Cheap whole-engine figures (no table scans): the database's size on disk and the
+        write path's counters. writes_per_commit > 1 means group commit is sharing transactions."""
+        commits, ops = self._writer.commits, self._writer.operations
+        cp = self._checkpointer
+        return {
+            "path": str(self.path), "synchronous": self.synchronous,
+            "database_bytes": sum(p.stat().st_size for p in
+                                  (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")) if p.exists()),
+            "commits": commits, "write_operations": ops,
+            "writes_per_commit": round(ops / commits, 2) if commits else None,
+            "checkpoints": cp.checkpoints if cp else None,
+        }
+
     def stats(self, agent: str | None = None) -> dict[str, Any]:
         """Counts and sizes, for one agent or for the whole database.
 
@@ -1029,6 +1064,11 @@ class StorageEngine:
         `meta` is a JSON-compatible map. The record's size (key + text + meta as JSON, in UTF-8)
         counts against the agent's quota and may not exceed the per-file limit.
         """
+        self._write(self.record_put_fn(owner, agent, key, text, meta))
+
+    def record_put_fn(self, owner: str, agent: str, key: str, text: str,
+                      meta: dict[str, Any] | None = None) -> WriteFn[None]:
+        """`record_put` as a write operation for `submit` (the arguments are checked now)."""
         owner = P.name(owner, "owner", P.MAX_OWNER_BYTES)
         agent = P.agent_name(agent)
         key = P.name(key, "key", P.MAX_KEY_BYTES)
@@ -1048,7 +1088,7 @@ class StorageEngine:
                           f"record {key!r} is {size} bytes (key + text + meta), over the per-record limit of "
                           f"{self.max_file_bytes} bytes ([storage] max_file_mb = {_mb(self.max_file_bytes)})")
         scope = self._record_scope(owner, agent)
-        self._write(lambda tx: self._tx_record_put(tx, owner, agent, key, text, meta_json, size, scope))
+        return lambda tx: self._tx_record_put(tx, owner, agent, key, text, meta_json, size, scope)
 
     def _tx_record_put(self, tx: Tx, owner: str, agent: str, key: str, text: str, meta_json: str, size: int,
                        scope: str) -> None:
@@ -1086,6 +1126,10 @@ class StorageEngine:
 
     def record_delete(self, owner: str, agent: str, key: str) -> bool:
         """Remove a record; False if there was none."""
+        return self._write(self.record_delete_fn(owner, agent, key))
+
+    def record_delete_fn(self, owner: str, agent: str, key: str) -> WriteFn[bool]:
+        """`record_delete` as a write operation for `submit` (the arguments are checked now)."""
         owner = P.name(owner, "owner", P.MAX_OWNER_BYTES)
         agent = P.agent_name(agent)
         key = P.name(key, "key", P.MAX_KEY_BYTES)
@@ -1101,7 +1145,7 @@ class StorageEngine:
             self._charge(tx.conn, found[0], agent, record_bytes=-row[0])
             return True
 
-        return self._write(tx_delete)
+        return tx_delete
 
     def record_list(self, owner: str, agent: str, *, after: str = "", limit: int = 1000, offset: int = 0,
                     text: bool = True) -> list[Record]:

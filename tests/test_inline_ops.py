@@ -1,0 +1,94 @@
+"""Inline ops (`@op(..., inline=True)`): run on the manager's socket thread, batched, answered after
+`end_batch` when deferred. Through the real process tree with the echo manager's test ops."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from aios import sdk
+from aios.managers.base import op
+from tests.conftest import in_thread, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _busy(k) -> int:
+    info = k.manager_info("echo")
+    return info["busy"] if info else 0
+
+
+def test_inline_ops_run_on_the_socket_thread_and_pool_ops_do_not(kernel) -> None:
+    k = kernel()
+    with k.client("alice") as c:
+        assert c.call("echo", "hold", seconds=0)["thread"] == "MainThread"
+        assert c.call("echo", "where", text="x")["thread"] != "MainThread"
+        done = c.call("echo", "tally")
+        assert done["ran_on"] == "MainThread" and done["thread"] == "MainThread"  # end_batch too
+        assert done["size"] == 1
+        # the op's own test of its arguments sends this one to the pool: a batch of its own, closed there
+        pooled = c.call("echo", "tally", inline=False)
+        assert pooled["ran_on"] != "MainThread" and pooled["thread"] == pooled["ran_on"] and pooled["size"] == 1
+
+
+def test_requests_arriving_together_form_one_batch_closed_before_any_reply(kernel) -> None:
+    """While an inline op holds the socket thread, tallies queue; they are read as one batch, and each
+    is answered only after end_batch saw every token of that batch (a reply names its batch and size)."""
+    k = kernel(capacity=16)
+    holder, held = in_thread(lambda: k.client("holder").call("echo", "hold", seconds=1.0))
+    wait_until(lambda: _busy(k) >= 1, timeout=10, message="hold running")
+    clients = [k.client(f"agent-{i}") for i in range(6)]
+    try:
+        calls = [in_thread(lambda c=c: c.call("echo", "tally")) for c in clients]
+        for t, _ in calls:
+            t.join(30)
+        holder.join(30)
+        replies = [out["result"] for _, out in calls]
+    finally:
+        for c in clients:
+            c.close()
+    assert held["result"]["thread"] == "MainThread"
+    by_batch: dict[int, list[dict]] = {}
+    for r in replies:
+        by_batch.setdefault(r["batch"], []).append(r)
+    for batch, members in by_batch.items():  # end_batch got exactly its batch's tokens
+        assert all(m["size"] == len(members) for m in members), (batch, members)
+    # all six were queued behind the hold: they arrive as one batch (two if one came in late)
+    assert len(by_batch) <= 2 and max(len(m) for m in by_batch.values()) >= 3, by_batch
+
+
+def test_a_deferred_failure_answers_only_its_request(kernel) -> None:
+    k = kernel(capacity=8)
+    holder, _ = in_thread(lambda: k.client("holder").call("echo", "hold", seconds=0.5))
+    wait_until(lambda: _busy(k) >= 1, timeout=10, message="hold running")
+    a, b = k.client("a"), k.client("b")
+    try:
+        bad = in_thread(lambda: a.call("echo", "tally", fail=True))
+        good = in_thread(lambda: b.call("echo", "tally"))
+        for t, _ in (bad, good):
+            t.join(30)
+        holder.join(30)
+        assert isinstance(bad[1].get("error"), sdk.NotFound)
+        assert "asked to fail" in str(bad[1]["error"])
+        assert good[1]["result"]["size"] >= 1
+        assert b.call("echo", "echo", text="still serving")["text"] == "still serving"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_inline_op_cannot_call_another_service(kernel) -> None:
+    """It would wait for a reply on the socket its own thread reads: refused with a clear error,
+    and the manager goes on serving."""
+    k = kernel()
+    with k.client("alice") as c:
+        t0 = time.monotonic()
+        with pytest.raises(sdk.KernelError, match="inline op: it cannot call echo.echo"):
+            c.call("echo", "inline_call", text="x")
+        assert time.monotonic() - t0 < 5
+        assert c.call("echo", "echo", text="after")["text"] == "after"
+
+
+def test_an_inline_op_cannot_be_preemptible() -> None:
+    with pytest.raises(ValueError, match="inline op cannot be preemptible"):
+        op(None, inline=True, preemptible=True)

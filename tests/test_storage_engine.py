@@ -695,6 +695,45 @@ def test_group_commit_runs_queued_writes_in_one_transaction(db: Path) -> None:
         assert e.integrity_check() == "ok"
 
 
+def test_a_batch_runs_without_savepoints_until_one_operation_fails(db: Path) -> None:
+    """Savepoints cost FTS5 a segment flush each: a batch runs without them, and only when an
+    operation fails is it rolled back and re-run with one savepoint per operation, so the others
+    commit and the failing one changes nothing; after-commit actions run once either way."""
+    with StorageEngine(db) as e:
+        statements: list[str] = []
+        e._writer.conn.set_trace_callback(statements.append)
+        good = [e.submit(e.write_fn("a", f"ok/{i}", f"text {i}".encode())) for i in range(3)]
+        e.wait(good)
+        assert [p.outcome().version for p in good] == [1, 1, 1]
+        assert not any("SAVEPOINT" in s for s in statements) and sum(s == "COMMIT" for s in statements) == 1
+
+        runs: dict[str, int] = {}
+        after: list[str] = []
+
+        def op(name: str, fail: bool) -> Callable[[Any], str]:
+            def fn(tx: Any) -> str:
+                runs[name] = runs.get(name, 0) + 1
+                tx.conn.execute("INSERT INTO agents(name, scope) VALUES (?, '0')", (name,))
+                tx.after_commit(lambda: after.append(name))
+                if fail:
+                    raise OpError(ErrorCode.INVALID_ARGUMENT,
+                                  f"{name} fails")
+                return name
+            return fn
+
+        statements.clear()
+        batch = [e.submit(op("first", False)), e.submit(op("bad", True)), e.submit(op("last", False))]
+        e.wait(batch)
+        assert batch[0].outcome() == "first" and batch[2].outcome() == "last"
+        with pytest.raises(OpError, match="bad fails"):
+            batch[1].outcome()
+        assert runs == {"first": 2, "bad": 2, "last": 1}  # "last" never ran before the failure
+        assert after == ["first", "last"]
+        assert sum("SAVEPOINT" in s for s in statements) == 3 and sum(s == "COMMIT" for s in statements) == 1
+        names = {n for (n,) in e._writer.conn.execute("SELECT name FROM agents")}
+        assert {"first", "last"} <= names and "bad" not in names
+
+
 def _capture(fn: Callable[[], Any]) -> Any:
     try:
         return fn()

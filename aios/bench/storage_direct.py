@@ -101,26 +101,28 @@ def _timed(n: int, fn: Callable[[int], Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------- direct
 _DIRECT_SCHEMA = (
-    """CREATE TABLE files (id INTEGER PRIMARY KEY, agent TEXT NOT NULL, path TEXT NOT NULL, version INTEGER NOT NULL,
+    """CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY, agent TEXT NOT NULL, path TEXT NOT NULL, version INTEGER NOT NULL,
         data BLOB NOT NULL, modified_ns INTEGER NOT NULL, UNIQUE (agent, path))""",
-    """CREATE TABLE versions (file_id INTEGER NOT NULL, version INTEGER NOT NULL, data BLOB NOT NULL,
+    """CREATE TABLE IF NOT EXISTS versions (file_id INTEGER NOT NULL, version INTEGER NOT NULL, data BLOB NOT NULL,
         created_ns INTEGER NOT NULL, PRIMARY KEY (file_id, version)) WITHOUT ROWID""",
-    "CREATE VIRTUAL TABLE files_fts USING fts5(agent UNINDEXED, path, body, tokenize = 'porter unicode61 remove_diacritics 2')",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS files_fts USING fts5(agent UNINDEXED, path, body, tokenize = 'porter unicode61 remove_diacritics 2')",
 )
 
 
 def run_direct(n_ops: int = 2000, *, n_reads: int | None = None, n_searches: int | None = None,
                payload_bytes: int = 200, agents: int = 4, files: int = 50, synchronous: str = "NORMAL",
                journal_mode: str = "WAL", versions_kept: int = 32, path: str | Path | None = None,
-               seed: int = 1) -> dict[str, Any]:
+               seed: int = 1, phases: tuple[str, ...] = ("write", "read", "search"), first: int = 0) -> dict[str, Any]:
     """Small writes (one commit each), reads and searches on plain SQLite in this process.
 
-    Returns {"write"|"read"|"search": {"ops_per_s", "p50_us", "p99_us", ...}, "settings": {...}}.
-    A temporary database is used (and removed) unless `path` is given.
+    Returns {phase: {"ops_per_s", "p50_us", "p99_us", ...}, "settings": {...}} for each of
+    `phases`. A temporary database is used (and removed) unless `path` is given; a kept one can
+    be continued by a later call: `first` is the index of the first write (the workload's
+    writes n_ops.. follow on from writes 0..n_ops-1).
     """
     n_reads = n_ops if n_reads is None else n_reads
     n_searches = max(1, n_ops // 10) if n_searches is None else n_searches
-    work = Workload(n_ops, payload_bytes=payload_bytes, agents=agents, files=files, seed=seed)
+    work = Workload(first + n_ops, payload_bytes=payload_bytes, agents=agents, files=files, seed=seed)
     tmp = None
     if path is None:
         tmp = Path(tempfile.mkdtemp(prefix="aios-direct-"))
@@ -167,7 +169,9 @@ def run_direct(n_ops: int = 2000, *, n_reads: int | None = None, n_searches: int
                          "FROM files_fts WHERE files_fts MATCH ? AND agent = ? ORDER BY r LIMIT 10",
                          (f'{{path body}} : "{word}"', agent)).fetchall()
 
-        result = {"write": _timed(n_ops, write), "read": _timed(n_reads, read), "search": _timed(n_searches, search)}
+        run = {"write": lambda: _timed(n_ops, lambda i: write(first + i)), "read": lambda: _timed(n_reads, read),
+               "search": lambda: _timed(n_searches, search)}
+        result: dict[str, Any] = {phase: run[phase]() for phase in phases}
     finally:
         conn.close()
         if tmp is not None:

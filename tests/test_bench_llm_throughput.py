@@ -38,3 +38,30 @@ def test_bench_llm_concurrency_sim_report_is_labelled() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SIMULATED" in out.stdout and "one-at-a-time" in out.stdout
     assert "goals:" not in out.stdout  # goals are about the real model, not the simulation
+
+
+def test_raw_llamacpp_reference_runs_the_workload_without_a_kernel() -> None:
+    """The reference the batched core's goal is stated against: the real model, straight on llama.cpp."""
+    out = subprocess.run([sys.executable, "-m", "aios.bench.llamacpp_raw", "--levels", "1,2", "--tokens", "4"],
+                         capture_output=True, text=True, timeout=200, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    assert set(data) == {"batched", "one_at_a_time", "speedup"}
+    for part in data.values():
+        assert set(part) == {"1", "2"} and all(v > 0 for v in part.values())
+    assert data["speedup"]["2"] == pytest.approx(data["batched"]["2"] / data["one_at_a_time"]["2"], rel=0.01)
+
+
+@pytest.mark.timeout(400)
+def test_bench_llm_concurrency_real_model_reports_the_raw_reference() -> None:
+    out = subprocess.run(
+        [sys.executable, str(AIOS), "bench", "llm", "--concurrency", "--levels", "1,2", "--tokens", "4",
+         "--rounds", "1", "--max-batch", "2", "--json"],
+        capture_output=True, text=True, timeout=380, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    assert set(data["raw_speedup"]) == set(data["of_raw"]) == {"1", "2"}
+    d = data["details"]["concurrency"]
+    assert len(d["raw_llamacpp_runs"]) == 1 and d["simulated"] is False
+    assert data["of_raw"]["2"] == pytest.approx(d["speedup"]["2"] / data["raw_speedup"]["2"], abs=0.002)
+    assert "llama.cpp directly" in out.stderr  # its progress line

@@ -10,6 +10,13 @@ comparison on the labelled SIMULATED backend (fixed seconds per token, a
 configurable batch speed-up), which stands for a remote server that serves
 requests in parallel.
 
+On the real model, each round also runs the same workload on llama.cpp
+directly, in its own process, with no kernel (`aios.bench.llamacpp_raw`): what
+raw batching gives on this machine at this moment. The goals are stated
+against it, as the issue means them ("about 90% of what raw llama.cpp
+batching gives here"): its absolute figures (1.6x at 4, 2.2x at 8) assumed a
+raw gain of 1.75x and 2.4x, which depends on the CPU and its load.
+
 --agents-steps: N agents (default 8) each run a conversation of 5 steps that
 grows by its own answers, all sharing a ~400-token system prompt, against a
 core with the prefix cache on and one with it off (`prefix_cache_mb = 0`),
@@ -29,6 +36,11 @@ import time
 from typing import Any
 
 from aios.bench.common import Progress, temporary_kernel
+
+#: the batched core's goal: this fraction of the speed-up raw llama.cpp batching gives in the same run
+GOAL_OF_RAW = 0.9
+#: the issue's absolute goals, measured where raw batching gave 1.75x and 2.4x
+ISSUE_GOALS = {"4": (1.6, 1.75), "8": (2.2, 2.4)}
 
 #: distinct short prompts, so that no two requests share a cacheable prefix (< 64 tokens)
 TOPICS = ["the sea", "a mountain", "an old city", "a forest", "the desert", "a river", "the moon", "a garden",
@@ -90,10 +102,26 @@ def _info(run_dir: Any) -> dict[str, Any]:
         return c.call("llm", "info")
 
 
+def _raw_llamacpp(levels: list[int], tokens: int) -> dict[str, Any]:
+    """The same workload straight on llama.cpp, in a process of its own (its model and threads
+    gone when it ends)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "aios.bench.llamacpp_raw", "--levels", ",".join(map(str, levels)),
+                          "--tokens", str(tokens)], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"the raw llama.cpp reference failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_concurrency(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     batched: dict[str, list[float]] = {str(n): [] for n in levels}
     single: dict[str, list[float]] = {str(n): [] for n in levels}
+    raw_runs: list[dict[str, Any]] = []
+    with_raw = args.backend == "llamacpp"
     texts: dict[str, dict[str, list[str]]] = {"batched": {}, "one at a time": {}}
     label = "SIMULATED " if args.backend == "sim" else ""
     progress.update(f"concurrency: starting a {label}batched and a one-at-a-time kernel", force=True)
@@ -108,6 +136,10 @@ def run_concurrency(args: argparse.Namespace, progress: Progress) -> dict[str, A
                     toks, wall, contents = asyncio.run(_burst(run_dir, n, args.tokens, f"c{r}-{n}"))
                     out[str(n)].append(toks / wall)
                     texts[name].setdefault(str(n), contents)
+            if with_raw:
+                progress.update(f"concurrency round {r + 1}/{args.rounds}: the same on llama.cpp directly, no kernel",
+                                force=True)
+                raw_runs.append(_raw_llamacpp(levels, args.tokens))
         info = _info(rb)
     # Greedy outputs of the same prompts, batched vs one at a time (same kernel build, same run).
     same = {k: sum(a == b for a, b in zip(texts["batched"][k], texts["one at a time"][k])) for k in texts["batched"]}
@@ -116,8 +148,10 @@ def run_concurrency(args: argparse.Namespace, progress: Progress) -> dict[str, A
     mean = {k: statistics.median(v) for k, v in batched.items()}
     mean_single = {k: statistics.median(v) for k, v in single.items()}
     ratio = {k: statistics.median(b / s for b, s in zip(batched[k], single[k])) for k in batched}
+    raw = {k: statistics.median(x["speedup"][k] for x in raw_runs) for k in batched} if raw_runs else {}
     top = str(max(levels))
-    return {"concurrency": mean, "unbatched_tokens_per_s": mean_single[top],
+    extra: dict[str, Any] = {"raw_speedup": raw, "of_raw": {k: round(ratio[k] / raw[k], 3) for k in raw}} if raw else {}
+    return {"concurrency": mean, "unbatched_tokens_per_s": mean_single[top], **extra,
             "details": {"concurrency": {
                         "backend": args.backend, "simulated": args.backend == "sim", "max_batch": _max_batch(args),
                         "tokens_per_request": args.tokens, "rounds": args.rounds,
@@ -128,6 +162,7 @@ def run_concurrency(args: argparse.Namespace, progress: Progress) -> dict[str, A
                         "best_unbatched": {k: max(v) for k, v in single.items()},
                         "identical_outputs": {k: f"{same[k]}/{k}" for k in same},
                         "batched_core": info.get("batching", {}),
+                        "raw_llamacpp_runs": raw_runs,
                         "sim_speedup": args.sim_speedup if args.backend == "sim" else None}}}
 
 
@@ -261,14 +296,20 @@ def print_report(results: dict[str, Any], args: argparse.Namespace) -> None:
         core = d["batched_core"]
         if core and not d["simulated"]:
             print(f"\nbatched core: max_batch {core.get('max_batch')}, mean decode batch {core.get('mean_batch')}")
+        raw = results.get("raw_speedup", {})
+        if raw:
+            print("\nthe same workload on llama.cpp directly (no kernel; all prompts prefilled in one call), "
+                  "median of rounds:")
+            print("  " + ", ".join(f"{k}: {v:.2f}x" for k, v in raw.items())
+                  + "  -> batched core: " + ", ".join(f"{k}: {results['of_raw'][k]:.0%} of raw" for k in raw))
         if not d["simulated"]:
-            print("\ngoals:")
-            for level, goal in (("4", 1.6), ("8", 2.2)):
-                if level in d["speedup"]:
-                    s = d["speedup"][level]
-                    fast = d["best"][level] / d["best_unbatched"][level]
-                    print(f"  {level} concurrent: {s:.2f}x one at a time (median of rounds; fastest rounds "
-                          f"{fast:.2f}x) (goal >= {goal}): {'met' if s >= goal else 'NOT met'}")
+            print("\ngoals (the batched core's speed-up at least 90% of raw llama.cpp's, same run):")
+            for level, (issue_goal, issue_raw) in ISSUE_GOALS.items():
+                if level in d["speedup"] and level in raw:
+                    s, want = d["speedup"][level], GOAL_OF_RAW * raw[level]
+                    print(f"  {level} concurrent: {s:.2f}x one at a time (median of rounds) = {s / raw[level]:.0%} of "
+                          f"raw {raw[level]:.2f}x (goal >= {want:.2f}x): {'met' if s >= want else 'NOT met'}; "
+                          f"the issue's {issue_goal}x assumed raw {issue_raw}x")
             if "1" in d["speedup"]:
                 s = d["speedup"]["1"]
                 print(f"  1 agent: batched core {s:.2f}x the one-at-a-time core (goal: not slower, within noise)")

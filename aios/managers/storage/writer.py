@@ -11,17 +11,18 @@ Leader/follower, no extra thread: a caller queues its operation; if no batch
 is running it becomes the leader, takes everything queued (up to
 `max_batch`), runs them in one transaction (should one fail, the batch runs
 again with each operation in its own SAVEPOINT, so the failing one is rolled
-back alone and changes nothing), commits once, and wakes the others. Every caller returns only after the transaction holding its
-operation has committed: an acknowledged write is a committed write. If the
+back alone and changes nothing), commits once, and wakes the others. Every
+caller returns only after the transaction holding its operation has
+committed: an acknowledged write is a committed write. If the
 COMMIT itself fails, every operation of the batch gets the error, since none
 of them was stored. A lone writer pays no hand-off to another thread.
 
 One thread can also queue several operations (`submit`) and then commit
 them together (`wait`): the storage manager's socket thread does this with
 the writes that arrive together. Measured here with 200-byte file writes in
-one thread: 133 us per write one transaction each, 91 us in batches of 4,
-81 us in batches of 8, 73 us in batches of 16 (fewer commits, and the pages
-the writes share are logged once per commit).
+one thread: 133 us per write one transaction each, 60 us in batches of 8,
+52 us in batches of 16 (fewer commits, the pages the writes share logged
+once per commit, and one full-text segment per batch).
 
 `group=False` gives one transaction per operation under a plain mutex (what a
 careful program without group commit does), which is what the benchmark

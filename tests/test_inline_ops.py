@@ -92,3 +92,20 @@ def test_an_inline_op_cannot_call_another_service(kernel) -> None:
 def test_an_inline_op_cannot_be_preemptible() -> None:
     with pytest.raises(ValueError, match="inline op cannot be preemptible"):
         op(None, inline=True, preemptible=True)
+
+
+def test_pool_threads_bound_the_pool_not_the_requests_in_hand(kernel) -> None:
+    """A manager may hold more requests than it has pool threads (its common ops run inline): the
+    scheduler hands it all six, and they run two at a time on its two threads."""
+    k = kernel(echo=False, managers=[{"name": "echo", "target": "tests.support.echo_manager:SmallPoolEchoManager"}])
+    clients = [k.client(f"agent-{i}") for i in range(6)]
+    try:
+        calls = [in_thread(lambda c=c: c.call("echo", "sleep", seconds=0.4)) for c in clients]
+        wait_until(lambda: _busy(k) == 6, timeout=10, message="all six requests handed to the manager")
+        for t, _ in calls:
+            t.join(30)
+    finally:
+        for c in clients:
+            c.close()
+    threads = {out["result"]["thread"] for _, out in calls}
+    assert len(threads) == 2 and "MainThread" not in threads, threads

@@ -211,6 +211,9 @@ class Manager:
 
     service: ClassVar[str]
     capacity: ClassVar[int] = 1
+    #: threads for the ops that run on the pool; None: `capacity` (every request in hand may need one).
+    #: A manager whose common ops run inline can hold more requests than it needs threads.
+    pool_threads: ClassVar[int | None] = None
     Options: ClassVar[type[BaseModel]] = _NoOptions
 
     def __init__(self, name: str, run_dir: RunDir, config: Config, options: BaseModel | None = None,
@@ -288,7 +291,8 @@ class Manager:
         self._local = threading.local()
         self._loop_thread = threading.current_thread()
         self._deferred: list[tuple[RequestContext, Deferred]] = []
-        self.pool = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix=self.name)
+        self.pool = ThreadPoolExecutor(max_workers=min(self.pool_threads or self.capacity, self.capacity),
+                                       thread_name_prefix=self.name)
         self.sock = dealer(self.zctx, self.run_dir, self.config, role="manager", identity=self.identity)
         # The connection monitor tells us at once when the scheduler goes away and comes back, so we
         # re-register within milliseconds of its restart instead of after a heartbeat expiry.

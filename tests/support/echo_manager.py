@@ -92,7 +92,7 @@ class EchoManager(Manager):
             time.sleep(0.01)
         # started/ended are CLOCK_MONOTONIC, comparable across processes on one host
         return {"slept": args.seconds, "tag": args.tag, "pid": os.getpid(), "attempt": ctx.attempt,
-                "started": started, "ended": time.monotonic()}
+                "started": started, "ended": time.monotonic(), "thread": threading.current_thread().name}
 
     @op(SleepArgs)
     def sleep_once(self, args: SleepArgs, ctx: RequestContext) -> dict:
@@ -120,6 +120,13 @@ class EchoManager(Manager):
     @op(EchoArgs)
     def fail(self, args: EchoArgs, ctx: RequestContext) -> dict:
         raise OpError("NOT_FOUND", f"nothing called {args.text!r}")
+
+
+class SmallPoolEchoManager(EchoManager):
+    """Holds 8 requests at once but runs pool ops on 2 threads (`pool_threads`)."""
+
+    capacity = 8
+    pool_threads = 2
 
 
 class IdentifiedEchoManager(EchoManager):

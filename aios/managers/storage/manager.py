@@ -123,9 +123,11 @@ def _bytes(data: str | bytes) -> bytes:
 class StorageManager(Manager):
     service = "storage"
     # Requests in hand at once. Inline writes that arrive together commit together, so this bounds
-    # the batch (60 us per write in batches of 8, 52 us in batches of 16, against 133 us alone);
-    # it is also the pool's size for the ops that run there.
+    # the batch (60 us per write in batches of 8, 52 us in batches of 16, against 133 us alone).
     capacity = 32
+    # Threads for the ops that run on the pool (search, list, history, rollback, delete, large
+    # writes): each keeps a reader connection with its own 16 MB page cache, so not 32 of them.
+    pool_threads = 8
 
     class Options(BaseModel):
         """`[storage]` in the configuration."""

@@ -99,9 +99,6 @@ class OpSpec:
     preemptible: bool
     inline: bool | Callable[[Any], bool] = False
 
-    def runs_inline(self, args: Any) -> bool:
-        return self.inline(args) if callable(self.inline) else self.inline
-
 
 @dataclass(frozen=True)
 class Deferred:
@@ -450,7 +447,9 @@ class Manager:
                               error_body(ErrorCode.INVALID_ARGUMENT, f"{self.service}.{d.op}: {describe_validation(exc)}"))
         with self._lock:
             self._active[ctx.key] = ctx
-        inline = self._outcome(ctx, lambda: spec.runs_inline(args))
+        inline = spec.inline
+        if callable(inline):  # the op decides per request
+            inline = self._outcome(ctx, lambda: spec.inline(args))  # type: ignore[operator]
         if isinstance(inline, _Failed):
             self._answer(ctx, inline)
         elif inline:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 from urllib.parse import urlsplit
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
@@ -54,11 +55,24 @@ class CountingProxy:
 
     def _forward(self, h: BaseHTTPRequestHandler, counted: bool) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        done = threading.Event()  # set once the request stops counting as open
+
+        def closed() -> None:
+            if counted and not done.is_set():
+                with self._lock:
+                    if not done.is_set():
+                        done.set()
+                        self.open -= 1
+
         if counted:
             with self._lock:
                 self.open += 1
                 self.total += 1
                 self.max_open = max(self.max_open, self.open)
+            # A client that stops reading closes its connection: count it closed at that moment, not
+            # when relaying the next chunk fails (which lags by up to a token's time, long enough
+            # for the client's next request to look like one too many).
+            threading.Thread(target=self._watch_client, args=(h, closed), daemon=True).start()
         conn = http.client.HTTPConnection(self._host, self._port, timeout=300)
         try:
             headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
@@ -80,6 +94,13 @@ class CountingProxy:
             pass  # the client went away (a cancelled request): nothing left to relay
         finally:
             conn.close()  # also ends the upstream request when our client went away
-            if counted:
-                with self._lock:
-                    self.open -= 1
+            closed()
+
+    @staticmethod
+    def _watch_client(h: BaseHTTPRequestHandler, closed: "Callable[[], None]") -> None:
+        """Block until the client closes its side (it sends nothing after its request)."""
+        try:
+            h.connection.recv(1)
+        except OSError:
+            pass
+        closed()

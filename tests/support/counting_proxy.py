@@ -8,9 +8,10 @@ the answers are the real model's.
 from __future__ import annotations
 
 import http.client
+import select
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 from urllib.parse import urlsplit
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
@@ -24,6 +25,7 @@ class CountingProxy:
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
         self._lock = threading.Lock()
         self.open = 0
+        self._live: dict[int, socket.socket] = {}  # counted requests still open: handler id -> client socket
         self.max_open = 0
         self.total = 0
         proxy = self
@@ -55,24 +57,18 @@ class CountingProxy:
 
     def _forward(self, h: BaseHTTPRequestHandler, counted: bool) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
-        done = threading.Event()  # set once the request stops counting as open
-
-        def closed() -> None:
-            if counted and not done.is_set():
-                with self._lock:
-                    if not done.is_set():
-                        done.set()
-                        self.open -= 1
-
+        key = id(h)
         if counted:
             with self._lock:
+                # A client that stops reading closes its connection, and on loopback its FIN is
+                # in our socket before its next request can reach us: reap those first, so a
+                # request counts as open exactly while its client holds it (relaying the next
+                # chunk would notice only up to a token's time later).
+                self._reap_locked()
+                self._live[key] = h.connection
                 self.open += 1
                 self.total += 1
                 self.max_open = max(self.max_open, self.open)
-            # A client that stops reading closes its connection: count it closed at that moment, not
-            # when relaying the next chunk fails (which lags by up to a token's time, long enough
-            # for the client's next request to look like one too many).
-            threading.Thread(target=self._watch_client, args=(h, closed), daemon=True).start()
         conn = http.client.HTTPConnection(self._host, self._port, timeout=300)
         try:
             headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
@@ -94,13 +90,22 @@ class CountingProxy:
             pass  # the client went away (a cancelled request): nothing left to relay
         finally:
             conn.close()  # also ends the upstream request when our client went away
-            closed()
+            if counted:
+                with self._lock:
+                    self._close_locked(key)
 
-    @staticmethod
-    def _watch_client(h: BaseHTTPRequestHandler, closed: "Callable[[], None]") -> None:
-        """Block until the client closes its side (it sends nothing after its request)."""
-        try:
-            h.connection.recv(1)
-        except OSError:
-            pass
-        closed()
+    def _close_locked(self, key: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.open -= 1
+
+    def _reap_locked(self) -> None:
+        """Stop counting the requests whose client has closed its connection (it sends nothing
+        after its request, so a readable socket with nothing to read is a closed one)."""
+        for key, sock in list(self._live.items()):
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+                gone = bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                gone = True
+            if gone:
+                self._close_locked(key)

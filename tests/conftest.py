@@ -217,6 +217,11 @@ class Kernel:
     def manager_info(self, name: str) -> dict[str, Any] | None:
         return next((m for m in self.kernel_status()["managers"] if m["name"] == name), None)
 
+    def busy(self, name: str) -> int | None:
+        """Requests the scheduler has handed manager `name` and not yet seen answered (None: not registered)."""
+        info = self.manager_info(name)
+        return info["busy"] if info else None
+
     def client(self, agent: str = "test-agent", **options: Any) -> Any:
         from aios import sdk
         c = sdk.connect(self.run_dir, agent=agent, **options)

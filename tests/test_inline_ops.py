@@ -13,11 +13,6 @@ from tests.conftest import in_thread, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-def _busy(k) -> int:
-    info = k.manager_info("echo")
-    return info["busy"] if info else 0
-
-
 def test_inline_ops_run_on_the_socket_thread_and_pool_ops_do_not(kernel) -> None:
     k = kernel()
     with k.client("alice") as c:
@@ -36,7 +31,7 @@ def test_requests_arriving_together_form_one_batch_closed_before_any_reply(kerne
     is answered only after end_batch saw every token of that batch (a reply names its batch and size)."""
     k = kernel(capacity=16)
     holder, held = in_thread(lambda: k.client("holder").call("echo", "hold", seconds=1.0))
-    wait_until(lambda: _busy(k) >= 1, timeout=10, message="hold running")
+    wait_until(lambda: (k.busy("echo") or 0) >= 1, timeout=10, message="hold running")
     clients = [k.client(f"agent-{i}") for i in range(6)]
     try:
         calls = [in_thread(lambda c=c: c.call("echo", "tally")) for c in clients]
@@ -60,7 +55,7 @@ def test_requests_arriving_together_form_one_batch_closed_before_any_reply(kerne
 def test_a_deferred_failure_answers_only_its_request(kernel) -> None:
     k = kernel(capacity=8)
     holder, _ = in_thread(lambda: k.client("holder").call("echo", "hold", seconds=0.5))
-    wait_until(lambda: _busy(k) >= 1, timeout=10, message="hold running")
+    wait_until(lambda: (k.busy("echo") or 0) >= 1, timeout=10, message="hold running")
     a, b = k.client("a"), k.client("b")
     try:
         bad = in_thread(lambda: a.call("echo", "tally", fail=True))
@@ -101,7 +96,7 @@ def test_pool_threads_bound_the_pool_not_the_requests_in_hand(kernel) -> None:
     clients = [k.client(f"agent-{i}") for i in range(6)]
     try:
         calls = [in_thread(lambda c=c: c.call("echo", "sleep", seconds=0.4)) for c in clients]
-        wait_until(lambda: _busy(k) == 6, timeout=10, message="all six requests handed to the manager")
+        wait_until(lambda: k.busy("echo") == 6, timeout=10, message="all six requests handed to the manager")
         for t, _ in calls:
             t.join(30)
     finally:

@@ -79,11 +79,6 @@ def test_sdk_round_trip_and_reply_timing(kernel) -> None:
             c.call("echo", "fail", text="x")
 
 
-def _busy(k, name: str) -> int:
-    info = k.manager_info(name)
-    return info["busy"] if info else -1
-
-
 @pytest.mark.timeout(60)
 def test_kill9_manager_restarts_and_queued_requests_survive(kernel) -> None:
     k = kernel(capacity=2)
@@ -102,7 +97,7 @@ def test_kill9_manager_restarts_and_queued_requests_survive(kernel) -> None:
     for t in threads:
         t.start()
     # two running on the manager, four queued behind them
-    wait_until(lambda: _busy(k, "echo") == 2 and k.kernel_status()["queues"]["echo"] == 4,
+    wait_until(lambda: k.busy("echo") == 2 and k.kernel_status()["queues"]["echo"] == 4,
                timeout=10, message="2 running + 4 queued sleeps")
     os.kill(old_pid, signal.SIGKILL)
     new_pid = k.wait_running("echo", other_than=old_pid)
@@ -148,7 +143,7 @@ def test_kill9_manager_fails_non_idempotent_inflight_request(kernel) -> None:
 
     t = threading.Thread(target=call)
     t.start()
-    wait_until(lambda: _busy(k, "echo") == 1, timeout=10, message="sleep_once running")
+    wait_until(lambda: k.busy("echo") == 1, timeout=10, message="sleep_once running")
     os.kill(old_pid, signal.SIGKILL)
     t.join(20)
     assert not t.is_alive()
@@ -353,7 +348,7 @@ def test_frozen_manager_is_declared_dead_and_restarted(kernel) -> None:
 
     t = threading.Thread(target=call)
     t.start()
-    wait_until(lambda: _busy(k, "echo") == 1, timeout=10, message="the sleep to start")
+    wait_until(lambda: k.busy("echo") == 1, timeout=10, message="the sleep to start")
     os.kill(old_pid, signal.SIGSTOP)
     new_pid = k.wait_running("echo", other_than=old_pid, timeout=30)
     t.join(60)

@@ -15,16 +15,11 @@ from typing import Any
 import pytest
 
 from aios import sdk
-from tests.conftest import Kernel, free_port, in_thread, wait_until
+from tests.conftest import free_port, in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
-
-
-def _busy(k: Kernel, name: str) -> int | None:
-    info = k.manager_info(name)
-    return info["busy"] if info else None
 
 
 # ------------------------------------------------------- 1. capacity after a scheduler restart
@@ -36,7 +31,7 @@ def test_capacity_is_not_lost_after_a_scheduler_restart(kernel) -> None:
     calls = [in_thread(lambda i=i: k.client(f"sleeper-{i}", timeout=60).call("echo", "sleep", seconds=3,
                                                                                tag=f"t{i}"))
              for i in range(2)]
-    wait_until(lambda: _busy(k, "echo") == 2, timeout=10, message="both sleeps running")
+    wait_until(lambda: k.busy("echo") == 2, timeout=10, message="both sleeps running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
     k.wait_running("scheduler", other_than=old)
@@ -45,11 +40,11 @@ def test_capacity_is_not_lost_after_a_scheduler_restart(kernel) -> None:
         assert "error" not in out, out
     assert sorted(out["result"]["tag"] for _, out in calls) == ["t0", "t1"]
     # the capacity the kernel believes in matches what runs: nothing left busy
-    wait_until(lambda: _busy(k, "echo") == 0, timeout=3, message="echo idle after the restart")
+    wait_until(lambda: k.busy("echo") == 0, timeout=3, message="echo idle after the restart")
     # and both slots are usable at once again
     more = [in_thread(lambda i=i: k.client(f"after-{i}", timeout=30).call("echo", "sleep", seconds=1))
             for i in range(2)]
-    wait_until(lambda: _busy(k, "echo") == 2, timeout=5, message="two new sleeps running side by side")
+    wait_until(lambda: k.busy("echo") == 2, timeout=5, message="two new sleeps running side by side")
     for t, out in more:
         t.join(20)
         assert "error" not in out, out
@@ -60,7 +55,7 @@ def test_a_non_idempotent_call_in_flight_gets_a_prompt_retryable_error(kernel) -
     k = kernel(kernel={"heartbeat_interval_s": 0.5})
     c = k.client("once", timeout=60)
     t, out = in_thread(lambda: c.call("echo", "sleep_once", seconds=3))
-    wait_until(lambda: _busy(k, "echo") == 1, timeout=10, message="sleep_once running")
+    wait_until(lambda: k.busy("echo") == 1, timeout=10, message="sleep_once running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
     t.join(30)
@@ -79,7 +74,7 @@ def test_an_op_the_manager_declares_idempotent_is_resent_and_completes(kernel) -
     k = kernel(kernel={"heartbeat_interval_s": 0.5})
     c = k.client("resender", timeout=60)
     t, out = in_thread(lambda: c.call("echo", "sleep", seconds=1, tag="again"))
-    wait_until(lambda: _busy(k, "echo") == 1, timeout=10, message="sleep running")
+    wait_until(lambda: k.busy("echo") == 1, timeout=10, message="sleep running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
     t.join(40)
@@ -104,12 +99,12 @@ def test_a_dead_agents_queued_and_running_work_is_cancelled_promptly(kernel) -> 
     k = kernel(capacity=2, kernel={"heartbeat_interval_s": 0.5})
     agent = subprocess.Popen([sys.executable, "-c", AGENT_WITH_50_SLEEPS, str(k.run_dir.path)])
     try:
-        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) >= 40 and _busy(k, "echo") == 2,
+        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) >= 40 and k.busy("echo") == 2,
                    timeout=20, message="the agent's 50 sleeps queued and running")
         agent.kill()
         agent.wait(10)
         t0 = time.monotonic()
-        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) == 0 and _busy(k, "echo") == 0,
+        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) == 0 and k.busy("echo") == 0,
                    timeout=5, message="the dead agent's work cancelled")
         gone_after = time.monotonic() - t0
     finally:

@@ -932,12 +932,15 @@ class StorageEngine:
         cp = self._checkpointer
         return {
             "path": str(self.path), "synchronous": self.synchronous,
-            "database_bytes": sum(p.stat().st_size for p in
-                                  (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")) if p.exists()),
+            "database_bytes": self._database_bytes(),
             "commits": commits, "write_operations": ops,
             "writes_per_commit": round(ops / commits, 2) if commits else None,
             "checkpoints": cp.checkpoints if cp else None,
         }
+
+    def _database_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
+                   if p.exists())
 
     def stats(self, agent: str | None = None) -> dict[str, Any]:
         """Counts and sizes, for one agent or for the whole database.
@@ -979,11 +982,8 @@ class StorageEngine:
             "chunk_bytes": chunk_bytes, "records": records, "record_bytes": record_bytes}, agent)
         if agent is None:
             out["agents"] = agents
-            out["database_bytes"] = sum(p.stat().st_size for p in
-                                        (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")) if p.exists())
-            out["commits"] = self._writer.commits
-            out["write_operations"] = self._writer.operations
-            out["checkpoints"] = self._checkpointer.checkpoints if self._checkpointer else None
+            act = self.activity()
+            out.update({k: act[k] for k in ("database_bytes", "commits", "write_operations", "checkpoints")})
         return out
 
     def _stats_dict(self, counts: dict[str, int], agent: str | None) -> dict[str, Any]:

@@ -44,7 +44,8 @@ def storage_line(d: dict[str, Any]) -> str:
     per_commit = d.get("writes_per_commit")
     return (f"{d.get('path')} ({_mb(d.get('database_bytes'))}, synchronous={d.get('synchronous')}); "
             f"{d.get('write_operations', 0)} writes in {d.get('commits', 0)} commits"
-            f"{f' ({per_commit} per commit)' if per_commit else ''}, {d.get('checkpoints') or 0} checkpoints")
+            f"{f' ({per_commit} per commit)' if per_commit else ''}, {d.get('checkpoints') or 0} checkpoints, "
+            f"{d.get('index_pending') or 0} index changes pending")
 
 
 def tools_line(d: dict[str, Any]) -> str:

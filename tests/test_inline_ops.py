@@ -104,3 +104,19 @@ def test_pool_threads_bound_the_pool_not_the_requests_in_hand(kernel) -> None:
             c.close()
     threads = {out["result"]["thread"] for _, out in calls}
     assert len(threads) == 2 and "MainThread" not in threads, threads
+
+
+def test_housekeeping_runs_after_batches_and_when_idle_and_cannot_stop_the_loop(kernel) -> None:
+    k = kernel()
+    with k.client("alice") as c:
+        start = c.call("echo", "upkeep")
+        for _ in range(3):
+            c.call("echo", "hold", seconds=0)
+        after = c.call("echo", "upkeep")
+        assert after["after_batch"] >= start["after_batch"] + 3  # each request was a batch of its own
+        time.sleep(1.0)  # longer than the manager's poll interval, with nothing to read
+        assert c.call("echo", "upkeep")["idle"] > after["idle"]
+        c.call("echo", "upkeep", fail=True)  # from now on housekeeping raises after every batch
+        assert c.call("echo", "echo", text="still served")["text"] == "still served"
+        assert c.call("echo", "upkeep", fail=False)["after_batch"] > after["after_batch"]
+    wait_until(lambda: "housekeeping failed" in k.log("echo"), timeout=10, message="the failure logged")

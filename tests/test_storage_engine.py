@@ -531,10 +531,13 @@ def test_an_older_database_is_upgraded_on_open(db: Path) -> None:
         conn.execute(f"DROP TRIGGER {name}")
     conn.execute("DROP TABLE records_fts")
     conn.execute("DROP TABLE records")
+    assert conn.execute("SELECT count(*) FROM index_log").fetchone()[0] == 0  # closing applied it
+    conn.execute("DROP TABLE index_log")
     conn.execute("PRAGMA user_version = 1")  # as written by a version with only the first step
     conn.close()
     with StorageEngine(db) as e:
         assert e.read("a", "kept.md")[0] == b"from before the upgrade"
+        assert [h.path for h in e.search("a", "upgrade")] == ["kept.md"]
         e.record_put("memory", "a", "k", "records work after the upgrade", {})
         assert [h.key for h in e.record_search("memory", "a", "upgrade", 5)] == ["k"]
         assert e.integrity_check() == "ok"

@@ -111,7 +111,8 @@ def test_files_survive_a_kernel_stop_and_start_on_the_same_database(kernel, tmp_
 def test_kill9_of_storage_under_load_loses_no_acknowledged_write(kernel, tmp_path: Path) -> None:
     """Four agents write in a loop; storage is killed twice mid-load. Writes not safe to repeat that
     were in flight fail with a retryable error and the agent retries them; every acknowledged write
-    is there afterwards with its exact content, and the database passes PRAGMA integrity_check."""
+    is there afterwards with its exact content and is found by search (its index changes may have
+    been in the index log when the manager died), and the database passes PRAGMA integrity_check."""
     db = tmp_path / "files.sqlite3"
     k = kernel(echo=False, builtins={"storage": {"path": str(db)}}, kernel={"heartbeat_interval_s": 0.25},
                supervisor={"backoff_initial_s": 0.05})
@@ -152,6 +153,8 @@ def test_kill9_of_storage_under_load_loses_no_acknowledged_write(kernel, tmp_pat
     for (agent_name, path), text in acked.items():
         with k.client(agent_name, timeout=20) as c:
             assert c.storage.read_text(path) == text
+            number = text.rsplit(" ", 1)[1]
+            assert path in [h["path"] for h in c.storage.search(f"write {number}")], (path, text)
     k.stop()
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -215,3 +218,24 @@ def test_writes_arriving_together_share_a_commit_and_fail_alone(kernel, tmp_path
     assert 1 <= commits < writes, (commits, writes)
     line = next(x for x in k.aios("status", "-v").stdout.splitlines() if x.startswith("storage:"))
     assert "files.sqlite3" in line and "per commit" in line and "synchronous=NORMAL" in line
+    assert "index changes pending" in line
+
+
+def test_an_idle_storage_manager_applies_the_index_log(kernel, tmp_path: Path) -> None:
+    """Writes log their index changes (fewer than the count that makes the manager apply the log
+    after a batch); once no request comes for a poll interval, the manager applies them itself."""
+    import time
+
+    k = storage_kernel(kernel, tmp_path)
+    with k.client("quiet", timeout=20) as c:
+        for i in range(5):
+            c.storage.write(f"n{i}.md", f"note number {i}")
+        assert c.call("storage", "status")["index_pending"] == 5
+
+        def applied() -> bool:
+            time.sleep(0.6)  # stay quiet for longer than the manager's poll interval
+            return c.call("storage", "status")["index_pending"] == 0
+
+        wait_until(applied, timeout=15, interval=0, message="the idle manager applying the index log")
+        assert c.call("storage", "status")["index_flushes"] >= 1
+        assert len(c.storage.search("note number")) == 5

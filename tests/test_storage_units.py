@@ -255,17 +255,19 @@ def test_migrations_apply_in_order_and_only_once(tmp_path) -> None:
     assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
     assert migrate(conn) == []
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"agents", "files", "versions", "chunks", "chunk_data", "files_fts", "records", "records_fts"} <= tables
+    assert {"agents", "files", "versions", "chunks", "chunk_data", "files_fts", "records", "records_fts",
+            "index_log"} <= tables
 
 
 def test_an_older_database_is_upgraded_with_the_missing_steps(tmp_path) -> None:
     conn = _conn(tmp_path / "db")
     assert migrate(conn, MIGRATIONS[:1]) == [1]
     conn.execute("INSERT INTO agents(name, scope) VALUES ('a', '1')")
-    assert migrate(conn) == [2]
+    assert migrate(conn) == list(range(2, len(MIGRATIONS) + 1))
     assert conn.execute("SELECT name FROM agents").fetchall() == [("a",)]
-    extra = Migration(3, "test: a new column", lambda c: c.execute("ALTER TABLE files ADD COLUMN note TEXT"))
-    assert migrate(conn, (*MIGRATIONS, extra)) == [3]
+    n = len(MIGRATIONS) + 1
+    extra = Migration(n, "test: a new column", lambda c: c.execute("ALTER TABLE files ADD COLUMN note TEXT"))
+    assert migrate(conn, (*MIGRATIONS, extra)) == [n]
     assert "note" in [r[1] for r in conn.execute("PRAGMA table_info(files)")]
 
 
@@ -278,7 +280,7 @@ def test_a_failing_step_changes_nothing(tmp_path) -> None:
         raise RuntimeError("step failed")
 
     with pytest.raises(RuntimeError):
-        migrate(conn, (*MIGRATIONS, Migration(3, "broken", broken)))
+        migrate(conn, (*MIGRATIONS, Migration(len(MIGRATIONS) + 1, "broken", broken)))
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
 

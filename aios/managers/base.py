@@ -278,6 +278,11 @@ class Manager:
         """A request that is not running here was cancelled: drop anything kept for it
         (e.g. a preempted generation's saved context). `key` is `RequestContext.key`."""
 
+    def housekeeping(self, idle: bool) -> None:
+        """Deferred upkeep, on the socket thread: after each batch of requests once their replies
+        have gone out (`idle` False: keep it short, the next batch waits meanwhile), and when no
+        message came for a poll interval (`idle` True). An exception here is logged."""
+
     # -------------------------------------------------------------- loop
     def serve(self) -> None:
         k = self.config.kernel
@@ -340,6 +345,9 @@ class Manager:
                     self._on_message(frames)
                 if self._deferred:
                     self._finish_deferred()
+                self._housekeeping(False)
+            elif not events:
+                self._housekeeping(True)
             if now - last_heard > hb_expiry:
                 # The scheduler went quiet (restarting?): announce ourselves again.
                 self.log.warning("no word from the scheduler for %.1fs; re-announcing", now - last_heard)
@@ -357,6 +365,12 @@ class Manager:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _housekeeping(self, idle: bool) -> None:
+        try:
+            self.housekeeping(idle)
+        except Exception:  # noqa: BLE001 - upkeep must not take the socket loop down
+            self.log.exception("housekeeping failed")
 
     def _running(self) -> list[messages.RunningEntry]:
         with self._lock:

@@ -2,7 +2,7 @@
 
 It exercises what the scheduler must get right before the real managers land:
 dispatch (echo), backpressure and capacity (sleep), and partial replies (count);
-and the base's inline ops and batches (`hold`, `tally`, `inline_call`).
+and the base's inline ops and batches (`hold`, `tally`, `inline_call`) and housekeeping (`upkeep`).
 """
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ class EchoManager(Manager):
     def setup(self) -> None:
         self._batch_ids = itertools.count(1)
         self._closed: dict[int, dict[str, Any]] = {}  # token -> what end_batch saw of its batch
+        self._upkeep = {"after_batch": 0, "idle": 0, "fail": False}
+
+    def housekeeping(self, idle: bool) -> None:
+        self._upkeep["idle" if idle else "after_batch"] += 1
+        if self._upkeep["fail"]:
+            raise RuntimeError("housekeeping was asked to fail")
 
     def end_batch(self, tokens: list[Any]) -> None:
         batch = {"batch": next(self._batch_ids), "size": len(tokens), "thread": threading.current_thread().name}
@@ -71,6 +77,12 @@ class EchoManager(Manager):
             return {**self._closed.pop(token), "ran_on": ran_on}
 
         return Deferred(finish, token)
+
+    @op(TallyArgs, inline=True)
+    def upkeep(self, args: TallyArgs, ctx: RequestContext) -> dict:
+        """How often `housekeeping` ran so far (after batches, when idle); `fail` makes it raise."""
+        self._upkeep["fail"] = args.fail
+        return {k: v for k, v in self._upkeep.items() if k != "fail"}
 
     @op(EchoArgs, inline=True)
     def inline_call(self, args: EchoArgs, ctx: RequestContext) -> dict:

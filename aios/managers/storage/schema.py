@@ -130,9 +130,22 @@ _V2_RECORDS = _script(
     END""",
 )
 
+# Changes to files_fts that writes made and the index has not taken in yet, oldest first
+# (engine.py, "the index log"): body NULL removes row `fts_rowid`, else the row is (scope, path, body).
+_V3_INDEX_LOG = _script(
+    """CREATE TABLE index_log (
+        seq INTEGER PRIMARY KEY,
+        fts_rowid INTEGER NOT NULL,
+        scope TEXT,
+        path TEXT,
+        body TEXT
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "files: agents, files, versions, chunks, chunk_data, files_fts", _V1_FILES),
     Migration(2, "records: keyed text records per owner service and agent, records_fts", _V2_RECORDS),
+    Migration(3, "index_log: full-text index changes logged by writes, applied in batches", _V3_INDEX_LOG),
 )
 
 

@@ -20,9 +20,16 @@ of them was stored. A lone writer pays no hand-off to another thread.
 One thread can also queue several operations (`submit`) and then commit
 them together (`wait`): the storage manager's socket thread does this with
 the writes that arrive together. Measured here with 200-byte file writes in
-one thread: 133 us per write one transaction each, 60 us in batches of 8,
-52 us in batches of 16 (fewer commits, the pages the writes share logged
-once per commit, and one full-text segment per batch).
+one thread, their full-text index changes logged and applied 256 at a time
+(engine.py, "the index log"): 83 us per write one transaction each, 56 us in
+batches of 8, 51 us in batches of 16 (fewer commits, and the pages the
+writes share logged once per commit). Before the index log, when each batch
+also wrote its own full-text segment: 133, 60 and 52 us.
+
+An operation can also defer work to the end of its batch (`Tx.defer`): the
+committer hands what the batch's operations deferred to its sink in the same
+transaction, just before the commit (the engine logs its index changes so,
+one statement per batch).
 
 `group=False` gives one transaction per operation under a plain mutex (what a
 careful program without group commit does), which is what the benchmark
@@ -46,18 +53,42 @@ T = TypeVar("T")
 WriteFn = Callable[["Tx"], T]
 
 
+#: receives, inside the transaction, the items the batch's operations deferred (`Tx.defer`)
+DeferredSink = Callable[[sqlite3.Connection, list[Any]], None]
+
+
 class Tx:
-    """What a write operation gets: the connection, and a way to act only once its data is committed."""
+    """What a write operation gets: the connection, a way to act only once its data is committed,
+    and a way to defer work to the end of the batch (`defer`)."""
 
-    __slots__ = ("conn", "_after")
+    __slots__ = ("conn", "_after", "_deferred", "_sink")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, deferred: list[Any] | None = None,
+                 sink: DeferredSink | None = None) -> None:
         self.conn = conn
         self._after: list[Callable[[], None]] = []
+        self._deferred: list[Any] = [] if deferred is None else deferred
+        self._sink = sink
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the transaction holding this operation has committed (e.g. fill a cache)."""
         self._after.append(action)
+
+    def defer(self, item: Any) -> None:
+        """Hand `item` to the committer's sink at the end of the batch, in the same transaction,
+        together with the batch's other deferred items (the storage engine logs its full-text
+        index changes this way: one statement per batch instead of one per change)."""
+        self._deferred.append(item)
+
+    def flush_deferred(self) -> None:
+        """Hand over what this batch deferred so far now (an operation about to read what the
+        sink writes calls this)."""
+        if self._deferred:
+            if self._sink is None:
+                raise RuntimeError("deferred items but no sink to take them")
+            items = self._deferred[:]
+            self._deferred.clear()
+            self._sink(self.conn, items)
 
 
 class Pending(Generic[T]):
@@ -85,9 +116,11 @@ class GroupCommitter:
     """Serializes write operations on one connection, committing queued ones together."""
 
     def __init__(self, conn: sqlite3.Connection, *, group: bool = True, max_batch: int = 128,
-                 on_commit: Callable[[sqlite3.Connection], None] | None = None) -> None:
+                 on_commit: Callable[[sqlite3.Connection], None] | None = None,
+                 on_deferred: DeferredSink | None = None) -> None:
         self.conn = conn
         self.on_commit = on_commit
+        self.on_deferred = on_deferred
         self.group = group
         self.max_batch = max_batch if group else 1
         self._mutex = threading.Lock()  # group=False: one operation, one transaction at a time
@@ -216,22 +249,22 @@ class GroupCommitter:
             return
         single = len(batch) == 1
         ok: list[Pending[Any]] = []
+        shared: list[Any] = []  # what the batch's operations deferred, handed to the sink at its end
         for op in batch:
-            tx = Tx(conn)
+            tx = Tx(conn, None if isolate or single else shared, self.on_deferred)
             try:
                 if isolate:
                     conn.execute("SAVEPOINT op")
                 op.result = op.fn(tx)
+                if isolate or single:
+                    tx.flush_deferred()  # part of the operation: a failure here is its own
                 if isolate:
                     conn.execute("RELEASE op")
                 op.after = tx._after
                 ok.append(op)
             except BaseException as exc:  # noqa: BLE001 - every failure must reach its caller
                 if not single and not isolate:
-                    self._rollback()
-                    for other in batch:
-                        other.result, other.after = None, []
-                    self._execute(batch, isolate=True)
+                    self._retry_isolated(batch)
                     return
                 op.error = _as_op_error(exc)
                 if not conn.in_transaction:
@@ -250,6 +283,12 @@ class GroupCommitter:
                     self._rollback()
                     self._fail(batch, exc2, "could not undo a failed operation")
                     return
+        if shared:
+            try:
+                Tx(conn, shared, self.on_deferred).flush_deferred()
+            except BaseException:  # noqa: BLE001 - which operation's deferred item failed is found one by one
+                self._retry_isolated(batch)
+                return
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -271,6 +310,14 @@ class GroupCommitter:
                 except Exception:  # noqa: BLE001 - a cache fill must not turn a committed write into an error
                     log.exception("after-commit action failed")
         self._finish(batch)
+
+    def _retry_isolated(self, batch: list[Pending[Any]]) -> None:
+        """An operation of a batch run without savepoints failed: undo the batch, run it again
+        with each operation in its own savepoint."""
+        self._rollback()
+        for op in batch:
+            op.result, op.after = None, []
+        self._execute(batch, isolate=True)
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:

@@ -6,7 +6,7 @@ small writes first, then reads of what was written, then full-text searches.
 In the same run, the same operations are done directly on SQLite in one process
 (`aios.bench.storage_direct.run_direct`: one plain connection, the same WAL
 journal and synchronous setting, one commit per write) as the baseline. The
-writes, which the goal is about, run in `--rounds` rounds (default 3) that
+writes, which the goal is about, run in `--rounds` rounds (default 5) that
 interleave the kernel and direct SQLite, alternating which goes first, each
 side's database growing alike; the figure is the median of the rounds'
 ratios (a round's phase lasts about a second, and bursts of other work on a
@@ -168,10 +168,10 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(kinds: Any) -> None:
     p = kinds.add_parser("storage", help="small writes, reads and searches through the kernel vs direct SQLite")
     p.add_argument("--agents", type=int, default=16, help="concurrent agent processes (default 16)")
-    p.add_argument("--calls", type=int, default=200, help="writes and reads per agent (default 200)")
+    p.add_argument("--calls", type=int, default=300, help="writes and reads per agent, per round (default 300)")
     p.add_argument("--bytes", type=int, default=200, help="size of each write (default 200)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="interleaved rounds of writes, kernel and direct alternating (default 3; median reported)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of writes, kernel and direct alternating (default 5; median reported)")
     p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                    help="SQLite durability on both sides (default NORMAL: survives a process crash)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -104,7 +104,7 @@ class RecordSearchArgs(_Args):
 
 #: index log changes that make the socket thread apply the log after a batch: measured here, FTS5
 #: indexed 200-byte files at 38 us each in batches of 7 (one group commit), 19 us in batches of 128
-INDEX_FLUSH_CHANGES = 512
+INDEX_FLUSH_CHANGES = 1024
 
 #: writes up to this size run on the socket thread; larger ones on the pool (their chunking and
 #: compression would hold up every other request: about 40 ms per MB here)

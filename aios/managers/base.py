@@ -33,7 +33,10 @@ manager measured 2,300 small writes/s through the pool, 3,400 inline). The
 requests that arrive together form a batch, closed by the `end_batch` hook
 before their replies go out; an inline handler may return `Deferred` to be
 answered only then, which is how the storage manager commits the writes of a
-batch in one transaction (4,600 writes/s).
+batch in one transaction (4,600 writes/s). Upkeep that should not delay an
+answer goes in the `housekeeping` hook: it runs on the socket thread after a
+batch's replies went out, and when the socket was quiet for a poll interval
+(the storage manager applies its full-text index log there).
 """
 from __future__ import annotations
 

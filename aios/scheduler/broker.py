@@ -169,7 +169,12 @@ class Broker:
                         log.error("send failed: %s", exc)
                     elif client is not None:
                         self._gone.append(client)
-            self._guard(lambda: None)  # cancels the work of callers found gone
+            while self._gone:
+                client = self._gone.pop()
+                try:
+                    self.core.client_gone(client, time.monotonic())
+                except Exception:
+                    log.exception("failed to cancel the work of a departed caller")
 
     # -------------------------------------------------------- supervisor state
     def _refresh_states(self, fresh: bool = False) -> None:
@@ -239,12 +244,6 @@ class Broker:
             fn(*args)
         except Exception:
             log.exception("failed to handle an event")
-        while self._gone:
-            client = self._gone.pop()
-            try:
-                self.core.client_gone(client, time.monotonic())
-            except Exception:
-                log.exception("failed to cancel the work of a departed caller")
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None], limit: int = 256) -> None:
         """Take what is waiting (bounded, so one side cannot starve the other)."""

@@ -414,18 +414,22 @@ class StorageEngine:
             return
         assert all(col in _USAGE_COLUMNS for col, _ in changed)
         total = sum(d for _, d in changed)
-        if total > 0:
-            # a separate SELECT: measured here, UPDATE ... RETURNING took 27 us against 9 us for both
-            used = conn.execute("SELECT file_bytes + index_bytes + record_bytes FROM agents WHERE id = ?",
-                                (agent_id,)).fetchone()[0]
-            if used + total > self.max_agent_bytes:
-                raise OpError(ErrorCode.QUOTA_EXCEEDED,
-                              f"agent {agent!r} would use {used + total} bytes of storage, over its quota of "
-                              f"{self.max_agent_bytes} bytes ([storage] quota_mb = {_mb(self.max_agent_bytes)}); "
-                              f"it uses {used} now. Delete files with purge=true, or lower "
-                              f"[storage] versions_kept, to free space")
         sets = ", ".join(f"{col} = {col} + ?" for col, _ in changed)
-        conn.execute(f"UPDATE agents SET {sets} WHERE id = ?", (*(d for _, d in changed), agent_id))
+        if total <= 0:
+            conn.execute(f"UPDATE agents SET {sets} WHERE id = ?", (*(d for _, d in changed), agent_id))
+            return
+        # Growth: one statement that changes nothing past the quota (measured here: 1.0 us, against
+        # 1.9 us for a SELECT then an UPDATE; UPDATE ... RETURNING measured 3x the two earlier)
+        if conn.execute(f"UPDATE agents SET {sets} WHERE id = ? AND file_bytes + index_bytes + record_bytes + ? <= ?",
+                        (*(d for _, d in changed), agent_id, total, self.max_agent_bytes)).rowcount:
+            return
+        used = conn.execute("SELECT file_bytes + index_bytes + record_bytes FROM agents WHERE id = ?",
+                            (agent_id,)).fetchone()[0]
+        raise OpError(ErrorCode.QUOTA_EXCEEDED,
+                      f"agent {agent!r} would use {used + total} bytes of storage, over its quota of "
+                      f"{self.max_agent_bytes} bytes ([storage] quota_mb = {_mb(self.max_agent_bytes)}); "
+                      f"it uses {used} now. Delete files with purge=true, or lower "
+                      f"[storage] versions_kept, to free space")
 
     # ------------------------------------------------------- text indexing
     @staticmethod

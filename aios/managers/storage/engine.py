@@ -29,7 +29,7 @@ Decisions, and why:
   operation in its own SAVEPOINT).
 - The index log: a write does not change `files_fts` itself. Its index
   changes go, in the same transaction, to the table `index_log`, and are
-  applied in batches: by the storage manager once about a thousand have
+  applied in batches: by the storage manager once a few thousand have
   gathered (after that batch's replies went out) and when it is idle, and by
   every search first (read your writes: an acknowledged write's log rows are
   committed, so a search always sees it). PostgreSQL's GIN pending list does

@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(kinds: Any) -> None:
     p = kinds.add_parser("storage", help="small writes, reads and searches through the kernel vs direct SQLite")
     p.add_argument("--agents", type=int, default=16, help="concurrent agent processes (default 16)")
-    p.add_argument("--calls", type=int, default=300, help="writes and reads per agent, per round (default 300)")
+    p.add_argument("--calls", type=int, default=300,
+                   help="writes per agent in each round, and reads per agent (default 300)")
     p.add_argument("--bytes", type=int, default=200, help="size of each write (default 200)")
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds of writes, kernel and direct alternating (default 5; median reported)")

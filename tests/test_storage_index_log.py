@@ -130,3 +130,14 @@ def test_changes_logged_before_a_crash_are_applied_after_it(db: Path) -> None:
         assert [h.version for h in e.search("a", "rewritten crash")] == [2]
         assert e.search("a", "written") == []  # the first version's text is no longer indexed
         assert e.integrity_check() == "ok"
+
+
+def test_changes_logged_after_a_flush_in_the_same_batch_still_count(db: Path) -> None:
+    """A flush and writes after it commit together: the writes' changes are still waiting after it."""
+    with StorageEngine(db) as e:
+        e.write("a", "before.md", b"logged before")
+        batch = [e.submit(e._tx_flush_index), e.submit(e.write_fn("a", "after.md", b"logged after"))]
+        e.wait(batch)
+        assert batch[0].outcome() == 1
+        assert logged(e) == 1 and e.index_pending == 1
+        assert e.flush_index() == 1 and logged(e) == 0 and e.index_pending == 0

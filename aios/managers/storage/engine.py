@@ -496,16 +496,18 @@ class StorageEngine:
     def _tx_flush_index(self, tx: Tx) -> int:
         tx.flush_deferred()
         applied = self._apply_index_log(tx.conn)
-        tx.after_commit(self._index_flushed)
+        tx.after_commit(lambda: self._index_flushed(applied))
         return applied
 
-    def _index_flushed(self) -> None:
-        self._index_pending = 0
+    def _index_flushed(self, applied: int) -> None:
+        # less what was applied, not zero: operations after the flush in its batch logged more
+        self._index_pending = max(0, self._index_pending - applied)
         self.index_flushes += 1
 
     @property
     def index_pending(self) -> int:
-        """About how many full-text index changes wait in the log (a hint: exact after a flush)."""
+        """About how many full-text index changes wait in the log: a hint for when to apply it
+        (a failed batch may have counted changes it did not log); searches read the log itself."""
         return self._index_pending
 
     def flush_index(self, min_changes: int = 1) -> int:

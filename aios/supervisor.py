@@ -53,7 +53,7 @@ log = logging.getLogger("aios.supervisor")
 MEMORY_CHECK_S = 0.5
 
 
-class State(str, enum.Enum):
+class ProcessState(str, enum.Enum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     BACKOFF = "BACKOFF"
@@ -67,7 +67,7 @@ class Proc:
     name: str
     argv: list[str]
     service: str
-    state: State = State.STOPPED
+    state: ProcessState = ProcessState.STOPPED
     popen: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -86,7 +86,7 @@ class Proc:
     def row(self) -> dict[str, Any]:
         return {"name": self.name, "service": self.service, "memory_limit_mb": self.memory_limit_mb,
                 "last_exit": self.last_exit, "fast_crashes": self.fast_crashes,
-                "pid": self.pid if self.state not in (State.STOPPED, State.FATAL, State.BACKOFF) else None,
+                "pid": self.pid if self.state not in (ProcessState.STOPPED, ProcessState.FATAL, ProcessState.BACKOFF) else None,
                 "state": self.state.value, "restarts": self.restarts, "message": self.message}
 
 
@@ -205,7 +205,7 @@ class Supervisor:
             )
         finally:
             logfile.close()
-        proc.state = State.STARTING
+        proc.state = ProcessState.STARTING
         proc.started_at = time.monotonic()
         proc.unseen_since = None
         proc.message = ""
@@ -216,17 +216,17 @@ class Supervisor:
     def _wait_ready(self, procs: list[Proc], deadline: float, progress: Callable[[str], None]) -> None:
         while True:
             for proc in procs:
-                if proc.state == State.STARTING and proc.popen is not None and proc.popen.poll() is not None:
+                if proc.state == ProcessState.STARTING and proc.popen is not None and proc.popen.poll() is not None:
                     tail = self.log_tail(proc.name)
-                    proc.state = State.FATAL
+                    proc.state = ProcessState.FATAL
                     proc.message = f"exited with code {proc.popen.returncode} before it was ready"
                     self.write_state()
                     raise StartupError(f"{proc.name} {proc.message}; last log lines:\n{tail}")
             self.probe(force=True)
-            if all(p.state == State.RUNNING for p in procs):
+            if all(p.state == ProcessState.RUNNING for p in procs):
                 return
             if time.monotonic() > deadline:
-                waiting = [p.name for p in procs if p.state != State.RUNNING]
+                waiting = [p.name for p in procs if p.state != ProcessState.RUNNING]
                 raise StartupError(f"not ready within {self.cfg.start_timeout_s:.0f}s: {waiting}; "
                                    f"see logs in {self.run_dir.log_dir}")
             time.sleep(0.05)
@@ -248,19 +248,19 @@ class Supervisor:
             return
         self.last_status = status
         changed = False
-        if sched.state == State.STARTING:
-            sched.state, changed = State.RUNNING, True
+        if sched.state == ProcessState.STARTING:
+            sched.state, changed = ProcessState.RUNNING, True
         registered = {(m["name"], m["pid"]) for m in status.get("managers", [])}
         sched_age = now - sched.started_at
         expiry = self.config.kernel.heartbeat_interval_s * self.config.kernel.heartbeat_liveness
         for proc in self.procs[1:]:
-            if proc.popen is None or proc.state not in (State.STARTING, State.RUNNING):
+            if proc.popen is None or proc.state not in (ProcessState.STARTING, ProcessState.RUNNING):
                 continue
             if (proc.name, proc.popen.pid) in registered:
                 proc.unseen_since = None
-                if proc.state == State.STARTING:
-                    proc.state, changed = State.RUNNING, True
-            elif proc.state == State.RUNNING:
+                if proc.state == ProcessState.STARTING:
+                    proc.state, changed = ProcessState.RUNNING, True
+            elif proc.state == ProcessState.RUNNING:
                 proc.unseen_since = proc.unseen_since or now
                 if now - proc.unseen_since > 2 * expiry and sched_age > 2 * expiry:
                     log.warning("%s is alive but not registered with the scheduler; killing it to restart", proc.name)
@@ -272,11 +272,11 @@ class Supervisor:
     def watch_once(self) -> None:
         now = time.monotonic()
         for proc in self.procs:
-            if proc.state in (State.STARTING, State.RUNNING) and proc.popen is not None:
+            if proc.state in (ProcessState.STARTING, ProcessState.RUNNING) and proc.popen is not None:
                 code = proc.popen.poll()
                 if code is not None:
                     self._crashed(proc, code, now)
-            elif proc.state == State.BACKOFF and now >= proc.next_start:
+            elif proc.state == ProcessState.BACKOFF and now >= proc.next_start:
                 proc.restarts += 1
                 self.spawn(proc)
         if now - self._last_memory_check >= MEMORY_CHECK_S:
@@ -290,7 +290,7 @@ class Supervisor:
         healthy llama.cpp process reserve far more address space than it ever touches."""
         import psutil
         for proc in self.procs:
-            if proc.memory_limit_mb is None or proc.popen is None or proc.state not in (State.STARTING, State.RUNNING):
+            if proc.memory_limit_mb is None or proc.popen is None or proc.state not in (ProcessState.STARTING, ProcessState.RUNNING):
                 continue
             try:
                 rss = psutil.Process(proc.popen.pid).memory_info().rss
@@ -308,12 +308,12 @@ class Supervisor:
         ran = now - proc.started_at
         proc.fast_crashes = proc.fast_crashes + 1 if ran < self.cfg.fast_crash_s else 1
         if proc.fast_crashes > self.cfg.max_fast_crashes:
-            proc.state = State.FATAL
+            proc.state = ProcessState.FATAL
             proc.message = f"crashed {proc.fast_crashes} times within {self.cfg.fast_crash_s}s of starting; gave up"
             log.error("%s is FATAL: %s", proc.name, proc.message)
         else:
             delay = min(self.cfg.backoff_initial_s * 2 ** (proc.fast_crashes - 1), self.cfg.backoff_max_s)
-            proc.state = State.BACKOFF
+            proc.state = ProcessState.BACKOFF
             proc.next_start = now + delay
             why = proc.kill_reason or f"exited with code {code}"
             proc.last_exit = f"{why} after {ran:.1f}s"
@@ -347,10 +347,10 @@ class Supervisor:
     def _stop(self, proc: Proc) -> None:
         p = proc.popen
         if p is None or p.poll() is not None:
-            proc.state = State.STOPPED if proc.state != State.FATAL else proc.state
+            proc.state = ProcessState.STOPPED if proc.state != ProcessState.FATAL else proc.state
             self._signal_group(proc, signal.SIGKILL)  # any grandchildren it left behind
             return
-        proc.state = State.STOPPING
+        proc.state = ProcessState.STOPPING
         self.write_state()
         budget = self.cfg.stop_timeout_s
         for sig, share in ((signal.SIGINT, 0.5), (signal.SIGTERM, 0.5)):
@@ -369,7 +369,7 @@ class Supervisor:
             p.wait(timeout=5)
         else:
             self._signal_group(proc, signal.SIGKILL)
-        proc.state = State.STOPPED
+        proc.state = ProcessState.STOPPED
         proc.message = ""
 
     @staticmethod

@@ -23,7 +23,7 @@ from aios.scheduler.admission import (
     load_admission,
 )
 from aios.scheduler.core import make_admission
-from aios.scheduler.request import Request, State
+from aios.scheduler.request import Job, State
 from tests.support.core_harness import IDEMPOTENT, CoreHarness, make_config
 
 A = b"\x00agent-a"
@@ -40,12 +40,12 @@ class Gate(Admission):
                  denied_agents: list[str] | tuple[str, ...] = ()) -> None:
         self.held_ops = set(held_ops)
         self.denied_agents = set(denied_agents)
-        self.waiting: dict[str, Request] = {}
-        self.verdicts: list[tuple[Request, Decision]] = []
+        self.waiting: dict[str, Job] = {}
+        self.verdicts: list[tuple[Job, Decision]] = []
         self.forgotten: list[str] = []
         self.seen: list[str] = []
 
-    def admit(self, req: Request, view: Any) -> Decision:
+    def admit(self, req: Job, view: Any) -> Decision:
         self.seen.append(req.id)
         if req.agent in self.denied_agents:
             return deny(ErrorCode.DENIED, f"agent {req.agent!r} may not call {req.service}.{req.op}")
@@ -57,11 +57,11 @@ class Gate(Admission):
     def decide(self, rid: str, decision: Decision) -> None:
         self.verdicts.append((self.waiting.pop(rid), decision))
 
-    def poll(self, now: float) -> list[tuple[Request, Decision]]:
+    def poll(self, now: float) -> list[tuple[Job, Decision]]:
         out, self.verdicts = self.verdicts, []
         return out
 
-    def forget(self, req: Request) -> None:
+    def forget(self, req: Job) -> None:
         self.forgotten.append(req.id)
         self.waiting.pop(req.id, None)
 
@@ -71,17 +71,17 @@ class Fixed(Admission):
 
     def __init__(self, label: str, decision: Decision, log: list[str]) -> None:
         self.label, self.decision, self.log = label, decision, log
-        self.polled: list[tuple[Request, Decision]] = []
-        self.forgotten: list[Request] = []
+        self.polled: list[tuple[Job, Decision]] = []
+        self.forgotten: list[Job] = []
 
-    def admit(self, req: Request, view: Any) -> Decision:
+    def admit(self, req: Job, view: Any) -> Decision:
         self.log.append(self.label)
         return self.decision
 
-    def poll(self, now: float) -> list[tuple[Request, Decision]]:
+    def poll(self, now: float) -> list[tuple[Job, Decision]]:
         return list(self.polled)
 
-    def forget(self, req: Request) -> None:
+    def forget(self, req: Job) -> None:
         self.forgotten.append(req)
 
 
@@ -98,8 +98,8 @@ def nothing_happened(h: CoreHarness) -> bool:
     return ds == [] and rs == [] and all(s.header["kind"] == "heartbeat" for s in other)
 
 
-def _req(rid: str = "r", agent: str = "alice") -> Request:
-    return Request(id=rid, client=A, agent=agent, service="echo", op="get", body_raw=b"", created=0.0)
+def _req(rid: str = "r", agent: str = "alice") -> Job:
+    return Job(id=rid, client=A, agent=agent, service="echo", op="get", body_raw=b"", created=0.0)
 
 
 # ---------------------------------------------------------------- decisions

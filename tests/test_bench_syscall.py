@@ -70,9 +70,9 @@ def test_temporary_kernel_starts_answers_and_cleans_up() -> None:
 
 
 def test_temporary_kernel_reports_a_bad_config() -> None:
-    from aios.bench.common import KernelStartError, temporary_kernel
+    from aios.bench.common import TemporaryKernelError, temporary_kernel
 
-    with pytest.raises(KernelStartError, match="bogus"):
+    with pytest.raises(TemporaryKernelError, match="bogus"):
         with temporary_kernel({"llm": [], "kernel": {"bogus": 1}}):
             pass
 

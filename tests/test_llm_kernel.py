@@ -57,9 +57,9 @@ def reference(fifo: Any) -> dict[str, str]:
     return out
 
 
-def run_concurrently(k: Any, prompts: list[str], max_tokens: int, **extra: Any) -> dict[str, sdk.Reply]:
+def run_concurrently(k: Any, prompts: list[str], max_tokens: int, **extra: Any) -> dict[str, sdk.CallResult]:
     """Each prompt from its own agent, all at once; replies by prompt."""
-    replies: dict[str, sdk.Reply] = {}
+    replies: dict[str, sdk.CallResult] = {}
     errors: list[BaseException] = []
 
     def one(i: int, prompt: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from aios.managers.base import OpError
 from aios.managers.memory.bench import SqliteBacking
-from aios.managers.memory.store import BUDGET_KEY, MemoryStore, Record
+from aios.managers.memory.store import BUDGET_KEY, MemoryStore, MemoryRecord
 from aios.managers.memory.workloads import conversation_logs, distinct_notes, templated_notes
 from aios.protocol import ErrorCode
 
@@ -31,7 +31,7 @@ class DictBacking:
     """Test sink: entries written through to a dict (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.records: dict[tuple[str, str], Record] = {}
+        self.records: dict[tuple[str, str], MemoryRecord] = {}
         self.calls: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.fail_put: OpError | None = None
@@ -42,14 +42,14 @@ class DictBacking:
         self.in_get = threading.Event()
         self.in_search = threading.Event()
 
-    def put(self, agent: str, record: Record, via: Any) -> None:
+    def put(self, agent: str, record: MemoryRecord, via: Any) -> None:
         if self.fail_put is not None:
             raise self.fail_put
         with self.lock:
             self.calls.append(("put", record.id))
             self.records[(agent, record.id)] = record
 
-    def get(self, agent: str, entry_id: str, via: Any) -> Record | None:
+    def get(self, agent: str, entry_id: str, via: Any) -> MemoryRecord | None:
         with self.lock:
             self.calls.append(("get", entry_id))
             record = self.records.get((agent, entry_id))
@@ -68,7 +68,7 @@ class DictBacking:
             mine = sorted((r for (a, _), r in self.records.items() if a == agent), key=lambda r: (r.created, r.id))
         return [r.summary() for r in mine[offset:offset + limit]], len(mine)
 
-    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[Record, float]] | None:
+    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[MemoryRecord, float]] | None:
         if self.fail_search is not None:
             raise self.fail_search
         if not self.searchable:

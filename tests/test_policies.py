@@ -12,11 +12,11 @@ from aios.scheduler.policies import (
     RoundRobinPolicy,
     make_policy,
 )
-from aios.scheduler.request import Request
+from aios.scheduler.request import Job
 
 
-def req(name: str, agent: str = "a", target: str | None = None) -> Request:
-    return Request(id=name, client=b"c-" + agent.encode(), agent=agent, service="llm", op="chat",
+def req(name: str, agent: str = "a", target: str | None = None) -> Job:
+    return Job(id=name, client=b"c-" + agent.encode(), agent=agent, service="llm", op="chat",
                    body_raw=b"\x80", created=0.0, target=target)
 
 
@@ -129,7 +129,7 @@ def test_reaffine_lets_waiting_requests_run_anywhere(name: str) -> None:
     assert drain(p, lambda cls: cls[1] is None) == ["p0", "p1", "p2", "free"]  # they kept their places
 
 
-def drain_copy(p: Policy, fits) -> list[Request]:
+def drain_copy(p: Policy, fits) -> list[Job]:
     """Pop what fits, then put it back (the order check of one class without emptying the rest)."""
     out = []
     while (r := p.pop(fits)) is not None:

@@ -14,7 +14,7 @@ import pytest
 from aios import messages
 from aios.messages import Cancel, Heartbeat, Reregister
 from aios.protocol import ErrorCode, pack
-from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Request, State
+from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Job, State
 from tests.support.core_harness import (
     IDEMPOTENT,
     PLAIN,
@@ -60,11 +60,11 @@ LEGAL: dict[State | None, set[State]] = {
 }
 
 
-def _req(rid: str = "r1", client: bytes = A, **kw: Any) -> Request:
+def _req(rid: str = "r1", client: bytes = A, **kw: Any) -> Job:
     fields: dict[str, Any] = dict(id=rid, client=client, agent="alice", service="echo", op="get",
                                   body_raw=b"\x81\xa1k\x01", created=10.0)
     fields.update(kw)
-    return Request(**fields)
+    return Job(**fields)
 
 
 @pytest.mark.parametrize("src,dst", list(itertools.product(list(LEGAL), list(State))),

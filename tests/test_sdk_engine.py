@@ -16,7 +16,7 @@ from aios.sdk.engine import (
     MAX_BACKOFF_S,
     MAX_RESEND_INTERVAL_S,
     PendingCall,
-    Reply,
+    CallResult,
     Send,
     Wait,
     decode,
@@ -151,7 +151,7 @@ def test_the_deadline_grace_of_an_idempotent_call() -> None:
     step = call.step(10.0)
     assert step == Wait(10.0 + DEADLINE_GRACE_S)
     call.feed(reply(call.rid, "ok", {"v": 1}))
-    assert isinstance(call.step(10.1), Reply)
+    assert isinstance(call.step(10.1), CallResult)
 
 
 # ------------------------------------------------------------- retryable errors
@@ -243,7 +243,7 @@ def test_partials_and_the_final_reply() -> None:
               "attempts": 1}
     call.feed(reply(call.rid, "ok", {"text": "Paris"}, timing=timing))
     r = call.step(0.6)
-    assert isinstance(r, Reply)
+    assert isinstance(r, CallResult)
     assert r.result == {"text": "Paris"} and r.partials == [{"tok": "Pa"}, {"tok": "ris"}]
     assert r.timing == timing and r.header["id"] == call.rid
     assert seen == [{"tok": "Pa"}, {"tok": "ris"}]
@@ -260,7 +260,7 @@ def test_a_reset_partial_clears_what_was_collected() -> None:
     call.feed(reply(call.rid, "partial", {"tok": "Paris"}))
     call.feed(reply(call.rid, "ok", {"text": "Paris"}))
     r = call.step(1.0)
-    assert isinstance(r, Reply) and r.partials == [{"tok": "Paris"}]
+    assert isinstance(r, CallResult) and r.partials == [{"tok": "Paris"}]
     assert seen == [{"tok": "Lyo"}, {"reset": True}, {"tok": "Paris"}]
 
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from aios.rundir import RunDir
 
 
-class KernelStartError(RuntimeError):
+class TemporaryKernelError(RuntimeError):
     """The temporary kernel did not come up; the message carries the supervisor's reason and log tail."""
 
 
@@ -41,7 +41,7 @@ def temporary_kernel(config: str | Mapping[str, Any] | None = None, policy: str 
     LLM core, or `{"llm": [{"name": "llm-0", "backend": "sim"}], "scheduler":
     {"time_slice_tokens": 16}}`); None means the built-in defaults. `policy`
     overrides `[scheduler] policy`. Yields the RunDir; connect with
-    `aios.sdk.connect(run_dir)`. Raises KernelStartError when the kernel does
+    `aios.sdk.connect(run_dir)`. Raises TemporaryKernelError when the kernel does
     not become ready. `keep=True` leaves the directory (logs) behind.
     """
     from aios import kernel
@@ -57,7 +57,7 @@ def temporary_kernel(config: str | Mapping[str, Any] | None = None, policy: str 
         try:
             kernel.start(run_dir, config, policy=policy)
         except (kernel.KernelStartError, kernel.ConfigError) as exc:
-            raise KernelStartError(f"the temporary kernel in {run_dir.path} did not start: {exc}\n"
+            raise TemporaryKernelError(f"the temporary kernel in {run_dir.path} did not start: {exc}\n"
                                    f"{_log_tail(run_dir)}") from None
         yield run_dir
     finally:

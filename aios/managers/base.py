@@ -23,7 +23,7 @@ body with the op's pydantic model, runs handlers on a pool of `capacity`
 threads (so the socket loop keeps heartbeating while a long handler runs),
 and turns exceptions into error replies. Handlers may stream partial
 replies (`ctx.partial`), hand a preemptible request back to the scheduler by
-returning `Yield`, and call other services on behalf of the same agent
+returning `Preempt`, and call other services on behalf of the same agent
 (`ctx.call`), which the scheduler queues and charges like the agent's own.
 
 Quick ops that never block may be declared `inline`: they run on the socket
@@ -83,7 +83,7 @@ class OpError(Exception):
 
 
 @dataclass(frozen=True)
-class Yield:
+class Preempt:
     """Returned by a preemptible handler whose slice ran out: re-queue the request.
 
     `affinity` says this manager keeps the request's saved context, so the
@@ -122,9 +122,9 @@ def op(args_model: type[BaseModel] | None = None, *, name: str | None = None,
     """Declare a method as a syscall handler.
 
     idempotent: safe to run again if its manager dies mid-way (the scheduler re-queues it).
-    preemptible: the handler honours `ctx.slice` and may return `Yield`.
+    preemptible: the handler honours `ctx.slice` and may return `Preempt`.
     inline: run on the socket thread, never on the pool: only for handlers that take well
-        under a millisecond or so and never wait (no `ctx.call`, no `Yield`); may return `Deferred`.
+        under a millisecond or so and never wait (no `ctx.call`, no `Preempt`); may return `Deferred`.
         A function of the validated arguments decides per request (e.g. small writes inline,
         large ones on the pool).
     """
@@ -513,7 +513,7 @@ class Manager:
         header: dict[str, Any]
         if isinstance(result, _Failed):
             header, body = {"status": _ERROR}, result.body
-        elif isinstance(result, Yield):
+        elif isinstance(result, Preempt):
             header, body = {"yield": result.affinity}, None
         else:
             if isinstance(result, BaseModel):

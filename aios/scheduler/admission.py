@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aios.protocol import ErrorCode
-from aios.scheduler.request import Request
+from aios.scheduler.request import Job
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,21 +62,21 @@ class Admission(abc.ABC):
     name = "admission"
 
     @abc.abstractmethod
-    def admit(self, req: Request, view: SchedulerView) -> Decision:
+    def admit(self, req: Job, view: SchedulerView) -> Decision:
         """Decide on a validated request before it is queued."""
 
-    def poll(self, now: float) -> list[tuple[Request, Decision]]:
+    def poll(self, now: float) -> list[tuple[Job, Decision]]:
         """Verdicts on held requests reached since the last poll (allow or deny)."""
         return []
 
-    def forget(self, req: Request) -> None:
+    def forget(self, req: Job) -> None:
         """A held request ended without a verdict (deadline, agent gone): drop what is kept for it."""
 
 
 class AdmitAll(Admission):
     name = "all"
 
-    def admit(self, req: Request, view: SchedulerView) -> Decision:
+    def admit(self, req: Job, view: SchedulerView) -> Decision:
         return ALLOW
 
 
@@ -88,7 +88,7 @@ class QueueQuota(Admission):
     def __init__(self, limit: int) -> None:
         self.limit = limit
 
-    def admit(self, req: Request, view: SchedulerView) -> Decision:
+    def admit(self, req: Job, view: SchedulerView) -> Decision:
         n = view.queued_by_agent(req.agent)
         if n >= self.limit:
             return deny(ErrorCode.OVERLOADED,
@@ -105,17 +105,17 @@ class Chain(Admission):
     def __init__(self, steps: list[Admission]) -> None:
         self.steps = steps
 
-    def admit(self, req: Request, view: SchedulerView) -> Decision:
+    def admit(self, req: Job, view: SchedulerView) -> Decision:
         for step in self.steps:
             d = step.admit(req, view)
             if not d.allowed:
                 return d
         return ALLOW
 
-    def poll(self, now: float) -> list[tuple[Request, Decision]]:
+    def poll(self, now: float) -> list[tuple[Job, Decision]]:
         return [x for step in self.steps for x in step.poll(now)]
 
-    def forget(self, req: Request) -> None:
+    def forget(self, req: Job) -> None:
         for step in self.steps:
             step.forget(req)
 

@@ -41,7 +41,7 @@ from aios.messages import (
     Message,
     Ready,
     Reply,
-    Request as RequestMsg,
+    Request,
     Reregister,
     Yield,
 )
@@ -49,7 +49,7 @@ from aios.protocol import ErrorCode, Status, error_body, pack
 from aios.scheduler.admission import Admission, AdmitAll, Chain, Decision, QueueQuota, load_admission
 from aios.scheduler.policies import Policy, make_policy
 from aios.scheduler.registry import ManagerRecord, ManagerRegistry
-from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Request, State
+from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Job, State
 
 log = logging.getLogger("aios.scheduler")
 
@@ -131,11 +131,11 @@ class SchedulerCore:
         self.extra_status = extra_status
         self.registry = ManagerRegistry()
         self.queues: dict[str, Policy] = {}
-        self.pending: dict[tuple[bytes, str], Request] = {}
-        self.by_client: dict[bytes, set[Request]] = defaultdict(set)
+        self.pending: dict[tuple[bytes, str], Job] = {}
+        self.by_client: dict[bytes, set[Job]] = defaultdict(set)
         self.queued_agents: dict[str, int] = defaultdict(int)
-        self.held: dict[tuple[bytes, str], Request] = {}
-        self.deadlines: list[tuple[float, int, Request]] = []
+        self.held: dict[tuple[bytes, str], Job] = {}
+        self.deadlines: list[tuple[float, int, Job]] = []
         self.reply_cache: OrderedDict[tuple[bytes, str], tuple[dict[str, Any], bytes]] = OrderedDict()
         self.reply_cache_bytes = 0
         self.stats: dict[str, ServiceStats] = defaultdict(ServiceStats)
@@ -167,7 +167,7 @@ class SchedulerCore:
         self._reply(client, Reply(rid, _ERROR, timing=timing).to_header(), pack(error_body(code, message)))
 
     # -------------------------------------------------------------------- intake
-    def on_request(self, client: bytes, msg: RequestMsg | Call, body_raw: bytes, now: float,
+    def on_request(self, client: bytes, msg: Request | Call, body_raw: bytes, now: float,
                    caller: ManagerRecord | None = None) -> None:
         """A system call from an agent (`msg` a Request) or from a manager's handler (a Call)."""
         key = (client, msg.id)
@@ -201,7 +201,7 @@ class SchedulerCore:
             known_targets = sorted({t for m in managers for t in m.targets})
             return self.reply_error(client, msg.id, ErrorCode.UNKNOWN_TARGET,
                                     f"no {service} manager serves {target!r}; available: {known_targets}")
-        parent: Request | None = None
+        parent: Job | None = None
         agent: str
         deadline = msg.deadline
         if isinstance(msg, Call):
@@ -233,7 +233,7 @@ class SchedulerCore:
         if len(q) >= self.config.kernel.max_queue:
             return self.reply_error(client, msg.id, ErrorCode.OVERLOADED,
                                     f"the {service} queue is full ({len(q)} requests, [kernel] max_queue)")
-        req = Request(id=msg.id, client=client, agent=agent, service=service, op=op, body_raw=body_raw,
+        req = Job(id=msg.id, client=client, agent=agent, service=service, op=op, body_raw=body_raw,
                       created=now, target=target, deadline=now + deadline if deadline is not None else None,
                       idempotent=bool(info and info.idempotent), preemptible=bool(info and info.preemptible),
                       parent=parent, caller=caller.service if caller is not None else None)
@@ -268,13 +268,13 @@ class SchedulerCore:
             return f"service {service!r} cannot serve: " + "; ".join(parts)
         return None
 
-    def _enqueue(self, req: Request, requeue: bool = False) -> None:
+    def _enqueue(self, req: Job, requeue: bool = False) -> None:
         req.move(State.QUEUED)
         q = self.queue(req.service)
         q.requeue(req) if requeue else q.push(req)
         self.queued_agents[req.agent] += 1
 
-    def _dequeued(self, req: Request) -> None:
+    def _dequeued(self, req: Job) -> None:
         n = self.queued_agents.get(req.agent, 0) - 1
         if n > 0:
             self.queued_agents[req.agent] = n
@@ -304,7 +304,7 @@ class SchedulerCore:
             assert mgr is not None
             self._start(req, mgr, q, now)
 
-    def _start(self, req: Request, mgr: ManagerRecord, q: Policy, now: float) -> None:
+    def _start(self, req: Job, mgr: ManagerRecord, q: Policy, now: float) -> None:
         info = mgr.ops.get(req.op)
         if info is not None:  # a request queued before its manager registered learns its op's nature here
             req.preemptible = info.preemptible
@@ -434,7 +434,7 @@ class SchedulerCore:
         self._enqueue(req, requeue=True)
         self.dispatch(mgr.service, now)
 
-    def _release(self, mgr: ManagerRecord, req: Request, now: float, tokens: int) -> None:
+    def _release(self, mgr: ManagerRecord, req: Job, now: float, tokens: int) -> None:
         """A request stops running on `mgr`: free its slot and charge the service it used."""
         mgr.discard(req)
         run_s = now - (req.dispatched_at if req.dispatched_at is not None else now)
@@ -489,14 +489,14 @@ class SchedulerCore:
         self.client_gone(BACKEND_CLIENT + mgr.identity, now)
         self.dispatch(mgr.service, now)
 
-    def _reset_stream(self, req: Request) -> None:
+    def _reset_stream(self, req: Job) -> None:
         """The request will run again from the start: tell the caller to drop what it was streamed."""
         if req.streamed:
             self._reply(req.client, Reply(req.id, _PARTIAL, reset=True).to_header(), pack({"reset": True}))
             req.streamed = False
 
     # ------------------------------------------------------------------ endings
-    def _forget(self, req: Request, now: float) -> None:
+    def _forget(self, req: Job, now: float) -> None:
         """Remove a finished request from the books, drop its body, cancel calls it left running."""
         self.pending.pop(req.key, None)
         peers = self.by_client.get(req.client)
@@ -515,14 +515,14 @@ class SchedulerCore:
                                f"the request that made this call ({req.service}.{req.op}) has ended", now)
             req.children = None
 
-    def _fail(self, req: Request, code: ErrorCode, message: str, now: float) -> None:
+    def _fail(self, req: Job, code: ErrorCode, message: str, now: float) -> None:
         """Answer a live request with an error, wherever it is (held, queued, running)."""
         if not req.live:
             return
         self._cancel_quietly(req, now)
         self.reply_error(req.client, req.id, code, message, req.timing())
 
-    def _cancel_on_manager(self, req: Request, now: float) -> None:
+    def _cancel_on_manager(self, req: Job, now: float) -> None:
         """Tell the manager running the request (or keeping its saved context) to let go of it."""
         target = req.manager or req.affinity
         mgr = self.registry.get(target) if target else None
@@ -549,7 +549,7 @@ class SchedulerCore:
         for service in services:
             self.dispatch(service, now)
 
-    def _cancel_quietly(self, req: Request, now: float) -> None:
+    def _cancel_quietly(self, req: Job, now: float) -> None:
         """Like _fail, but nobody is there to answer."""
         if req.state == State.QUEUED:
             q = self.queues.get(req.service)
@@ -563,7 +563,7 @@ class SchedulerCore:
         self.stats[req.service].errors += 1
         self._forget(req, now)
 
-    def _cache(self, req: Request, header: dict[str, Any], body_raw: bytes) -> None:
+    def _cache(self, req: Job, header: dict[str, Any], body_raw: bytes) -> None:
         k = self.config.kernel
         if k.reply_cache <= 0:
             return
@@ -602,7 +602,7 @@ class SchedulerCore:
         if len(probed) > 2 * len(self.by_client) + 64:
             self._probed = {c: t for c, t in probed.items() if c in self.by_client}
 
-    def _release_held(self, req: Request, decision: Decision, now: float) -> None:
+    def _release_held(self, req: Job, decision: Decision, now: float) -> None:
         if self.held.pop(req.key, None) is not req or req.state != State.HELD:
             return
         if decision.allowed:

@@ -33,13 +33,13 @@ from collections import defaultdict
 from typing import Any, Callable, ClassVar, Iterator
 
 from aios.config import SchedulerConfig
-from aios.scheduler.request import Request
+from aios.scheduler.request import Job
 
 Placement = tuple[Any, Any]  # (target, affinity): str | None, bytes | None
 FitsClass = Callable[[Placement], bool]
 
 
-def placement(req: Request) -> Placement:
+def placement(req: Job) -> Placement:
     return (req.target, req.affinity)
 
 
@@ -50,23 +50,23 @@ class Policy(abc.ABC):
         self.config = config
 
     @abc.abstractmethod
-    def push(self, req: Request) -> None:
+    def push(self, req: Job) -> None:
         """A new arrival."""
 
-    def requeue(self, req: Request) -> None:
+    def requeue(self, req: Job) -> None:
         """A request coming back: preempted, or its manager died."""
         self.push(req)
 
     @abc.abstractmethod
-    def pop(self, fits: FitsClass) -> Request | None:
+    def pop(self, fits: FitsClass) -> Job | None:
         """Remove and return the next request whose placement class `fits`, or None."""
 
     @abc.abstractmethod
-    def remove(self, req: Request) -> bool:
+    def remove(self, req: Job) -> bool:
         """Take a queued request out (deadline passed, agent gone)."""
 
     @abc.abstractmethod
-    def reaffine(self, affinity: bytes) -> list[Request]:
+    def reaffine(self, affinity: bytes) -> list[Job]:
         """Requests waiting for the manager `affinity` lose it (that manager died): they keep
         their place in the order but may now run anywhere. Returns them."""
 
@@ -74,14 +74,14 @@ class Policy(abc.ABC):
     def __len__(self) -> int: ...
 
     @abc.abstractmethod
-    def __iter__(self) -> Iterator[Request]:
+    def __iter__(self) -> Iterator[Job]:
         """Queued requests in the order the policy would run them now (for status and tests; O(n log n))."""
 
-    def slice_tokens(self, req: Request) -> int | None:
+    def slice_tokens(self, req: Job) -> int | None:
         """Tokens the next run may produce before yielding; None runs to completion."""
         return None
 
-    def charge(self, req: Request, run_s: float, tokens: int) -> None:
+    def charge(self, req: Job, run_s: float, tokens: int) -> None:
         """Account for service a request just received."""
 
     def stats(self) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class _Entry:
 
     __slots__ = ("key", "token", "req")
 
-    def __init__(self, key: tuple, token: int, req: Request) -> None:
+    def __init__(self, key: tuple, token: int, req: Job) -> None:
         self.key, self.token, self.req = key, token, req
 
     def __lt__(self, other: "_Entry") -> bool:
@@ -108,7 +108,7 @@ class _Entry:
 _tokens = itertools.count(1)
 
 
-def _enter(req: Request) -> int:
+def _enter(req: Job) -> int:
     req.queue_token = next(_tokens)
     return req.queue_token
 
@@ -119,26 +119,26 @@ class _HeapPolicy(Policy):
     def __init__(self, config: SchedulerConfig) -> None:
         super().__init__(config)
         self._heaps: dict[Placement, list[_Entry]] = defaultdict(list)
-        self._keys: dict[Request, tuple] = {}  # live requests -> the key they are queued under
+        self._keys: dict[Job, tuple] = {}  # live requests -> the key they are queued under
         self._stale = 0
 
     @abc.abstractmethod
-    def key(self, req: Request, requeued: bool) -> tuple:
+    def key(self, req: Job, requeued: bool) -> tuple:
         """The request's position; must end in something unique per request (e.g. its arrival)."""
 
-    def _insert(self, req: Request, key: tuple) -> None:
+    def _insert(self, req: Job, key: tuple) -> None:
         if req in self._keys:
             self._drop(req)
         self._keys[req] = key
         heapq.heappush(self._heaps[placement(req)], _Entry(key, _enter(req), req))
 
-    def push(self, req: Request) -> None:
+    def push(self, req: Job) -> None:
         self._insert(req, self.key(req, requeued=False))
 
-    def requeue(self, req: Request) -> None:
+    def requeue(self, req: Job) -> None:
         self._insert(req, self.key(req, requeued=True))
 
-    def _drop(self, req: Request) -> None:
+    def _drop(self, req: Job) -> None:
         del self._keys[req]
         req.queue_token = 0
         self._stale += 1
@@ -149,7 +149,7 @@ class _HeapPolicy(Policy):
             self._stale -= 1
         return heap[0] if heap else None
 
-    def pop(self, fits: FitsClass) -> Request | None:
+    def pop(self, fits: FitsClass) -> Job | None:
         best: _Entry | None = None
         best_heap: list[_Entry] | None = None
         for cls, heap in list(self._heaps.items()):
@@ -166,14 +166,14 @@ class _HeapPolicy(Policy):
         best.req.queue_token = 0
         return best.req
 
-    def remove(self, req: Request) -> bool:
+    def remove(self, req: Job) -> bool:
         if req not in self._keys:
             return False
         self._drop(req)
         self._compact()
         return True
 
-    def reaffine(self, affinity: bytes) -> list[Request]:
+    def reaffine(self, affinity: bytes) -> list[Job]:
         moved = [r for cls, heap in self._heaps.items() if cls[1] == affinity for e in heap if e.live
                  for r in (e.req,)]
         for r in moved:
@@ -187,7 +187,7 @@ class _HeapPolicy(Policy):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __iter__(self) -> Iterator[Request]:
+    def __iter__(self) -> Iterator[Job]:
         return iter(sorted(self._keys, key=self._keys.__getitem__))
 
     def _compact(self) -> None:
@@ -208,7 +208,7 @@ class FifoPolicy(_HeapPolicy):
 
     name = "fifo"
 
-    def key(self, req: Request, requeued: bool) -> tuple:
+    def key(self, req: Job, requeued: bool) -> tuple:
         return (req.arrival,)
 
 
@@ -221,10 +221,10 @@ class RoundRobinPolicy(_HeapPolicy):
         super().__init__(config)
         self._ticket = itertools.count()
 
-    def key(self, req: Request, requeued: bool) -> tuple:
+    def key(self, req: Job, requeued: bool) -> tuple:
         return (next(self._ticket),)
 
-    def slice_tokens(self, req: Request) -> int | None:
+    def slice_tokens(self, req: Job) -> int | None:
         return self.config.time_slice_tokens
 
 
@@ -249,7 +249,7 @@ class LeastAttainedServicePolicy(Policy):
         # class -> heap of (share, head arrival, agent); (class, agent) -> the valid (share, arrival)
         self._order: dict[Placement, list[tuple[float, int, str]]] = defaultdict(list)
         self._announced: dict[tuple[Placement, str], tuple[float, int]] = {}
-        self._live: set[Request] = set()
+        self._live: set[Job] = set()
         self._stale = 0
 
     def _share(self, agent: str) -> float:
@@ -280,7 +280,7 @@ class LeastAttainedServicePolicy(Policy):
         self._announced[(cls, agent)] = entry
         heapq.heappush(self._order[cls], (entry[0], entry[1], agent))
 
-    def push(self, req: Request) -> None:
+    def push(self, req: Job) -> None:
         if req in self._live:
             self.remove(req)
         cls = placement(req)
@@ -307,7 +307,7 @@ class LeastAttainedServicePolicy(Policy):
             return (share, arrival), head
         return None
 
-    def pop(self, fits: FitsClass) -> Request | None:
+    def pop(self, fits: FitsClass) -> Job | None:
         best: tuple[tuple[float, int], _Entry, Placement] | None = None
         for cls in list(self._order):
             found = self._best(cls)
@@ -327,7 +327,7 @@ class LeastAttainedServicePolicy(Policy):
         self._announce(cls, req.agent)
         return req
 
-    def remove(self, req: Request) -> bool:
+    def remove(self, req: Job) -> bool:
         if req not in self._live:
             return False
         self._live.discard(req)
@@ -337,7 +337,7 @@ class LeastAttainedServicePolicy(Policy):
             self._compact()
         return True
 
-    def reaffine(self, affinity: bytes) -> list[Request]:
+    def reaffine(self, affinity: bytes) -> list[Job]:
         moved = [e.req for cls, agents in self._agents.items() if cls[1] == affinity
                  for heap in agents.values() for e in heap if e.live]
         for r in moved:
@@ -367,17 +367,17 @@ class LeastAttainedServicePolicy(Policy):
     def __len__(self) -> int:
         return len(self._live)
 
-    def __iter__(self) -> Iterator[Request]:
+    def __iter__(self) -> Iterator[Job]:
         return iter(sorted(self._live, key=lambda r: (self._share(r.agent), r.arrival)))
 
-    def slice_tokens(self, req: Request) -> int | None:
+    def slice_tokens(self, req: Job) -> int | None:
         return self.config.time_slice_tokens
 
     def stats(self) -> dict[str, Any]:
         top = sorted(self.attained.items(), key=lambda kv: -kv[1])[:50]
         return {"attained": {agent: round(units, 3) for agent, units in top}}
 
-    def charge(self, req: Request, run_s: float, tokens: int) -> None:
+    def charge(self, req: Job, run_s: float, tokens: int) -> None:
         # Tokens are the unit LLM cores report; other managers are charged by time (1 ms = 1 token).
         self.attained[req.agent] += tokens if tokens else run_s * 1000.0
         for cls, agents in self._agents.items():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from aios.messages import OpInfo, Ready, RunningEntry
-from aios.scheduler.request import Request
+from aios.scheduler.request import Job
 
 
 @dataclass(slots=True, eq=False)
@@ -38,7 +38,7 @@ class ManagerRecord:
     detail: str
     last_seen: float
     last_sent: float
-    inflight: dict[tuple[bytes, str], Request] = field(default_factory=dict)
+    inflight: dict[tuple[bytes, str], Job] = field(default_factory=dict)
     ghosts: dict[tuple[bytes, str], str | None] = field(default_factory=dict)  # key -> target
     per_target: Counter[str] = field(default_factory=Counter)  # in flight and ghosts
     completed: int = 0
@@ -105,11 +105,11 @@ class ManagerRecord:
         info = self.ops.get(op)
         return bool(info and info.idempotent) or (target is not None and target in self.idempotent_targets)
 
-    def add(self, req: Request) -> None:
+    def add(self, req: Job) -> None:
         self.inflight[req.key] = req
         self._count(req.target, +1)
 
-    def discard(self, req: Request, still_running: bool = False) -> bool:
+    def discard(self, req: Job, still_running: bool = False) -> bool:
         """Stop tracking `req`. `still_running`: it was cancelled and its handler may not have
         returned yet, so it stays counted (a ghost) until the manager reports it gone."""
         if self.inflight.pop(req.key, None) is None:

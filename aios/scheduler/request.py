@@ -52,7 +52,7 @@ class IllegalTransition(Exception):
 
 
 @dataclass(slots=True, eq=False)
-class Request:
+class Job:
     """A syscall the scheduler owns. Times are `time.monotonic()` seconds.
 
     `created` is arrival at the scheduler, `started` the first dispatch to a
@@ -73,7 +73,7 @@ class Request:
     target: str | None = None
     idempotent: bool = False
     preemptible: bool = False
-    parent: "Request | None" = None       # the request whose handler made this call
+    parent: "Job | None" = None       # the request whose handler made this call
     caller: str | None = None             # service of the manager that made this call
     arrival: int = field(default_factory=lambda: next(_arrivals))
     state: State | None = None
@@ -88,7 +88,7 @@ class Request:
     run_s: float = 0.0
     tokens: int = 0
     streamed: bool = False            # partial replies already reached the caller
-    children: set["Request"] | None = None  # calls made by this request's handler, still pending
+    children: set["Job"] | None = None  # calls made by this request's handler, still pending
     queue_token: int = 0              # policies' lazy deletion: bumped whenever it leaves a queue
 
     @property
@@ -114,10 +114,10 @@ class Request:
         """Drop the arguments once nothing can dispatch the request again (they may be megabytes)."""
         self.body_raw = b""
 
-    def chain(self) -> list["Request"]:
+    def chain(self) -> list["Job"]:
         """This request and its ancestors (callers), innermost first."""
-        out: list[Request] = []
-        r: Request | None = self
+        out: list[Job] = []
+        r: Job | None = self
         while r is not None:
             out.append(r)
             r = r.parent

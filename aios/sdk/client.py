@@ -43,7 +43,7 @@ from aios.sdk.engine import (
     DEFAULT_TIMEOUT_S,
     PartialHandler,
     PendingCall,
-    Reply,
+    CallResult,
     Send,
     Wait,
     decode,
@@ -55,7 +55,7 @@ from aios.sdk.services import KernelService, LLMService, MemoryService, StorageS
 from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
 
-__all__ = ["AsyncClient", "Client", "Reply", "connect", "connect_async", "DEFAULT_TIMEOUT_S"]
+__all__ = ["AsyncClient", "Client", "CallResult", "connect", "connect_async", "DEFAULT_TIMEOUT_S"]
 
 #: ops known to be safe to repeat without the caller saying so (the kernel adds its managers' ops)
 IDEMPOTENT_OPS = {("kernel", "ping"), ("kernel", "status"), ("kernel", "ops")}
@@ -153,8 +153,8 @@ class _ClientBase(abc.ABC):
     @abc.abstractmethod
     def request(self, service: str, op: str, args: dict[str, Any] | None = None, *,
                 timeout: float | None = None, idempotent: bool | None = None, target: str | None = None,
-                on_partial: PartialHandler | None = None, then: Callable[[Reply], Any] | None = None) -> Any:
-        """Make a call and return its Reply (or then(reply)); each client waits its own way."""
+                on_partial: PartialHandler | None = None, then: Callable[[CallResult], Any] | None = None) -> Any:
+        """Make a call and return its CallResult (or then(reply)); each client waits its own way."""
 
     def chat(self, messages: list[dict[str, Any]] | str, *, model: str | None = None, op: str = "chat",
              on_token: Callable[[str], None] | None = None, timeout: float | None = None, **options: Any) -> Any:
@@ -180,12 +180,12 @@ class Client(_ClientBase):
 
     def request(self, service: str, op: str, args: dict[str, Any] | None = None, *,
                 timeout: float | None = None, idempotent: bool | None = None, target: str | None = None,
-                on_partial: PartialHandler | None = None, then: Callable[[Reply], Any] | None = None) -> Any:
+                on_partial: PartialHandler | None = None, then: Callable[[CallResult], Any] | None = None) -> Any:
         """The full form of `call`: per-call timeout, retry policy, target (model/tool), streaming.
 
         `on_partial` receives each partial reply body as it arrives; a body
         {"reset": True} means the kernel restarted the call (its manager died)
-        and what was streamed so far should be discarded. Returns the `Reply`
+        and what was streamed so far should be discarded. Returns the `CallResult`
         (or `then(reply)`).
         """
         if idempotent is None and self._is_idempotent(service, op) is None:
@@ -288,7 +288,7 @@ class AsyncClient(_ClientBase):
     async def request(self, service: str, op: str, args: dict[str, Any] | None = None, *,
                       timeout: float | None = None, idempotent: bool | None = None, target: str | None = None,
                       on_partial: PartialHandler | None = None,
-                      then: Callable[[Reply], Any] | None = None) -> Any:
+                      then: Callable[[CallResult], Any] | None = None) -> Any:
         """Async `Client.request`."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read())

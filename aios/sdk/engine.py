@@ -12,7 +12,7 @@ replies, and turns an error reply into a typed exception. A driver loops:
         step = call.step(time.monotonic())
         if isinstance(step, Send):   send step.frames on the socket
         elif isinstance(step, Wait): wait for a message until step.until; call.feed(msg) if one came
-        else:                        return step (the final Reply; errors were raised by step())
+        else:                        return step (the final CallResult; errors were raised by step())
 
 The driver routes only messages whose id is `call.rid` to `feed` (the id
 changes when the call is retried). `connection_lost()` is the driver's news
@@ -53,7 +53,7 @@ _PARTIAL, _ERROR = Status.PARTIAL.value, Status.ERROR.value
 
 
 @dataclass
-class Reply:
+class CallResult:
     """A final reply: the result plus what the scheduler measured about the call."""
 
     result: Any
@@ -75,7 +75,7 @@ class Wait:
     until: float
 
 
-Step = Union[Send, Wait, Reply]
+Step = Union[Send, Wait, CallResult]
 
 
 class PendingCall:
@@ -100,7 +100,7 @@ class PendingCall:
         self._backoff = resend_interval
         self._send_at: float | None = now
         self._fresh = True
-        self._reply: Reply | None = None
+        self._reply: CallResult | None = None
         self._error: AIOSError | None = None
         self.partials: list[Any] = []
         self.attempts = 0
@@ -167,7 +167,7 @@ class PendingCall:
             self._error = error_from_body(msg.body)
             self._send_at = None
             return
-        self._reply = Reply(msg.body, h, self.partials)
+        self._reply = CallResult(msg.body, h, self.partials)
 
     def connection_lost(self, now: float) -> None:
         """The connection to the kernel dropped while this call was in flight."""

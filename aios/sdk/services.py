@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Callable
 
-from aios.sdk.engine import PartialHandler, Reply
+from aios.sdk.engine import PartialHandler, CallResult
 from aios.sdk.errors import AIOSError
 
 
@@ -27,7 +27,7 @@ class Service:
 
     def _request(self, op: str, args: dict[str, Any], *, timeout: float | None = None,
                  idempotent: bool | None = None, target: str | None = None,
-                 on_partial: PartialHandler | None = None, then: Callable[[Reply], Any] | None = None) -> Any:
+                 on_partial: PartialHandler | None = None, then: Callable[[CallResult], Any] | None = None) -> Any:
         return self._client.request(self.service, op, args, timeout=timeout, idempotent=idempotent,
                                     target=target, on_partial=on_partial, then=then)
 
@@ -36,7 +36,7 @@ class Service:
         return self._request(op, args, then=_result, **kw)
 
 
-def _result(reply: Reply) -> Any:
+def _result(reply: CallResult) -> Any:
     return reply.result
 
 
@@ -108,7 +108,7 @@ class LLMService(Service):
 
         `on_token` streams the answer's text as it is generated. Options:
         temperature, max_tokens, stop, seed and the other sampling options.
-        Returns the Reply: `.result` is {message, finish_reason, usage, model},
+        Returns the CallResult: `.result` is {message, finish_reason, usage, model},
         `.timing` says how long the call waited and ran.
         """
         return self.generate("chat", messages, model=model, on_token=on_token, timeout=timeout, **options)
@@ -156,7 +156,7 @@ def _catching(pending: Any, on_error: Callable[[AIOSError], Any]) -> Any:
     return pending
 
 
-def _field(name: str) -> Callable[[Reply], Any]:
+def _field(name: str) -> Callable[[CallResult], Any]:
     return lambda reply: reply.result[name]
 
 
@@ -250,7 +250,7 @@ class ToolsService(Service):
         """
         client = self._client
 
-        def run_call(reply: Reply) -> Any:
+        def run_call(reply: CallResult) -> Any:
             result = reply.result
             calls = result.get("tool_calls") or []
             if not calls:

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from aios.config import Config
-from aios.managers.base import Manager, OpError, RequestContext, Yield, op
+from aios.managers.base import Manager, OpError, RequestContext, Preempt, op
 from aios.managers.llm.backends.sim import SimBackend
 from aios.managers.llm.context import ContextStore
 from aios.managers.llm.options import LLMCoreConfig
@@ -318,7 +318,7 @@ class LLMCore(Manager):
             backend.drop(gen)
             raise OpError(ErrorCode.CANCELLED, "cancelled")
         if stored:
-            return Yield(affinity=True)
+            return Preempt(affinity=True)
         # No budget can hold it: finish it now rather than exceed the budget.
         self.log.warning("context budget full; running %s to completion without preemption", ctx.id)
         before = gen.usage.completion_tokens

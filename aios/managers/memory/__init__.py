@@ -9,6 +9,6 @@
 - workloads.py: seeded text workloads for the benchmarks and tests.
 - bench.py: `python -m aios.managers.memory.bench` prints compression, speed and RSS figures.
 """
-from aios.managers.memory.store import Backing, Limits, MemoryStore, Record
+from aios.managers.memory.store import Backing, Limits, MemoryStore, MemoryRecord
 
-__all__ = ["Backing", "Limits", "MemoryStore", "Record"]
+__all__ = ["Backing", "Limits", "MemoryStore", "MemoryRecord"]

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 import msgpack
 
 from aios.managers.memory.bm25 import query_terms
-from aios.managers.memory.store import MemoryStore, Record
+from aios.managers.memory.store import MemoryStore, MemoryRecord
 from aios.managers.memory.workloads import (TextGen, conversation_logs, distinct_notes, prompt_replays,
                                             templated_notes)
 
@@ -60,7 +60,7 @@ class SqliteBacking:
         self._lock = threading.Lock()
         self.puts = self.gets = 0
 
-    def put(self, agent: str, record: Record, via: Any) -> None:
+    def put(self, agent: str, record: MemoryRecord, via: Any) -> None:
         meta = msgpack.packb(record.metadata) if record.metadata else None
         with self._lock:
             self.puts += 1
@@ -70,14 +70,14 @@ class SqliteBacking:
                 self._db.execute("DELETE FROM entries_fts WHERE agent=? AND id=?", (agent, record.id))
                 self._db.execute("INSERT INTO entries_fts VALUES (?, ?, ?)", (record.content, agent, record.id))
 
-    def get(self, agent: str, entry_id: str, via: Any) -> Record | None:
+    def get(self, agent: str, entry_id: str, via: Any) -> MemoryRecord | None:
         with self._lock:
             self.gets += 1
             row = self._db.execute("SELECT content, meta, created, updated FROM entries WHERE agent=? AND id=?",
                                    (agent, entry_id)).fetchone()
         if row is None:
             return None
-        return Record(entry_id, row[0], msgpack.unpackb(row[1]) if row[1] else {}, row[2], row[3])
+        return MemoryRecord(entry_id, row[0], msgpack.unpackb(row[1]) if row[1] else {}, row[2], row[3])
 
     def delete(self, agent: str, entry_id: str, via: Any) -> bool:
         with self._lock:
@@ -94,7 +94,7 @@ class SqliteBacking:
         return [{"id": r[0], "metadata": msgpack.unpackb(r[1]) if r[1] else {}, "created": r[2],
                  "updated": r[3], "size": r[4]} for r in rows], total
 
-    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[Record, float]] | None:
+    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[MemoryRecord, float]] | None:
         if not self.fts:
             return None  # no index: the store ranks what it has in RAM
         terms = query_terms(query)
@@ -106,7 +106,7 @@ class SqliteBacking:
                 "WHERE entries_fts MATCH ? AND entries_fts.agent = ? ORDER BY rank LIMIT ?",
                 (match, agent, limit)).fetchall()
         # FTS5's bm25 is negated (lower is better): flip it so higher is better
-        return [(Record(r[0], r[1], msgpack.unpackb(r[2]) if r[2] else {}, r[3], r[4]), -r[5]) for r in rows]
+        return [(MemoryRecord(r[0], r[1], msgpack.unpackb(r[2]) if r[2] else {}, r[3], r[4]), -r[5]) for r in rows]
 
     def key_at(self, rowid: int) -> tuple[str, str]:
         """(agent, id) of the rowid-th entry written (benchmark bookkeeping without RAM)."""
@@ -319,7 +319,7 @@ def _calibrate_tracemalloc(name: str, texts: Callable[[], Iterator[str]], backin
 
 
 class _NullBacking:
-    def put(self, agent: str, record: Record, via: Any) -> None: ...
+    def put(self, agent: str, record: MemoryRecord, via: Any) -> None: ...
     def get(self, agent: str, entry_id: str, via: Any) -> None: return None
     def delete(self, agent: str, entry_id: str, via: Any) -> bool: return False
     def list(self, agent: str, offset: int, limit: int, via: Any) -> tuple[list, int]: return [], 0

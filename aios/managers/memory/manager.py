@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aios.managers.base import Manager, OpError, RequestContext, op
 from aios.managers.memory.fusion import fuse
-from aios.managers.memory.store import MemoryStore, Record
+from aios.managers.memory.store import MemoryStore, MemoryRecord
 from aios.protocol import ErrorCode
 
 #: how long the answer to "does an LLM core offer embeddings?" is trusted
@@ -52,19 +52,19 @@ class StorageBacking:
     (`via` is the request context, so every call acts for the request's agent)."""
 
     @staticmethod
-    def _meta(record: Record) -> dict[str, Any]:
+    def _meta(record: MemoryRecord) -> dict[str, Any]:
         return {"metadata": record.metadata, "created": record.created, "updated": record.updated}
 
     @staticmethod
-    def _record(key: str, text: str, meta: dict[str, Any]) -> Record:
-        return Record(key, text, dict(meta.get("metadata") or {}), float(meta.get("created", 0.0)),
+    def _record(key: str, text: str, meta: dict[str, Any]) -> MemoryRecord:
+        return MemoryRecord(key, text, dict(meta.get("metadata") or {}), float(meta.get("created", 0.0)),
                       float(meta.get("updated", 0.0)))
 
-    def put(self, agent: str, record: Record, via: Any) -> None:
+    def put(self, agent: str, record: MemoryRecord, via: Any) -> None:
         via.call("storage", "record_put", key=record.id, text=record.content, meta=self._meta(record),
                  idempotent=True)
 
-    def get(self, agent: str, entry_id: str, via: Any) -> Record | None:
+    def get(self, agent: str, entry_id: str, via: Any) -> MemoryRecord | None:
         try:
             r = via.call("storage", "record_get", key=entry_id, idempotent=True)
         except OpError as exc:
@@ -85,7 +85,7 @@ class StorageBacking:
                             "created": meta.get("created"), "updated": meta.get("updated"), "size": rec["size"]})
         return entries, int(r["total"])
 
-    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[Record, float]] | None:
+    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[MemoryRecord, float]] | None:
         r = via.call("storage", "record_search", query=query, limit=limit, match="any", full=True, idempotent=True)
         return [(self._record(h["key"], h["record"]["text"], h["record"]["meta"]), float(h["score"]))
                 for h in r["hits"] if h.get("record")]

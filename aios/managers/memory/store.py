@@ -104,7 +104,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Record:
+class MemoryRecord:
     """One memory entry as callers and the backing see it."""
 
     id: str
@@ -131,19 +131,19 @@ class Backing(Protocol):
     Errors are raised as OpError and reach the caller unchanged.
     """
 
-    def put(self, agent: str, record: Record, via: Any) -> None:
+    def put(self, agent: str, record: MemoryRecord, via: Any) -> None:
         """Create or replace the agent's entry `record.id`, durably."""
 
-    def get(self, agent: str, entry_id: str, via: Any) -> Record | None:
+    def get(self, agent: str, entry_id: str, via: Any) -> MemoryRecord | None:
         """The agent's entry, or None if it has none with that id."""
 
     def delete(self, agent: str, entry_id: str, via: Any) -> bool:
         """Remove the agent's entry; False if there was none."""
 
     def list(self, agent: str, offset: int, limit: int, via: Any) -> tuple[list[dict[str, Any]], int]:
-        """Summaries (Record.summary()) ordered by (created, id), and the agent's total count."""
+        """Summaries (MemoryRecord.summary()) ordered by (created, id), and the agent's total count."""
 
-    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[Record, float]] | None:
+    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[MemoryRecord, float]] | None:
         """Keyword (bm25) search over all the agent's entries, best first with scores
         (higher is better), or None if the backing cannot search."""
 
@@ -248,13 +248,13 @@ class MemoryStore:
                          "searches_ram": 0, "searches_backing": 0, "backing_search_failures": 0}
 
     # ================================================================ ops
-    def add(self, agent: str, content: str, metadata: dict[str, Any] | None = None, *, via: Any = None) -> Record:
+    def add(self, agent: str, content: str, metadata: dict[str, Any] | None = None, *, via: Any = None) -> MemoryRecord:
         """Store a new entry; return it (with its new id)."""
         self._check_agent(agent)
         self._check_content(content)
         meta = self._pack(metadata)
         now = self._clock()
-        record = Record(new_id(), content, _unpack(meta), now, now)
+        record = MemoryRecord(new_id(), content, _unpack(meta), now, now)
         if self._backing is not None:
             self._backing.put(agent, record, via)
         with self._lock:
@@ -268,7 +268,7 @@ class MemoryStore:
         self._notify(victims)
         return record
 
-    def get(self, agent: str, entry_id: str, *, via: Any = None) -> Record:
+    def get(self, agent: str, entry_id: str, *, via: Any = None) -> MemoryRecord:
         """The agent's entry, from RAM or (swap-in) from the backing."""
         self._check_agent(agent)
         self._check_id(entry_id)
@@ -294,7 +294,7 @@ class MemoryStore:
         return record
 
     def update(self, agent: str, entry_id: str, *, content: str | None = None,
-               metadata: dict[str, Any] | None = None, via: Any = None) -> Record:
+               metadata: dict[str, Any] | None = None, via: Any = None) -> MemoryRecord:
         """Replace the content and/or the metadata (the whole map) of an entry."""
         self._check_agent(agent)
         self._check_id(entry_id)
@@ -327,7 +327,7 @@ class MemoryStore:
                 swapped_in = False
             new_content = content if content is not None else current.content
             new_meta = meta if metadata is not None else self._pack_loaded(current.metadata)
-            record = Record(entry_id, new_content, _unpack(new_meta), current.created,
+            record = MemoryRecord(entry_id, new_content, _unpack(new_meta), current.created,
                             max(self._clock(), current.created))
             self._backing.put(agent, record, via)
             with self._lock:
@@ -503,8 +503,8 @@ class MemoryStore:
     def _stripe(self, agent: str, entry_id: str) -> threading.Lock:
         return self._stripes[hash((agent, entry_id)) & 63]
 
-    def _record(self, entry: _Entry) -> Record:
-        return Record(entry.id, entry.space.tree.get(entry.handle), _unpack(entry.meta), entry.created,
+    def _record(self, entry: _Entry) -> MemoryRecord:
+        return MemoryRecord(entry.id, entry.space.tree.get(entry.handle), _unpack(entry.meta), entry.created,
                       entry.updated)
 
     def _space_bytes(self, space: _Space) -> int:
@@ -611,16 +611,16 @@ class MemoryStore:
         self._ghost_bytes -= obj_bytes(key) + obj_bytes(packed)
         return struct.unpack(f"{len(packed) // 8}d", packed)
 
-    def _load(self, agent: str, entry_id: str, via: Any) -> Record:
+    def _load(self, agent: str, entry_id: str, via: Any) -> MemoryRecord:
         assert self._backing is not None
         record = self._backing.get(agent, entry_id, via)
         if record is None:
             raise self._not_found(entry_id)
-        if not isinstance(record, Record) or record.id != entry_id or not isinstance(record.content, str):
+        if not isinstance(record, MemoryRecord) or record.id != entry_id or not isinstance(record.content, str):
             raise OpError(ErrorCode.INTERNAL, f"the storage service returned a malformed memory entry for {entry_id!r}")
         return record
 
-    def _admit(self, records: list[Record], agent: str, if_writes: int | None = None) -> list[tuple[str, str]]:
+    def _admit(self, records: list[MemoryRecord], agent: str, if_writes: int | None = None) -> list[tuple[str, str]]:
         """Bring entries read from the backing into RAM (swap-in); resident ones are just referenced."""
         with self._lock:
             if if_writes is not None and if_writes != self._writes:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aios.managers.base import OpError
 from aios.managers.tools.manifest import check_parameters_schema
-from aios.managers.tools.registry import ToolProblem, ToolSpec
+from aios.managers.tools.registry import ToolProblem, RegisteredTool
 from aios.managers.tools.sandbox import WORKER_SCRIPT, JailPlanner
 from aios.protocol import ErrorCode
 
@@ -187,13 +187,13 @@ class _Server:
 
 
 class McpHub:
-    """All configured MCP servers, their tools as ToolSpecs, and calls into them from any thread."""
+    """All configured MCP servers, their tools as RegisteredTools, and calls into them from any thread."""
 
     def __init__(self, configs: list[McpServerConfig], planner: JailPlanner | None, max_result_bytes: int) -> None:
         self.configs = configs
         self.max_result_bytes = max_result_bytes
         self.servers = {c.name: _Server(c, planner) for c in configs}
-        self.specs: dict[str, ToolSpec] = {}
+        self.specs: dict[str, RegisteredTool] = {}
         self.problems: list[ToolProblem] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mcp-loop", daemon=True)
@@ -252,13 +252,13 @@ class McpHub:
                 self.problems.append(ToolProblem(where, str(exc)))
                 continue
             hints = tool.annotations
-            self.specs[name] = ToolSpec(
+            self.specs[name] = RegisteredTool(
                 name=name, description=(tool.description or tool.title or f"{tool.name} (MCP server {cfg.name})")[:4000],
                 parameters=schema, kind="mcp", source=f"mcp:{cfg.name}", limit=cfg.limit, timeout_s=cfg.timeout_s,
                 memory_mb=cfg.memory_mb, idempotent=bool(hints and hints.idempotent_hint),
                 network=not cfg.sandbox, reuse=True, mcp_server=cfg.name, mcp_tool=tool.name)
 
-    def call(self, spec: ToolSpec, args: dict[str, Any], timeout: float, cancelled: threading.Event | None) -> Any:
+    def call(self, spec: RegisteredTool, args: dict[str, Any], timeout: float, cancelled: threading.Event | None) -> Any:
         server = self.servers[spec.mcp_server or ""]
         fut = self._run(server.call(spec.mcp_tool or "", args, timeout))
         deadline = time.monotonic() + timeout + server.config.start_timeout_s + 2.0
@@ -279,7 +279,7 @@ class McpHub:
                 raise self._error(spec, server, exc, timeout) from None
         return self._result(spec, result)
 
-    def _error(self, spec: ToolSpec, server: _Server, exc: BaseException, timeout: float) -> OpError:
+    def _error(self, spec: RegisteredTool, server: _Server, exc: BaseException, timeout: float) -> OpError:
         from mcp.shared.exceptions import MCPError
         name = server.config.name
         if isinstance(exc, MCPError) and exc.code == REQUEST_TIMEOUT:
@@ -298,7 +298,7 @@ class McpHub:
         return OpError(ErrorCode.UNAVAILABLE, f"tool {spec.name!r}: MCP server {name!r} is not available: "
                                               f"{_explain(exc)}" + (f"; stderr: {tail[-600:]}" if tail else ""))
 
-    def _result(self, spec: ToolSpec, result: Any) -> Any:
+    def _result(self, spec: RegisteredTool, result: Any) -> Any:
         texts = [c.text for c in result.content if getattr(c, "type", None) == "text"]
         if result.is_error:
             raise OpError(ErrorCode.BACKEND_ERROR, f"tool {spec.name!r} failed: {' '.join(texts)[:2000]}")

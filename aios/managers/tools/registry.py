@@ -37,7 +37,7 @@ class ToolProblem:
 
 
 @dataclass
-class ToolSpec:
+class RegisteredTool:
     """Everything the runtime knows about one callable tool (local or mounted from MCP)."""
 
     name: str
@@ -64,7 +64,7 @@ class ToolSpec:
                 self.parameters, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
     @classmethod
-    def from_manifest(cls, manifest: ToolManifest, folder: Path, source: str) -> "ToolSpec":
+    def from_manifest(cls, manifest: ToolManifest, folder: Path, source: str) -> "RegisteredTool":
         return cls(name=manifest.name, description=manifest.description, parameters=manifest.parameters,
                    kind=manifest.kind, source=source, limit=manifest.limit, timeout_s=manifest.timeout_s,
                    memory_mb=manifest.memory_mb, idempotent=manifest.idempotent, network=manifest.network,
@@ -96,13 +96,13 @@ class ToolInfo(BaseModel):
     function: dict[str, Any]
 
 
-def discover(dirs: list[tuple[Path, bool]]) -> tuple[dict[str, ToolSpec], list[ToolProblem]]:
+def discover(dirs: list[tuple[Path, bool]]) -> tuple[dict[str, RegisteredTool], list[ToolProblem]]:
     """Find the tools in `dirs` ([(directory, may_hold_builtin_tools)], searched in order).
 
     The first tool of a name wins; a later one with the same name is a problem (not an
     override), so the tool an agent gets never depends on which directory was read last.
     """
-    specs: dict[str, ToolSpec] = {}
+    specs: dict[str, RegisteredTool] = {}
     problems: list[ToolProblem] = []
     for directory, trusted in dirs:
         if not directory.is_dir():
@@ -125,7 +125,7 @@ def discover(dirs: list[tuple[Path, bool]]) -> tuple[dict[str, ToolSpec], list[T
                 problems.append(ToolProblem(str(path), f"a tool named {manifest.name!r} was already loaded from "
                                                        f"{specs[manifest.name].source}; this one is ignored"))
                 continue
-            specs[manifest.name] = ToolSpec.from_manifest(manifest, folder, str(folder))
+            specs[manifest.name] = RegisteredTool.from_manifest(manifest, folder, str(folder))
     for p in problems:
         log.warning("tool not loaded: %s", p)
     return specs, problems
@@ -138,7 +138,7 @@ def format_path(path: Any) -> str:
     return out
 
 
-def validate_arguments(spec: ToolSpec, args: Any) -> None:
+def validate_arguments(spec: RegisteredTool, args: Any) -> None:
     """Raise INVALID_ARGUMENT naming each bad field ("arguments.x: 'abc' is not of type 'number'")."""
     if not isinstance(args, dict):
         raise OpError(ErrorCode.INVALID_ARGUMENT,

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
 from aios.managers.tools.mcp_source import McpHub, McpServerConfig
-from aios.managers.tools.registry import ToolInfo, ToolProblem, ToolSpec, discover, validate_arguments
+from aios.managers.tools.registry import ToolInfo, ToolProblem, RegisteredTool, discover, validate_arguments
 from aios.managers.tools.sandbox import Isolation, JailPlanner, WorkerPool, detect_isolation
 from aios.protocol import ErrorCode
 
@@ -126,7 +126,7 @@ class ToolRuntime:
                  len(self.all_problems()))
 
     # ------------------------------------------------------------ catalogue
-    def _all_specs(self) -> dict[str, ToolSpec]:
+    def _all_specs(self) -> dict[str, RegisteredTool]:
         if self._mcp is None:
             return self._specs
         return {**self._specs, **self._mcp.specs}
@@ -134,7 +134,7 @@ class ToolRuntime:
     def all_problems(self) -> list[ToolProblem]:
         return self.problems + (self._mcp.problems if self._mcp else [])
 
-    def _disabled_reason(self, spec: ToolSpec) -> str | None:
+    def _disabled_reason(self, spec: RegisteredTool) -> str | None:
         key = spec.requires_setting
         if key and not self.options.settings.get(spec.name, {}).get(key):
             return (f"tool {spec.name!r} is off: its setting {key!r} is empty "
@@ -144,7 +144,7 @@ class ToolRuntime:
                     f"{self.isolation.summary(self.options.scratch_mb)}")
         return None
 
-    def _info(self, spec: ToolSpec) -> ToolInfo:
+    def _info(self, spec: RegisteredTool) -> ToolInfo:
         reason = self._disabled_reason(spec)
         return ToolInfo(name=spec.name, description=spec.description, kind=spec.kind, source=spec.source,
                         limit=spec.limit, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
@@ -165,7 +165,7 @@ class ToolRuntime:
     def limits(self) -> dict[str, int]:
         return {name: spec.limit for name, spec in sorted(self._all_specs().items())}
 
-    def _lookup(self, name: str) -> ToolSpec:
+    def _lookup(self, name: str) -> RegisteredTool:
         if not isinstance(name, str):
             raise OpError(ErrorCode.INVALID_ARGUMENT, "the tool name must be a string")
         spec = self._all_specs().get(name)
@@ -212,7 +212,7 @@ class ToolRuntime:
         finally:
             slot.release()
 
-    def _slot(self, spec: ToolSpec) -> threading.BoundedSemaphore:
+    def _slot(self, spec: RegisteredTool) -> threading.BoundedSemaphore:
         """Defence in depth: the scheduler already keeps a tool within its limit."""
         with self._slots_lock:
             slot = self._slots.get(spec.name)
@@ -220,7 +220,7 @@ class ToolRuntime:
                 slot = self._slots[spec.name] = threading.BoundedSemaphore(spec.limit)
             return slot
 
-    def _call_subprocess(self, spec: ToolSpec, args: dict[str, Any], agent: str, timeout: float,
+    def _call_subprocess(self, spec: RegisteredTool, args: dict[str, Any], agent: str, timeout: float,
                          cancelled: threading.Event | None) -> Any:
         worker = self._pool.acquire(spec, agent)
         try:
@@ -228,7 +228,7 @@ class ToolRuntime:
         finally:
             self._pool.release(worker)
 
-    def _call_builtin(self, spec: ToolSpec, args: dict[str, Any], agent: str, deadline: float,
+    def _call_builtin(self, spec: RegisteredTool, args: dict[str, Any], agent: str, deadline: float,
                       call_fn: CallFn | None, cancelled: threading.Event | None) -> Any:
         func = self._load_builtin(spec)
         if cancelled is not None and cancelled.is_set():
@@ -252,7 +252,7 @@ class ToolRuntime:
                                                f"{self.options.max_result_bytes} bytes (tools max_result_bytes)")
         return result
 
-    def _load_builtin(self, spec: ToolSpec) -> Callable[..., Any]:
+    def _load_builtin(self, spec: RegisteredTool) -> Callable[..., Any]:
         """Import a builtin tool's code on its first call (dynamic loading)."""
         with self._builtin_lock:
             func = self._builtins.get(spec.name)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Literal
 
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
-from aios.managers.tools.registry import ToolSpec
+from aios.managers.tools.registry import RegisteredTool
 from aios.protocol import ErrorCode
 
 log = logging.getLogger("aios.tools")
@@ -87,7 +87,7 @@ class Isolation:
         tail = f" ({'; '.join(self.problems)})" if self.problems else ""
         return head + ", ".join(parts) + tail
 
-    def for_tool(self, spec: ToolSpec) -> str:
+    def for_tool(self, spec: RegisteredTool) -> str:
         if spec.kind == "builtin":
             return "none: runs inside the tool manager (allowed for shipped tools only)"
         if spec.kind == "mcp":
@@ -155,7 +155,7 @@ class JailPlanner:
             masks.update(untraversable_ancestors(keep))
         return sorted(masks)
 
-    def spec(self, tool: ToolSpec | None, cpu_s: int, memory_mb: int | None,
+    def spec(self, tool: RegisteredTool | None, cpu_s: int, memory_mb: int | None,
              network: bool = False) -> dict[str, Any] | None:
         iso = self.isolation
         if iso.mode == "off" or iso.strategy == "none" or not (iso.net or iso.fs or iso.pid):
@@ -240,7 +240,7 @@ def _killpg(proc: subprocess.Popen[bytes]) -> None:
 class Worker:
     """One worker process serving one tool (for one agent, when reused)."""
 
-    def __init__(self, spec: ToolSpec, agent: str, jail: dict[str, Any] | None, rlimits: dict[str, Any],
+    def __init__(self, spec: RegisteredTool, agent: str, jail: dict[str, Any] | None, rlimits: dict[str, Any],
                  max_result_bytes: int, scratch_root: str | Callable[[], str], cpu_budget_s: int) -> None:
         self.spec = spec
         self.agent = agent
@@ -539,7 +539,7 @@ class WorkerPool:
             except Exception:  # noqa: BLE001 - never let one worker stop the closing of others
                 log.exception("closing tool worker %s", w.proc.pid)
 
-    def _new_worker(self, spec: ToolSpec, agent: str) -> Worker:
+    def _new_worker(self, spec: RegisteredTool, agent: str) -> Worker:
         # RLIMIT_CPU is a backstop for the whole life of a (possibly warm) worker; the wall-clock
         # timeout of each call is what normally stops a tool.
         cpu_budget = int(max(60, 4 * spec.timeout_s))
@@ -560,7 +560,7 @@ class WorkerPool:
         if self._scratch_root is not None:
             shutil.rmtree(self._scratch_root, ignore_errors=True)
 
-    def acquire(self, spec: ToolSpec, agent: str) -> Worker:
+    def acquire(self, spec: RegisteredTool, agent: str) -> Worker:
         key = (spec.name, agent)
         with self._lock:
             if self._closed:

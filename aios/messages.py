@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Union
 
 from aios.protocol import ErrorCode, Kind, ProtocolError, Status
@@ -259,6 +260,54 @@ class Dispatch:
                    deadline=float(deadline) if deadline is not None else None, caller=_opt_name(h, "caller"))
 
 
+_TIMING_FIELDS = ("wait_s", "first_wait_s", "run_s", "turnaround_s", "preemptions", "attempts")
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # eq: Mapping's (a Timing equals a map of the same figures)
+class Timing(Mapping[str, float]):
+    """What the scheduler measured about a finished call, in seconds (and counts).
+
+    `wait_s`: time queued or held, all slices together; `first_wait_s`: until its first dispatch;
+    `run_s`: time on managers; `turnaround_s`: arrival to answer; `preemptions`: slices it yielded;
+    `attempts`: dispatches (more than preemptions + 1 when a manager died under it).
+    It reads as attributes (`timing.wait_s`) and, for code written before it was typed, as a
+    read-only map (`timing["wait_s"]`, `dict(timing)`).
+    """
+
+    wait_s: float = 0.0
+    first_wait_s: float = 0.0
+    run_s: float = 0.0
+    turnaround_s: float = 0.0
+    preemptions: int = 0
+    attempts: int = 0
+
+    def __getitem__(self, key: str) -> float:
+        if key not in _TIMING_FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TIMING_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_TIMING_FIELDS)
+
+    def to_wire(self) -> dict[str, float]:
+        return {f: getattr(self, f) for f in _TIMING_FIELDS}
+
+    @classmethod
+    def from_wire(cls, v: Any, h: dict[str, Any]) -> "Timing":
+        if type(v) is not dict:
+            raise _bad("header field 'timing' must be a map", h)
+        values: dict[str, Any] = {}
+        for f in _TIMING_FIELDS:
+            x = v.get(f, 0)
+            if type(x) not in (int, float) or not math.isfinite(x):
+                raise _bad(f"header field 'timing.{f}' must be a finite number", h)
+            values[f] = x
+        return cls(**values)
+
+
 @dataclass(slots=True)
 class Reply:
     """A partial or final answer.
@@ -275,7 +324,7 @@ class Reply:
     status: str
     client: bytes | None = None
     tokens: int = 0
-    timing: dict[str, Any] | None = None
+    timing: Timing | None = None
     reset: bool = False
 
     @property
@@ -289,7 +338,7 @@ class Reply:
         if self.tokens:
             h["tokens"] = self.tokens
         if self.timing is not None:
-            h["timing"] = self.timing
+            h["timing"] = self.timing.to_wire()
         if self.reset:
             h["reset"] = True
         return h
@@ -306,9 +355,8 @@ class Reply:
         if client is not None and type(client) is not bytes:
             raise _bad("header field 'client' must be bytes", h)
         timing = h.get("timing")
-        if timing is not None and type(timing) is not dict:
-            raise _bad("header field 'timing' must be a map", h)
-        return cls(id=rid, status=status, client=client, tokens=_int(h, "tokens"), timing=timing,
+        return cls(id=rid, status=status, client=client, tokens=_int(h, "tokens"),
+                   timing=Timing.from_wire(timing, h) if timing is not None else None,
                    reset=_bool(h, "reset"))
 
 
@@ -501,6 +549,8 @@ _BY_KIND: dict[str, Any] = {c.KIND: c for c in (Request, Call, Dispatch, Reply, 
 FROM_AGENT = frozenset({_REQUEST})
 FROM_MANAGER = frozenset({_CALL, _REPLY, _READY, _YIELD, _HEARTBEAT, _DISCONNECT})
 FROM_SCHEDULER_TO_MANAGER = frozenset({_DISPATCH, _REPLY, _CANCEL, _HEARTBEAT, _REREGISTER})
+#: what a caller (an agent, the supervisor's probe) receives: answers, and the scheduler's liveness probe
+TO_CALLER = frozenset({_REPLY, _HEARTBEAT})
 
 
 def parse(header: dict[str, Any], allowed: frozenset[str]) -> Message:
@@ -512,3 +562,11 @@ def parse(header: dict[str, Any], allowed: frozenset[str]) -> Message:
         what = "agents may only send requests" if allowed is FROM_AGENT else "unexpected message kind"
         raise _bad(f"{what}, not {kind!r}", header)
     return _BY_KIND[kind].from_header(header)
+
+
+def request_id_of(header: dict[str, Any] | None) -> str | None:
+    """The request id a header carries, if it is a string: what an error answer to a frame that
+    failed parsing can still name, so the caller matches the refusal to its call (even an id too
+    long or empty to accept is echoed back: the caller chose it)."""
+    rid = header.get("id") if isinstance(header, dict) else None
+    return rid if type(rid) is str else None

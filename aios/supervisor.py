@@ -41,9 +41,11 @@ from typing import Any, Callable
 import zmq
 
 from aios import messages
+from aios.calls import PendingCall, Send, Wait, decode, match_id
 from aios.config import Config, ConfigError, load_config
 from aios.procutil import SUPERVISOR_PID_ENV, set_parent_death_signal
-from aios.protocol import Codec, ProtocolError, new_request_id
+from aios.errors import AIOSError
+from aios.protocol import Codec, ProtocolError
 from aios.rundir import RunDir, write_atomic
 
 log = logging.getLogger("aios.supervisor")
@@ -113,18 +115,21 @@ class Probe:
             self.sock = dealer(self.ctx, self.run_dir, self.config, role="agent")
             self.sock.connect(self.run_dir.frontend_endpoint(self.config))
         assert self.codec is not None
-        rid = new_request_id()
-        req = messages.Request(id=rid, service="kernel", op="status", agent="supervisor", deadline=timeout)
+        call = PendingCall(self.codec, messages.Request(id="", service="kernel", op="status", agent="supervisor"),
+                           {}, timeout=timeout, idempotent=False, now=time.monotonic(), where="the scheduler")
         try:
-            self.sock.send_multipart(self.codec.encode(req.to_header(), {}), zmq.NOBLOCK)
-            end = time.monotonic() + timeout
-            while (left := end - time.monotonic()) > 0:
-                if not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                    break
-                msg = self.codec.decode(self.sock.recv_multipart())
-                if msg.header.get("id") == rid and msg.header.get("status") == "ok" and isinstance(msg.body, dict):
-                    return msg.body
-        except (zmq.ZMQError, ProtocolError):
+            while True:
+                step = call.step(time.monotonic())
+                if isinstance(step, Send):
+                    self.sock.send_multipart(step.frames, zmq.NOBLOCK)
+                elif isinstance(step, Wait):
+                    if self.sock.poll(max(1, int((step.until - time.monotonic()) * 1000) + 1), zmq.POLLIN):
+                        msg = decode(self.codec, self.sock.recv_multipart())
+                        if match_id(msg) == call.rid:
+                            call.feed(msg)  # type: ignore[arg-type]
+                else:
+                    return step.result if isinstance(step.result, dict) else None
+        except (zmq.ZMQError, AIOSError, ProtocolError):
             pass
         self.reset()
         return None

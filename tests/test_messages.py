@@ -19,6 +19,7 @@ from aios.messages import (
     Ready,
     Reregister,
     Reply,
+    Timing,
     Request,
     Yield,
     check_deadline,
@@ -39,7 +40,7 @@ SAMPLES: list[Any] = [
              resume=True, slice=32, deadline=4.5, caller="memory"),
     Dispatch(id="r1", client=b"@m1", agent="alice", service="llm", op="chat"),
     Reply(id="r1", status="ok", client=b"\x00abc", tokens=12),
-    Reply(id="r1", status="ok", timing={"wait_s": 0.1, "run_s": 0.2}),
+    Reply(id="r1", status="ok", timing=Timing(wait_s=0.1, run_s=0.2, turnaround_s=0.3, attempts=1)),
     Reply(id="r1", status="partial", reset=True),
     Reply(id=None, status="error"),
     Ready(name="core0", service="llm", capacity=4, incarnation="abc", pid=42,
@@ -308,3 +309,26 @@ def test_a_kind_of_the_wrong_type_is_bad_frame(kind: Any, allowed: frozenset[str
 def test_a_status_of_the_wrong_type_is_bad_frame(status: Any) -> None:
     """Nothing but ProtocolError may escape Reply.from_header: a list or map status must not raise TypeError."""
     bad_frame(lambda: Reply.from_header(_reply(status=status)), "status")
+
+
+def test_timing_is_typed_and_still_reads_as_a_map() -> None:
+    t = Reply.from_header({"kind": "reply", "id": "r", "status": "ok",
+                           "timing": {"wait_s": 0.5, "run_s": 1.5, "turnaround_s": 2.0, "attempts": 1}}).timing
+    assert isinstance(t, Timing) and t.wait_s == 0.5 and t.preemptions == 0
+    assert t["run_s"] == 1.5 and dict(t) == t.to_wire() and t == t.to_wire()
+    with pytest.raises(KeyError):
+        t["nope"]
+
+
+@pytest.mark.parametrize("timing", [{"wait_s": "slow"}, {"run_s": float("nan")}, {"attempts": None},
+                                    {"turnaround_s": float("inf")}])
+def test_a_reply_with_malformed_timing_figures_is_refused(timing: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError) as info:
+        Reply.from_header({"kind": "reply", "id": "r", "status": "ok", "timing": timing})
+    assert info.value.code == ErrorCode.BAD_FRAME and "timing." in info.value.message
+
+
+def test_request_id_of_names_only_readable_ids() -> None:
+    assert messages.request_id_of({"id": "r1"}) == "r1"
+    assert messages.request_id_of({"id": 5}) is None and messages.request_id_of(None) is None
+    assert messages.request_id_of({"id": ""}) == ""  # refused, but still the caller's to match

@@ -16,12 +16,17 @@ A manager is written by declaring its ops, never by touching sockets:
         def echo(self, args: EchoArgs, ctx: RequestContext) -> dict:
             return {"text": args.text.upper() if self.options.shout else args.text}
 
-The base connects a DEALER to the scheduler's backend under an unguessable
-routing id, announces READY(service, capacity, incarnation, ops, targets),
-heartbeats (saying how many requests it runs), validates each request's
-body with the op's pydantic model, runs handlers on a pool of `capacity`
-threads (so the socket loop keeps heartbeating while a long handler runs),
-and turns exceptions into error replies. Handlers may stream partial
+This module is the authoring API: everything a manager author imports (`op`,
+`Manager`, `RequestContext`, `OpError`, `Preempt`, `Deferred`). The machinery
+behind it is in two parts, as the scheduler's is: the core
+(`manager_core.py`: dispatch, validation, inline batches, cancel, calls;
+no sockets, unit-tested through `tests/support/manager_harness.py`) and the
+socket shell (`shell.py`: the DEALER under an unguessable routing id,
+READY(service, capacity, incarnation, ops, targets), heartbeats, the hand-off
+from pool threads). Together they validate each request's body with the
+op's pydantic model, run handlers on a pool of `capacity` threads (so the
+socket loop keeps heartbeating while a long handler runs), and turn
+exceptions into error replies. Handlers may stream partial
 replies (`ctx.partial`), hand a preemptible request back to the scheduler by
 returning `Preempt`, and call other services on behalf of the same agent
 (`ctx.call`), which the scheduler queues and charges like the agent's own.
@@ -42,35 +47,26 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import zmq
-from pydantic import BaseModel, ConfigDict, ValidationError
-from zmq.utils.monitor import recv_monitor_message
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aios import messages
 from aios.config import Config
-from aios.protocol import Codec, ErrorCode, Message, ProtocolError, Status, error_body
+from aios.protocol import ErrorCode, Status
 from aios.rundir import RunDir
-from aios.sockets import dealer
-from aios.zmqio import NOBLOCK, recv_multipart, send_multipart
+
+if TYPE_CHECKING:
+    from aios.managers.manager_core import ManagerCore
 
 log = logging.getLogger("aios.manager")
 
-_OK, _ERROR = Status.OK.value, Status.ERROR.value
-#: default time a handler's call may take when the request it serves has no deadline
-DEFAULT_CALL_TIMEOUT_S = 300.0
-#: how often a handler waiting on a call checks whether its own request was cancelled
-CALL_POLL_S = 0.05
-_LOST = object()  # put in a waiting call's inbox when the scheduler connection drops
-#: most messages read from the scheduler before the loop looks at its other sockets and clocks
-MAX_BATCH_MESSAGES = 256
+#: set to 1 in a kernel's environment to give every manager the `test_hold_batch` op (tests only)
+TEST_HOOKS_ENV = "AIOS_TEST_HOOKS"
 
 
 class OpError(Exception):
@@ -161,12 +157,12 @@ class RequestContext:
     caller: str | None = None  # service of the manager that made this call; None when an agent did
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: int = 0  # service units consumed in this run (LLM tokens), reported to the policy
-    _manager: "Manager | None" = field(default=None, repr=False)
+    _core: "ManagerCore | None" = field(default=None, repr=False)
 
     def partial(self, body: Any) -> None:
         """Stream a partial reply to the caller now."""
-        if self._manager is not None:
-            self._manager._post(self, {"status": Status.PARTIAL.value}, body)
+        if self._core is not None:
+            self._core.post(self, Status.PARTIAL.value, body, final=False)
 
     def call(self, service: str, op: str, /, *, target: str | None = None, timeout: float | None = None,
              idempotent: bool = False, **args: Any) -> Any:
@@ -180,18 +176,18 @@ class RequestContext:
         re-sent when no answer comes and retried after a retryable error,
         like an agent's idempotent call.
         """
-        if self._manager is None:
+        if self._core is None:
             raise OpError(ErrorCode.INTERNAL, "this request context cannot make calls")
-        return self._manager._service_call(self, service, op, args, target, timeout, idempotent)
+        return self._core.service_call(self, service, op, args, target, timeout, idempotent)
 
     @property
     def key(self) -> str:
         return request_key(self.id, self.client)
 
 
-@dataclass(frozen=True)
-class _Failed:
-    body: dict[str, Any]  # error_body(...)
+class _HoldArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(ge=1, le=10_000)
 
 
 class _NoOptions(BaseModel):
@@ -236,9 +232,16 @@ class Manager:
         self.health = "ok"
         self.health_detail = ""
         self._stopping = threading.Event()
-        self._active: dict[str, RequestContext] = {}
-        self._calls: dict[str, "queue.Queue[Any]"] = {}
-        self._lock = threading.Lock()
+        self._core: "ManagerCore | None" = None
+        if os.environ.get(TEST_HOOKS_ENV) == "1":
+            self.ops["test_hold_batch"] = OpSpec("test_hold_batch", Manager._test_hold_batch, _HoldArgs,
+                                                 idempotent=False, preemptible=False, inline=True)
+
+    def _test_hold_batch(self, args: _HoldArgs, ctx: "RequestContext") -> dict[str, int]:
+        """Test hook: hold the next batch open until `n` requests are in it (`ManagerCore.hold_next_batch`)."""
+        assert self._core is not None
+        self._core.hold_next_batch(args.n)
+        return {"holding": args.n}
 
     @classmethod
     def default_memory_limit_mb(cls, options: Any, config: Config) -> int | None:
@@ -286,313 +289,32 @@ class Manager:
         have gone out (`idle` False: keep it short, the next batch waits meanwhile), and when no
         message came for a poll interval (`idle` True). An exception here is logged."""
 
-    # -------------------------------------------------------------- loop
+    # ------------------------------------------------------------ running
     def serve(self) -> None:
-        k = self.config.kernel
-        self.codec = Codec(self.run_dir.load_key())
-        self.zctx = zmq.Context()
-        self._results = self.zctx.socket(zmq.PULL)
-        self._results.bind(f"inproc://results-{id(self)}")
-        self._local = threading.local()
-        self._loop_thread = threading.current_thread()
-        self._deferred: list[tuple[RequestContext, Deferred]] = []
-        self.pool = ThreadPoolExecutor(max_workers=min(self.pool_threads or self.capacity, self.capacity),
-                                       thread_name_prefix=self.name)
-        self.sock = dealer(self.zctx, self.run_dir, self.config, role="manager", identity=self.identity)
-        # The connection monitor tells us at once when the scheduler goes away and comes back, so we
-        # re-register within milliseconds of its restart instead of after a heartbeat expiry.
-        monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(self.run_dir.backend_endpoint(self.config))
-        hb_interval, hb_expiry = k.heartbeat_interval_s, k.heartbeat_interval_s * k.heartbeat_liveness
-        last_heard = last_beat = time.monotonic()
-        self._send_ready()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._results, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        self.log.info("serving %s (capacity %d, ops %s)", self.service, self.capacity, sorted(self.ops))
-        disconnected = False
-        while not self._stopping.is_set():
-            events = dict(poller.poll(int(hb_interval * 250)))
-            now = time.monotonic()
-            if monitor in events:
-                while True:
-                    try:
-                        event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
-                    except zmq.Again:
-                        break
-                    if event == zmq.EVENT_DISCONNECTED:
-                        disconnected = True
-                        for inbox in list(self._calls.values()):
-                            inbox.put(_LOST)  # calls in flight: re-send or fail, as the engine decides
-                    elif event == zmq.EVENT_CONNECTED and disconnected:
-                        disconnected = False
-                        self.log.info("scheduler connection back; announcing READY")
-                        self._send_ready()
-                        last_heard = last_beat = now
-            if self._results in events:
-                while True:
-                    try:
-                        frames = recv_multipart(self._results, NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._send_frames(frames)
-            if self.sock in events:
-                # Everything already queued is one batch (bounded, so heartbeats keep their rhythm).
-                for _ in range(MAX_BATCH_MESSAGES):
-                    try:
-                        frames = recv_multipart(self.sock, NOBLOCK)
-                    except zmq.Again:
-                        break
-                    last_heard = now
-                    self._on_message(frames)
-                if self._deferred:
-                    self._finish_deferred()
-                self._housekeeping(False)
-            elif not events:
-                self._housekeeping(True)
-            if now - last_heard > hb_expiry:
-                # The scheduler went quiet (restarting?): announce ourselves again.
-                self.log.warning("no word from the scheduler for %.1fs; re-announcing", now - last_heard)
-                self._send_ready()
-                last_heard = last_beat = now
-            elif now - last_beat >= hb_interval:
-                # Beat on a fixed rhythm even while replies flow: it lists the requests running here,
-                # which is how the scheduler's view of our capacity heals after it restarts or
-                # cancels a handler that is still winding down.
-                self._send_frames(self._encode(messages.Heartbeat(running=self._running())))
-                last_beat = now
-        self.sock.disable_monitor()
-        monitor.close(0)
-        self._shutdown()
+        """Serve until `stop()`: the socket shell around this manager's core."""
+        from aios.managers.shell import ManagerShell
+        ManagerShell(self).run()
 
     def stop(self) -> None:
         self._stopping.set()
 
-    def _housekeeping(self, idle: bool) -> None:
-        try:
-            self.housekeeping(idle)
-        except Exception:  # noqa: BLE001 - upkeep must not take the socket loop down
-            self.log.exception("housekeeping failed")
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
-    def _running(self) -> list[messages.RunningEntry]:
-        with self._lock:
-            return [(c.client, c.id, c.target) for c in self._active.values()]
-
-    def _encode(self, msg: Any, body: Any = None) -> list[bytes]:
-        return self.codec.encode(msg.to_header(), body)
-
-    def _send_frames(self, frames: list[bytes]) -> None:
-        try:
-            send_multipart(self.sock, frames, NOBLOCK)
-        except zmq.Again:
-            self.log.warning("scheduler not accepting messages; dropped one")
-
-    def ready_message(self) -> messages.Ready:
-        return messages.Ready(
-            name=self.name, service=self.service, capacity=self.capacity, incarnation=self.incarnation,
-            pid=os.getpid(), running=self._running(),
-            ops={n: messages.OpInfo(s.idempotent, s.preemptible) for n, s in self.ops.items()},
-            targets=list(self.targets), default=self.default_target, limits=dict(self.limits),
-            idempotent_targets=list(self.idempotent_targets),
-            health=self.health, detail=self.health_detail)
-
-    def _send_ready(self) -> None:
-        self._send_frames(self._encode(self.ready_message()))
+    @property
+    def pool(self) -> Executor:
+        """The threads handlers run on (while serving): for work that must not run on the socket thread."""
+        if self._core is None:
+            raise RuntimeError(f"{self.name} is not serving: it has no pool yet")
+        return self._core.pool
 
     def set_health(self, health: str, detail: str = "") -> None:
         """Report "ok" or "degraded" (with why) to the scheduler; `aios status` shows it."""
         if (health, detail) != (self.health, self.health_detail):
             self.health, self.health_detail = health, detail
-            if hasattr(self, "sock"):
-                self._post_frames(self._encode(self.ready_message()))
-
-    def _shutdown(self) -> None:
-        self._send_frames(self._encode(messages.Disconnect("stopping")))
-        for ctx in list(self._active.values()):
-            ctx.cancelled.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.teardown()
-        self.sock.close(0)
-        self._results.close(0)
-        self.zctx.term()
-
-    # ---------------------------------------------------------- messages
-    def _on_message(self, frames: list[bytes]) -> None:
-        try:
-            msg = self.codec.decode(frames)
-            typed = messages.parse(msg.header, messages.FROM_SCHEDULER_TO_MANAGER)
-        except ProtocolError as exc:
-            self.log.warning("rejected frame from scheduler: %s", exc.message)
-            return
-        if isinstance(typed, messages.Dispatch):
-            self._on_dispatch(typed, msg)
-        elif isinstance(typed, messages.Reply):
-            waiter = self._calls.get(typed.id or "")
-            if waiter is not None:
-                waiter.put(msg)
-        elif isinstance(typed, messages.Cancel):
-            key = request_key(typed.id, typed.client)
-            with self._lock:
-                ctx = self._active.get(key)
-            if ctx is not None:
-                ctx.cancelled.set()
-                self.on_cancel(ctx)
-            else:
-                self.on_forget(key)
-        elif isinstance(typed, messages.Reregister):
-            self._send_ready()
-
-    def _on_dispatch(self, d: messages.Dispatch, msg: Message) -> None:
-        ctx = RequestContext(
-            id=d.id, client=d.client, agent=d.agent, op=d.op, attempt=d.attempt, resume=d.resume, slice=d.slice,
-            target=d.target, caller=d.caller,
-            deadline=time.monotonic() + d.deadline if d.deadline is not None else None, _manager=self)
-        spec = self.ops.get(d.op)
-        if spec is None:
-            return self._post(ctx, {"status": _ERROR}, error_body(
-                ErrorCode.UNKNOWN_OP, f"service {self.service!r} has no op {d.op!r}; ops: {sorted(self.ops)}"))
-        try:
-            body = msg.body
-            if not isinstance(body, dict):
-                raise OpError(ErrorCode.INVALID_ARGUMENT, "the syscall body must be a map of arguments")
-            args = spec.args_model.model_validate(body) if spec.args_model else body
-        except (ProtocolError, OpError) as exc:
-            return self._post(ctx, {"status": _ERROR}, error_body(exc.code, exc.message))
-        except ValidationError as exc:
-            return self._post(ctx, {"status": _ERROR},
-                              error_body(ErrorCode.INVALID_ARGUMENT, f"{self.service}.{d.op}: {describe_validation(exc)}"))
-        with self._lock:
-            self._active[ctx.key] = ctx
-        inline = spec.inline
-        if callable(inline):  # the op decides per request
-            inline = self._outcome(ctx, lambda: spec.inline(args))  # type: ignore[operator]
-        if isinstance(inline, _Failed):
-            self._answer(ctx, inline)
-        elif inline:
-            self._run(spec, args, ctx)
-        else:
-            self.pool.submit(self._run, spec, args, ctx)
-
-    def _run(self, spec: OpSpec, args: Any, ctx: RequestContext) -> None:
-        result = self._outcome(ctx, lambda: spec.func(self, args, ctx))
-        if isinstance(result, Deferred):
-            if threading.current_thread() is self._loop_thread:
-                self._deferred.append((ctx, result))  # answered when its batch closes
-                return
-            # ran on the pool: a batch of its own, closed at once
-            self._close_batch([(ctx, result)])
-            return
-        self._answer(ctx, result)
-
-    def _finish_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, []
-        self._close_batch(deferred)
-
-    def _close_batch(self, deferred: list[tuple[RequestContext, Deferred]]) -> None:
-        try:
-            self.end_batch([d.token for _, d in deferred])
-        except Exception:  # noqa: BLE001 - each deferred request's finish() reports what it lost
-            self.log.exception("end_batch failed")
-        for ctx, d in deferred:
-            self._answer(ctx, self._outcome(ctx, d.finish))
-
-    def _outcome(self, ctx: RequestContext, call: Callable[[], Any]) -> Any:
-        """What `call()` returns, or, if it raises, `_Failed` with the error reply the exception becomes."""
-        try:
-            return call()
-        except OpError as exc:
-            return _Failed(error_body(exc.code, exc.message))
-        except ValidationError as exc:
-            return _Failed(error_body(ErrorCode.INVALID_ARGUMENT, describe_validation(exc)))
-        except Exception as exc:
-            self.log.exception("op %s failed", ctx.op)
-            return _Failed(error_body(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
-
-    def _answer(self, ctx: RequestContext, result: Any) -> None:
-        header: dict[str, Any]
-        if isinstance(result, _Failed):
-            header, body = {"status": _ERROR}, result.body
-        elif isinstance(result, Preempt):
-            header, body = {"yield": result.affinity}, None
-        else:
-            if isinstance(result, BaseModel):
-                result = result.model_dump(mode="json")
-            header, body = {"status": _OK}, result
-        with self._lock:
-            self._active.pop(ctx.key, None)
-        self._post(ctx, header, body, final=True)
-
-    def _post(self, ctx: RequestContext, header: dict[str, Any], body: Any, final: bool = False) -> None:
-        """Send a reply (or yield) for `ctx` from any thread."""
-        if "yield" in header:
-            msg: Any = messages.Yield(ctx.id, ctx.client, affinity=header["yield"], tokens=ctx.tokens)
-        else:
-            msg = messages.Reply(ctx.id, header["status"], client=ctx.client, tokens=ctx.tokens if final else 0)
-        self._post_frames(self._encode(msg, body))
-
-    def _post_frames(self, frames: list[bytes]) -> None:
-        """Hand frames to the socket loop (only that thread touches the DEALER)."""
-        if threading.current_thread() is self._loop_thread:
-            self._send_frames(frames)
-            return
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self._local.push = self.zctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"inproc://results-{id(self)}")
-        sock.send_multipart(frames)
-
-    # ------------------------------------------------------------- calls
-    def _service_call(self, ctx: RequestContext, service: str, op_name: str, args: dict[str, Any],
-                      target: str | None, timeout: float | None, idempotent: bool) -> Any:
-        from aios.sdk.engine import PendingCall, Send, Wait
-        from aios.sdk.errors import AIOSError
-
-        if threading.current_thread() is self._loop_thread:
-            # the reply would arrive on the socket this thread is blocked from reading
-            raise OpError(ErrorCode.INTERNAL, f"{self.service}.{ctx.op} is an inline op: it cannot call "
-                                              f"{service}.{op_name} (declare it without inline=True)")
-        now = time.monotonic()
-        left = (ctx.deadline - now) if ctx.deadline is not None else DEFAULT_CALL_TIMEOUT_S
-        timeout = left if timeout is None else min(timeout, left)
-        if timeout <= 0:
-            raise OpError(ErrorCode.DEADLINE_EXCEEDED, f"no time left to call {service}.{op_name}")
-        header = messages.Call(id="", service=service, op=op_name, parent=ctx.id, parent_client=ctx.client,
-                               target=target)
-        call = PendingCall(self.codec, header, args, timeout=timeout, idempotent=idempotent, now=now,
-                           where="the scheduler")
-        inbox: queue.Queue[Any] = queue.Queue()
-        rid = ""
-        try:
-            while True:
-                if ctx.cancelled.is_set():
-                    raise OpError(ErrorCode.CANCELLED, f"cancelled while waiting for {service}.{op_name}")
-                try:
-                    step = call.step(time.monotonic())
-                except AIOSError as exc:
-                    raise OpError(exc.code if exc.code in ErrorCode.__members__ else ErrorCode.DEADLINE_EXCEEDED,
-                                  f"{service}.{op_name}: {exc.message}") from None
-                if isinstance(step, Send):
-                    if call.rid != rid:
-                        self._calls.pop(rid, None)
-                        rid = call.rid
-                        self._calls[rid] = inbox
-                    self._post_frames(step.frames)
-                elif isinstance(step, Wait):
-                    wait = max(0.0, min(step.until - time.monotonic(), CALL_POLL_S))
-                    try:
-                        msg = inbox.get(timeout=wait)
-                    except queue.Empty:
-                        continue
-                    if msg is _LOST:
-                        call.connection_lost(time.monotonic())
-                    elif msg.header.get("id") == call.rid:
-                        call.feed(msg)
-                else:
-                    return step.result
-        finally:
-            self._calls.pop(rid, None)
+            if self._core is not None:
+                self._core.out.send(self._core.ready_message())
 
 
 def describe_validation(exc: ValidationError) -> str:

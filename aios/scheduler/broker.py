@@ -41,7 +41,6 @@ POLL_MS = 100
 REJECT_LOG_INTERVAL_S = 10.0
 #: the backend carries LLM contexts and tool results: allow larger frames there than from agents
 BACKEND_MIN_MAX_MESSAGE = 64 * 1024 * 1024
-_REQUEST_MSG = messages.Request
 _ERROR = Status.ERROR.value
 
 
@@ -123,14 +122,17 @@ class Broker:
         return auth
 
     # ---------------------------------------------------------------- outbox
-    def to_caller(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
+    # The one place the scheduler's typed messages become frames.
+    def to_caller(self, client: bytes, msg: messages.Reply | messages.Heartbeat, body_raw: bytes) -> None:
         if client[:1] == BACKEND_CLIENT:
-            self._send(self.backend, self.codec.encode_raw(pack(header), body_raw, [client[1:]]), client)
+            self._send(self.backend, self.codec.encode_raw(pack(msg.to_header()), body_raw, [client[1:]]), client)
         else:
-            self._send(self.frontend, self.codec.encode_raw(pack(header), body_raw, [client]), client)
+            self._send(self.frontend, self.codec.encode_raw(pack(msg.to_header()), body_raw, [client]), client)
 
-    def to_manager(self, identity: bytes, header: dict[str, Any], body_raw: bytes = b"") -> None:
-        self._send(self.backend, self.codec.encode_raw(pack(header), body_raw or _EMPTY_MAP, [identity]), None)
+    def to_manager(self, identity: bytes, msg: messages.Dispatch | messages.Cancel | messages.Heartbeat
+                   | messages.Reregister, body_raw: bytes = b"") -> None:
+        self._send(self.backend,
+                   self.codec.encode_raw(pack(msg.to_header()), body_raw or _EMPTY_MAP, [identity]), None)
 
     def shutdown(self) -> None:
         """Ask the supervisor to stop the whole tree (it stops us last)."""
@@ -261,14 +263,11 @@ class Broker:
             msg = self.codec.decode(frames)
             if len(msg.routing) != 1:
                 raise ProtocolError(ErrorCode.BAD_FRAME, "unexpected routing frames", msg.header)
-            h = msg.header
-            request = _REQUEST_MSG.from_header(h) if h.get("kind", "request") == "request" \
-                else messages.parse(h, messages.FROM_AGENT)
+            request = messages.parse(msg.header, messages.FROM_AGENT)
         except ProtocolError as exc:
             self.rejects.add("agent", exc.message.split(":")[0][:80])
-            rid = exc.header.get("id") if exc.header else None
-            header = {"kind": "reply", "id": rid if isinstance(rid, str) else None, "status": _ERROR}
-            self.to_caller(client, header, pack(error_body(exc.code, exc.message)))
+            self.to_caller(client, messages.Reply(messages.request_id_of(exc.header), _ERROR),
+                           pack(error_body(exc.code, exc.message)))
             return
         self.core.on_request(client, request, msg.body_raw, time.monotonic())
 

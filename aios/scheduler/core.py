@@ -43,6 +43,7 @@ from aios.messages import (
     Reply,
     Request,
     Reregister,
+    Timing,
     Yield,
 )
 from aios.protocol import ErrorCode, Status, error_body, pack
@@ -62,16 +63,17 @@ _CACHE_ENTRY_BYTES = 200
 
 _OK, _PARTIAL, _ERROR = Status.OK.value, Status.PARTIAL.value, Status.ERROR.value
 _PONG = pack({"pong": True})
-_CALLER_HEARTBEAT = Heartbeat().to_header()
+_CALLER_HEARTBEAT = Heartbeat()
 
 
 class Outbox(Protocol):
     """Where the core's messages go (the broker's sockets; a list in unit tests)."""
 
-    def to_caller(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
+    def to_caller(self, client: bytes, msg: Reply | Heartbeat, body_raw: bytes) -> None:
         """To an agent (frontend routing id) or a manager's call (BACKEND_CLIENT + its routing id)."""
 
-    def to_manager(self, identity: bytes, header: dict[str, Any], body_raw: bytes = b"") -> None: ...
+    def to_manager(self, identity: bytes, msg: Dispatch | Cancel | Heartbeat | Reregister,
+                   body_raw: bytes = b"") -> None: ...
 
     def shutdown(self) -> None:
         """`kernel.shutdown` was called: ask the supervisor to stop the kernel."""
@@ -136,7 +138,7 @@ class SchedulerCore:
         self.queued_agents: dict[str, int] = defaultdict(int)
         self.held: dict[tuple[bytes, str], Job] = {}
         self.deadlines: list[tuple[float, int, Job]] = []
-        self.reply_cache: OrderedDict[tuple[bytes, str], tuple[dict[str, Any], bytes]] = OrderedDict()
+        self.reply_cache: OrderedDict[tuple[bytes, str], tuple[Reply, bytes]] = OrderedDict()
         self.reply_cache_bytes = 0
         self.stats: dict[str, ServiceStats] = defaultdict(ServiceStats)
         self.stopping = False
@@ -158,13 +160,13 @@ class SchedulerCore:
         return q
 
     # ------------------------------------------------------------------ replies
-    def _reply(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
-        self.out.to_caller(client, header, body_raw)
+    def _reply(self, client: bytes, msg: Reply | Heartbeat, body_raw: bytes) -> None:
+        self.out.to_caller(client, msg, body_raw)
 
     def reply_error(self, client: bytes, rid: Any, code: ErrorCode, message: str,
-                    timing: dict[str, Any] | None = None) -> None:
+                    timing: Timing | None = None) -> None:
         rid = rid if isinstance(rid, str) else None
-        self._reply(client, Reply(rid, _ERROR, timing=timing).to_header(), pack(error_body(code, message)))
+        self._reply(client, Reply(rid, _ERROR, timing=timing), pack(error_body(code, message)))
 
     # -------------------------------------------------------------------- intake
     def on_request(self, client: bytes, msg: Request | Call, body_raw: bytes, now: float,
@@ -322,7 +324,7 @@ class SchedulerCore:
                      slice=q.slice_tokens(req) if req.preemptible else None,
                      deadline=(req.deadline - now) if req.deadline is not None else None, caller=req.caller)
         mgr.last_sent = now
-        self.out.to_manager(mgr.identity, d.to_header(), req.body_raw)
+        self.out.to_manager(mgr.identity, d, req.body_raw)
 
     # ------------------------------------------------------------- manager side
     def on_manager(self, identity: bytes, msg: Message, body_raw: bytes, now: float) -> None:
@@ -332,7 +334,7 @@ class SchedulerCore:
         if isinstance(msg, Ready):
             return self.on_ready(identity, msg, now)
         if mgr is None:
-            self.out.to_manager(identity, Reregister().to_header())
+            self.out.to_manager(identity, Reregister())
             return
         if isinstance(msg, Reply):
             self.on_manager_reply(mgr, msg, body_raw, now)
@@ -397,7 +399,7 @@ class SchedulerCore:
             return
         if msg.status == _PARTIAL:
             req.streamed = True
-            self._reply(req.client, Reply(req.id, _PARTIAL).to_header(), body_raw)
+            self._reply(req.client, Reply(req.id, _PARTIAL), body_raw)
             return
         self._release(mgr, req, now, msg.tokens)
         try:
@@ -414,10 +416,10 @@ class SchedulerCore:
             mgr.completed += 1
         stats.wait_s_total += (req.finished - req.created) - req.run_s
         stats.turnaround_s_total += req.finished - req.created
-        header = Reply(req.id, msg.status, timing=req.timing()).to_header()
+        reply = Reply(req.id, msg.status, timing=req.timing())
         self._forget(req, now)
-        self._cache(req, header, body_raw)
-        self._reply(req.client, header, body_raw)
+        self._cache(req, reply, body_raw)
+        self._reply(req.client, reply, body_raw)
         self.dispatch(mgr.service, now)
 
     def on_yield(self, mgr: ManagerRecord, msg: Yield, now: float) -> None:
@@ -492,7 +494,7 @@ class SchedulerCore:
     def _reset_stream(self, req: Job) -> None:
         """The request will run again from the start: tell the caller to drop what it was streamed."""
         if req.streamed:
-            self._reply(req.client, Reply(req.id, _PARTIAL, reset=True).to_header(), pack({"reset": True}))
+            self._reply(req.client, Reply(req.id, _PARTIAL, reset=True), pack({"reset": True}))
             req.streamed = False
 
     # ------------------------------------------------------------------ endings
@@ -530,7 +532,7 @@ class SchedulerCore:
             # until the manager says its handler returned, the slot stays counted (a ghost)
             if req.manager is not None and mgr.discard(req, still_running=True):
                 req.run_s += now - (req.dispatched_at if req.dispatched_at is not None else now)
-            self.out.to_manager(mgr.identity, Cancel(req.id, req.client).to_header())
+            self.out.to_manager(mgr.identity, Cancel(req.id, req.client))
         req.manager = None
         req.affinity = None
 
@@ -563,11 +565,11 @@ class SchedulerCore:
         self.stats[req.service].errors += 1
         self._forget(req, now)
 
-    def _cache(self, req: Job, header: dict[str, Any], body_raw: bytes) -> None:
+    def _cache(self, req: Job, reply: Reply, body_raw: bytes) -> None:
         k = self.config.kernel
         if k.reply_cache <= 0:
             return
-        self.reply_cache[req.key] = (header, body_raw)
+        self.reply_cache[req.key] = (reply, body_raw)
         self.reply_cache_bytes += len(body_raw) + _CACHE_ENTRY_BYTES
         limit = int(k.reply_cache_mb * 1024 * 1024)
         while self.reply_cache and (len(self.reply_cache) > k.reply_cache or self.reply_cache_bytes > limit):
@@ -582,7 +584,7 @@ class SchedulerCore:
                 self.manager_lost(mgr, f"no heartbeat for {now - mgr.last_seen:.1f}s", now)
             elif now - mgr.last_sent >= self.hb_interval:
                 mgr.last_sent = now
-                self.out.to_manager(mgr.identity, Heartbeat().to_header())
+                self.out.to_manager(mgr.identity, Heartbeat())
         self._probe_callers(now)
         for req, decision in self.admission.poll(now):
             self._release_held(req, decision, now)
@@ -633,7 +635,7 @@ class SchedulerCore:
     # ---------------------------------------------------------------- kernel ops
     def on_kernel(self, client: bytes, rid: str, op: str, now: float) -> None:
         if op == "ping":  # the body is a constant: packed once
-            self._reply(client, {"kind": "reply", "id": rid, "status": _OK}, _PONG)
+            self._reply(client, Reply(rid, _OK), _PONG)
             return
         if op == "status":
             body = self.status(now)
@@ -650,7 +652,7 @@ class SchedulerCore:
         else:
             return self.reply_error(client, rid, ErrorCode.UNKNOWN_OP,
                                     f"service 'kernel' has no op {op!r}; ops: {list(KERNEL_OPS)}")
-        self._reply(client, Reply(rid, _OK).to_header(), pack(body))
+        self._reply(client, Reply(rid, _OK), pack(body))
 
     def status(self, now: float) -> dict[str, Any]:
         services = sorted((self.expected_services | self.registry.services() | set(self.queues)) - {KERNEL})

@@ -19,6 +19,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from aios.messages import Timing
+
 _arrivals = itertools.count()
 
 #: prefix of a client address on the backend socket (a manager making a call). Agents' addresses
@@ -123,15 +125,10 @@ class Job:
             r = r.parent
         return out
 
-    def timing(self) -> dict[str, Any]:
+    def timing(self) -> Timing:
         end = self.finished if self.finished is not None else self.created
         turnaround = end - self.created
         first_wait = (self.started - self.created) if self.started is not None else turnaround
-        return {
-            "wait_s": round(turnaround - self.run_s, 6),
-            "first_wait_s": round(first_wait, 6),
-            "run_s": round(self.run_s, 6),
-            "turnaround_s": round(turnaround, 6),
-            "preemptions": self.preemptions,
-            "attempts": self.attempts,
-        }
+        return Timing(wait_s=round(turnaround - self.run_s, 6), first_wait_s=round(first_wait, 6),
+                      run_s=round(self.run_s, 6), turnaround_s=round(turnaround, 6),
+                      preemptions=self.preemptions, attempts=self.attempts)

@@ -1,6 +1,6 @@
 """The Agent SDK: what agent programs import to make system calls to AIOS."""
 from aios.sdk.client import AsyncClient, Client, connect, connect_async
-from aios.sdk.engine import CallResult
+from aios.calls import CallResult
 from aios.sdk.errors import (
     AIOSError,
     InvalidArgument,

@@ -9,7 +9,7 @@ Each call is signed, sent over a DEALER socket to the scheduler's frontend and
 matched to its reply by request id. Everything about one call (building it,
 re-sending an idempotent call that gets no answer under the same id, retrying
 after a retryable error under a new id, matching replies, typed errors) is the
-call engine's (`aios.sdk.engine`); the sync and asyncio clients here differ
+call engine's (`aios.calls`); the sync and asyncio clients here differ
 only in how they wait. Service helpers (`kernel.llm.chat`, ...) are written
 once in `aios.sdk.services` and bound to both.
 
@@ -39,7 +39,7 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 from aios import messages
 from aios.config import Config
 from aios.rundir import RunDir
-from aios.sdk.engine import (
+from aios.calls import (
     DEFAULT_TIMEOUT_S,
     PartialHandler,
     PendingCall,

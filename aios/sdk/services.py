@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Callable
 
-from aios.sdk.engine import PartialHandler, CallResult
+from aios.calls import PartialHandler, CallResult
 from aios.sdk.errors import AIOSError
 
 

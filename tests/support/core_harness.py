@@ -1,7 +1,7 @@
 """Drive a `SchedulerCore` by hand: a recording Outbox and helpers, no sockets, explicit times.
 
 Every message goes the way the broker sends it: built as a typed message,
-turned into a wire header (`to_header`), parsed back (`messages.parse` with
+turned into a wire header (`to_header`) and msgpack, parsed back (`messages.parse` with
 the side's allowed kinds) and handed to the core with `now`. Every message
 the core emits is parsed back the same way, so a test also checks that the
 core only ever sends well-formed messages.
@@ -62,14 +62,15 @@ class RecordingOutbox:
         self.probes: list[tuple[bytes, dict[str, Any]]] = []
         self.shutdowns = 0
 
-    def to_caller(self, client: bytes, header: dict[str, Any], body_raw: bytes) -> None:
-        if header.get("kind") == "heartbeat":
-            self.probes.append((client, dict(header)))  # the scheduler checking a caller is still there
+    def to_caller(self, client: bytes, msg: messages.Reply | messages.Heartbeat, body_raw: bytes) -> None:
+        header = unpack(pack(msg.to_header()))  # as the broker frames it
+        if isinstance(msg, messages.Heartbeat):
+            self.probes.append((client, header))  # the scheduler checking a caller is still there
             return
-        self.sent.append(Sent("caller", client, dict(header), body_raw))
+        self.sent.append(Sent("caller", client, header, body_raw))
 
-    def to_manager(self, identity: bytes, header: dict[str, Any], body_raw: bytes = b"") -> None:
-        self.sent.append(Sent("manager", identity, dict(header), body_raw))
+    def to_manager(self, identity: bytes, msg: messages.Message, body_raw: bytes = b"") -> None:
+        self.sent.append(Sent("manager", identity, unpack(pack(msg.to_header())), body_raw))
 
     def shutdown(self) -> None:
         self.shutdowns += 1

@@ -1,8 +1,9 @@
 """The call engine: one system call's life on the caller's side, written once, without I/O.
 
-Agents (the sync and asyncio SDK clients) and managers (`ctx.call`, a handler
-calling another service) all make calls the same way; only how they wait
-differs. `PendingCall` holds everything else: it builds the frames, decides
+Agents (the sync and asyncio SDK clients), managers (`ctx.call`, a handler
+calling another service) and the supervisor's readiness probe all make calls
+the same way; only how they wait differs, so this module belongs to none of
+them. `PendingCall` holds everything else: it builds the frames, decides
 when to re-send the same request id (idempotent calls, while no answer comes),
 when to retry under a new id (a retryable error), matches partial and final
 replies, and turns an error reply into a typed exception. A driver loops:
@@ -14,8 +15,9 @@ replies, and turns an error reply into a typed exception. A driver loops:
         elif isinstance(step, Wait): wait for a message until step.until; call.feed(msg) if one came
         else:                        return step (the final CallResult; errors were raised by step())
 
-The driver routes only messages whose id is `call.rid` to `feed` (the id
-changes when the call is retried). `connection_lost()` is the driver's news
+Received frames become typed replies in `decode` (through `aios.messages`); the
+driver routes only replies whose id is `call.rid` to `feed` (the id changes
+when the call is retried). `connection_lost()` is the driver's news
 that the kernel connection dropped (the scheduler restarted): idempotent
 calls are re-sent at once, and the others fail with a retryable error that
 says their outcome is unknown, instead of waiting for their timeout.
@@ -27,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from aios import messages
-from aios.protocol import Codec, ErrorCode, Message, Status, new_request_id, pack
-from aios.sdk.errors import AIOSError, KernelError, KernelTimeout, error_from_body
+from aios.errors import AIOSError, KernelError, KernelTimeout, error_from_body
+from aios.protocol import Codec, ErrorCode, Message, ProtocolError, Status, new_request_id, pack
 
 log = logging.getLogger("aios.sdk")
 
@@ -52,17 +54,35 @@ PartialHandler = Callable[[Any], None]
 _PARTIAL, _ERROR = Status.PARTIAL.value, Status.ERROR.value
 
 
+@dataclass(slots=True)
+class Incoming:
+    """A verified reply from the scheduler: its typed header, and the body (decoded on first use)."""
+
+    reply: messages.Reply
+    message: Message
+
+    @property
+    def id(self) -> str | None:
+        return self.reply.id
+
+    @property
+    def body(self) -> Any:
+        return self.message.body
+
+
 @dataclass
 class CallResult:
-    """A final reply: the result plus what the scheduler measured about the call."""
+    """A call's outcome: the result, the final reply (with what the scheduler measured), the partials."""
 
     result: Any
-    header: dict[str, Any]
+    reply: messages.Reply
     partials: list[Any] = field(default_factory=list)
 
     @property
-    def timing(self) -> dict[str, Any]:
-        return self.header.get("timing", {})
+    def timing(self) -> messages.Timing | None:
+        """How long the call waited and ran (None for answers the scheduler gives itself: `kernel` ops,
+        refusals)."""
+        return self.reply.timing
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +169,11 @@ class PendingCall:
     def _timeout(self) -> KernelTimeout:
         return KernelTimeout("TIMEOUT", f"{self.what}: no answer from {self.where} within the timeout")
 
-    def feed(self, msg: Message) -> None:
-        """A message for this call's current id (the driver checked `msg.header["id"] == self.rid`)."""
-        h = msg.header
-        status = h.get("status")
+    def feed(self, msg: Incoming) -> None:
+        """A reply for this call's current id (the driver checked `msg.id == self.rid`)."""
+        status = msg.reply.status
         if status == _PARTIAL:
-            if h.get("reset"):
+            if msg.reply.reset:
                 self.partials.clear()
                 body: Any = {"reset": True}
             else:
@@ -167,7 +186,7 @@ class PendingCall:
             self._error = error_from_body(msg.body)
             self._send_at = None
             return
-        self._reply = CallResult(msg.body, h, self.partials)
+        self._reply = CallResult(msg.body, msg.reply, self.partials)
 
     def connection_lost(self, now: float) -> None:
         """The connection to the kernel dropped while this call was in flight."""
@@ -184,23 +203,23 @@ class PendingCall:
                                       "have taken effect", retryable=True)
 
 
-def match_id(msg: Message | None) -> str | None:
-    """The request id a received message answers (None for unreadable or anonymous replies)."""
-    if msg is None:
-        return None
-    rid = msg.header.get("id")
-    return rid if isinstance(rid, str) else None
+def match_id(msg: Incoming | None) -> str | None:
+    """The request id a received reply answers (None for unreadable or anonymous replies)."""
+    return msg.reply.id if msg is not None else None
 
 
-def decode(codec: Codec, frames: list[bytes]) -> Message | None:
-    """Verify a reply; a bad one is logged and dropped (it cannot be trusted to name its call)."""
-    from aios.protocol import ProtocolError
+def decode(codec: Codec, frames: list[bytes]) -> Incoming | None:
+    """Verify and type a frame from the scheduler. A bad one is logged and dropped (it cannot be
+    trusted to name its call); so is the scheduler's liveness probe (a heartbeat), which needs no
+    answer: its only purpose is to fail at the scheduler when this caller is gone."""
     try:
         msg = codec.decode(frames)
+        typed = messages.parse(msg.header, messages.TO_CALLER)
     except ProtocolError as exc:
         log.warning("dropped a reply: %s", exc.message)
         return None
-    h = msg.header
-    if h.get("id") is None and h.get("status") == _ERROR:
+    if not isinstance(typed, messages.Reply):
+        return None
+    if typed.id is None and typed.status == _ERROR:
         log.warning("the kernel rejected a frame: %s", msg.body)
-    return msg
+    return Incoming(typed, msg)

@@ -34,7 +34,7 @@ KEY_BYTES = 32
 
 
 class Kind(str, enum.Enum):
-    """What a message is; carried in header["kind"]."""
+    """What a message is; carried in the header's "kind" field."""
 
     REQUEST = "request"      # agent -> scheduler: a system call
     CALL = "call"            # manager -> scheduler: a system call on behalf of the agent it serves

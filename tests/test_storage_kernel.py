@@ -178,17 +178,21 @@ def test_aios_files_command(kernel, tmp_path: Path) -> None:
     assert other.returncode == 1 and "NOT_FOUND" in other.stderr and "Traceback" not in other.stderr
 
 
-def test_writes_arriving_together_share_a_commit_and_fail_alone(kernel, tmp_path: Path) -> None:
-    """21 writes sent at once reach the storage manager together: they commit in fewer transactions
-    than writes (group commit), each is answered only once committed, the one that fails in its
-    transaction (a file where a directory is) fails alone, and the large one (run on the pool, not
-    the socket thread) is stored whole."""
+def test_writes_arriving_together_share_a_commit_and_fail_alone(kernel, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """21 writes that reach the storage manager together commit in fewer transactions than writes
+    (group commit), each is answered only once committed, the one that fails in its transaction (a
+    file where a directory is) fails alone, and the large one (run on the pool, not the socket
+    thread) is stored whole. "Together" is made true on any machine, however busy, by the manager's
+    batch-hold test hook (the next batch stays open until all 21 are in), not hoped for."""
     import asyncio
 
+    monkeypatch.setenv("AIOS_TEST_HOOKS", "1")
     k = storage_kernel(kernel, tmp_path)
     with k.client("burst", timeout=20) as c:
         c.storage.write("tree/leaf.md", "under tree")
         before = c.call("storage", "status")
+        assert c.call("storage", "test_hold_batch", n=21) == {"holding": 21}
 
     async def burst() -> list[Any]:
         client = sdk.AsyncClient(k.run_dir, agent="burst", timeout=20)
@@ -215,7 +219,9 @@ def test_writes_arriving_together_share_a_commit_and_fail_alone(kernel, tmp_path
     writes = after["write_operations"] - before["write_operations"]
     commits = after["commits"] - before["commits"]
     assert writes == 20  # the failed one was rolled back to its savepoint, not counted
-    assert 1 <= commits < writes, (commits, writes)
+    # the 20 small ones were one batch: one commit, or two when the large write committed the
+    # queued ones with it on its pool thread
+    assert 1 <= commits <= 2, (commits, writes)
     line = next(x for x in k.aios("status", "-v").stdout.splitlines() if x.startswith("storage:"))
     assert "files.sqlite3" in line and "per commit" in line and "synchronous=NORMAL" in line
     assert "index changes pending" in line

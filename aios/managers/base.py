@@ -290,12 +290,8 @@ class Manager:
         message came for a poll interval (`idle` True). An exception here is logged."""
 
     # ------------------------------------------------------------ running
-    def serve(self) -> None:
-        """Serve until `stop()`: the socket shell around this manager's core."""
-        from aios.managers.shell import ManagerShell
-        ManagerShell(self).run()
-
     def stop(self) -> None:
+        """Ask the serving loop (`aios.managers.shell.ManagerShell.run`) to finish and tear down."""
         self._stopping.set()
 
     @property

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from aios.config import Config, ConfigError, ManagerSpec, closest
 from aios.log import setup_logging
 from aios.managers.base import Manager
+from aios.managers.shell import ManagerShell
 from aios.procutil import exit_with_parent
 from aios.rundir import RunDir
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: manager.stop())
     exit_with_parent()
     manager.setup()
-    manager.serve()
+    ManagerShell(manager).run()
     return 0
 
 

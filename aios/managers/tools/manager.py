@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aios.datadir import data_dir
 from aios.managers.base import Manager, OpError, RequestContext, op
 from aios.managers.tools.runtime import ToolRuntime, ToolRuntimeOptions
 from aios.protocol import ErrorCode
@@ -58,9 +59,8 @@ class ToolManager(Manager):
         options: ToolRuntimeOptions = self.options
         hide = [str(self.run_dir.path), *options.hide_paths]
         try:
-            from aios.managers.storage.engine import default_database_path
-            hide.append(str(default_database_path().parent))  # agents' files are reached through storage only
-        except Exception:  # noqa: BLE001 - best effort: the path is only hidden if it can be named
+            hide.append(str(data_dir()))  # agents' files are reached through storage only
+        except RuntimeError:  # no home directory: the data directory cannot be named
             pass
         self.runtime = ToolRuntime((), options.model_copy(update={"hide_paths": hide}))
         for problem in self.runtime.all_problems():

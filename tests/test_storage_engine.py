@@ -12,8 +12,7 @@ from typing import Any, Callable
 import pytest
 
 from aios.bench.storage_direct import make_text
-from aios.managers.base import OpError
-from aios.managers.storage import MiB, StorageEngine, StorageOpenError
+from aios.managers.storage import MiB, StorageEngine, StorageError, StorageOpenError
 from aios.managers.storage import chunks as ch
 from aios.managers.storage.schema import MIGRATIONS
 from aios.protocol import ErrorCode
@@ -32,8 +31,8 @@ def engine(db: Path):
     e.close()
 
 
-def fails(code: ErrorCode, fn: Callable[..., Any], *args: Any, match: str | None = None, **kwargs: Any) -> OpError:
-    with pytest.raises(OpError) as info:
+def fails(code: ErrorCode, fn: Callable[..., Any], *args: Any, match: str | None = None, **kwargs: Any) -> StorageError:
+    with pytest.raises(StorageError) as info:
         fn(*args, **kwargs)
     assert info.value.code == code, info.value.message
     if match is not None:
@@ -410,13 +409,13 @@ def test_agent_b_cannot_reach_agent_a_by_any_spelling(engine: StorageEngine) -> 
         for call in (lambda: engine.read("b", path), lambda: engine.stat("b", path),
                      lambda: engine.history("b", path), lambda: engine.delete("b", path),
                      lambda: engine.delete("b", path, purge=True), lambda: engine.rollback("b", path, 1)):
-            with pytest.raises(OpError) as info:
+            with pytest.raises(StorageError) as info:
                 call()
             assert info.value.code in (ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND), (path, info.value)
             assert "zebra" not in info.value.message
         try:
             listed = engine.list("b", path)
-        except OpError as exc:
+        except StorageError as exc:
             assert exc.code == ErrorCode.INVALID_ARGUMENT
         else:
             assert listed == []
@@ -450,7 +449,7 @@ def test_agent_names_are_namespaces_not_paths(engine: StorageEngine) -> None:
         try:
             assert engine.list(other) == []
             fails(ErrorCode.NOT_FOUND, engine.read, other, "f")
-        except OpError as exc:
+        except StorageError as exc:
             assert exc.code == ErrorCode.INVALID_ARGUMENT
 
 
@@ -496,7 +495,7 @@ def test_bad_input_is_refused_and_changes_nothing(engine: StorageEngine) -> None
         (ErrorCode.INVALID_ARGUMENT, lambda: engine.record_search("memory", "a", '"x', 5)),
     ]
     for code, call in bad:
-        with pytest.raises(OpError) as info:
+        with pytest.raises(StorageError) as info:
             call()
         assert info.value.code == code, (info.value.code, info.value.message)
         assert info.value.message
@@ -693,7 +692,7 @@ def test_group_commit_runs_queued_writes_in_one_transaction(db: Path) -> None:
         assert results["slow"] == "slow done"
         assert writer.commits == commits + 2  # the slow one, then all six queued in one transaction
         assert [results[i].version for i in range(5)] == [1] * 5
-        assert isinstance(results["bad"], OpError) and results["bad"].code == ErrorCode.INVALID_ARGUMENT
+        assert isinstance(results["bad"], StorageError) and results["bad"].code == ErrorCode.INVALID_ARGUMENT
         assert [f.path for f in e.list("a")] == [f"f{i}" for i in range(5)]  # the failed one left nothing
         assert e.integrity_check() == "ok"
 
@@ -719,8 +718,8 @@ def test_a_batch_runs_without_savepoints_until_one_operation_fails(db: Path) -> 
                 tx.conn.execute("INSERT INTO agents(name, scope) VALUES (?, '0')", (name,))
                 tx.after_commit(lambda: after.append(name))
                 if fail:
-                    raise OpError(ErrorCode.INVALID_ARGUMENT,
-                                  f"{name} fails")
+                    raise StorageError(ErrorCode.INVALID_ARGUMENT,
+                                       f"{name} fails")
                 return name
             return fn
 
@@ -728,7 +727,7 @@ def test_a_batch_runs_without_savepoints_until_one_operation_fails(db: Path) -> 
         batch = [e.submit(op("first", False)), e.submit(op("bad", True)), e.submit(op("last", False))]
         e.wait(batch)
         assert batch[0].outcome() == "first" and batch[2].outcome() == "last"
-        with pytest.raises(OpError, match="bad fails"):
+        with pytest.raises(StorageError, match="bad fails"):
             batch[1].outcome()
         assert runs == {"first": 2, "bad": 2, "last": 1}  # "last" never ran before the failure
         assert after == ["first", "last"]
@@ -740,7 +739,7 @@ def test_a_batch_runs_without_savepoints_until_one_operation_fails(db: Path) -> 
 def _capture(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except OpError as exc:
+    except StorageError as exc:
         return exc
 
 
@@ -872,9 +871,9 @@ def test_a_full_disk_inside_a_batch_loses_no_acknowledged_write(db: Path) -> Non
         for th in [lead, *threads]:
             th.join(10)
         conn.execute("PRAGMA max_page_count = 1073741823")
-        assert isinstance(results["big"], OpError)
+        assert isinstance(results["big"], StorageError)
         for name, result in results.items():
-            if isinstance(result, OpError):
+            if isinstance(result, StorageError):
                 fails(ErrorCode.NOT_FOUND, e.read, "a", name)
             else:
                 assert e.read("a", name)[0] == payloads[name]

@@ -1,4 +1,4 @@
-"""The storage engine's index log (engine.py, "the index log"), on a real SQLite file: writes log
+"""The storage engine's index log (index_log.py), on a real SQLite file: writes log
 their full-text index changes in their own transaction, and the log is applied in batches, by
 searches first (read your writes), by `flush_index`, at close, and when it grows past its bound."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from aios.bench.storage_direct import make_text
 from aios.managers.storage import StorageEngine
-from aios.managers.storage import engine as engine_module
+from aios.managers.storage import index_log
 from aios.managers.storage import textindex as TI
 
 
@@ -102,7 +102,7 @@ def test_a_failed_operation_logs_nothing_and_the_others_are_indexed(db: Path) ->
 
 
 def test_the_log_is_bounded_when_nobody_flushes(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "INDEX_LOG_MAX", 10)
+    monkeypatch.setattr(index_log, "INDEX_LOG_MAX", 10)
     with StorageEngine(db) as e:
         for i in range(40):
             e.write("a", f"n{i % 3}", f"note {i}".encode())

@@ -8,7 +8,7 @@ import unicodedata
 
 import pytest
 
-from aios.managers.base import OpError
+from aios.managers.storage import StorageError
 from aios.managers.storage import chunks as ch
 from aios.managers.storage import paths as P
 from aios.managers.storage import query as Q
@@ -17,8 +17,8 @@ from aios.managers.storage.schema import APPLICATION_ID, MIGRATIONS, Migration, 
 from aios.protocol import ErrorCode
 
 
-def invalid(fn, *args, match: str | None = None) -> OpError:
-    with pytest.raises(OpError) as info:
+def invalid(fn, *args, match: str | None = None) -> StorageError:
+    with pytest.raises(StorageError) as info:
         fn(*args)
     assert info.value.code == ErrorCode.INVALID_ARGUMENT
     if match:

@@ -2,8 +2,11 @@
 records for other managers, in one SQLite database (see engine.py)."""
 from __future__ import annotations
 
-from .engine import MiB, StorageEngine, StorageOpenError, default_database_path
+from aios.datadir import default_database_path
+
+from .engine import MiB, StorageEngine
+from .errors import StorageError, StorageOpenError
 from .models import Deleted, FileInfo, Record, RecordHit, SearchHit, VersionInfo
 
-__all__ = ["MiB", "StorageEngine", "StorageOpenError", "default_database_path", "Deleted", "FileInfo", "Record",
-           "RecordHit", "SearchHit", "VersionInfo"]
+__all__ = ["MiB", "StorageEngine", "StorageError", "StorageOpenError", "default_database_path", "Deleted",
+           "FileInfo", "Record", "RecordHit", "SearchHit", "VersionInfo"]

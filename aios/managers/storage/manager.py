@@ -7,6 +7,10 @@ other managers keep per agent (the memory manager's entries): only a
 manager's call may use them (`ctx.caller`), and each manager sees only its
 own records.
 
+The engine knows nothing of managers: it raises its own `StorageError`, and
+every op is declared with `engine_op`, which answers it as `OpError` with the
+same code and message.
+
 Ops that only read are declared idempotent (the kernel re-sends or re-queues
 them after a failure); writes are not: each run adds a version.
 
@@ -23,18 +27,52 @@ nobody else: search, list, history, rollback, delete, and writes over
 """
 from __future__ import annotations
 
+import functools
 import logging
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aios.datadir import database_path
 from aios.managers.base import Deferred, Manager, OpError, RequestContext, op
-from aios.managers.storage.engine import MiB, StorageEngine, StorageOpenError, default_database_path
+from aios.managers.storage.engine import MiB, StorageEngine, StorageError, StorageOpenError
 from aios.managers.storage.writer import WriteFn
 from aios.protocol import ErrorCode
 
 log = logging.getLogger("aios.storage")
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+def _op_error(exc: StorageError) -> OpError:
+    """The reply to a request the engine refused: its code and message, as OpError. The one place
+    where the engine's errors (errors.py) become the manager's."""
+    return OpError(exc.code, exc.message)
+
+
+def engine_op(args_model: type[BaseModel] | None = None, **spec: Any) -> Callable[[H], H]:
+    """`op` for a handler that calls the engine: a StorageError raised by the handler, or by the
+    `finish` of the `Deferred` it returns, is answered as `_op_error` says."""
+    def wrap(handler: H) -> H:
+        @functools.wraps(handler)
+        def run(self: "StorageManager", args: Any, ctx: RequestContext) -> Any:
+            try:
+                result = handler(self, args, ctx)
+            except StorageError as exc:
+                raise _op_error(exc) from None
+            if isinstance(result, Deferred):
+                return Deferred(_answered(result.finish), result.token)
+            return result
+        return op(args_model, **spec)(run)  # type: ignore[return-value]
+    return wrap
+
+
+def _answered(finish: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        try:
+            return finish()
+        except StorageError as exc:
+            raise _op_error(exc) from None
+    return run
 
 
 class _Args(BaseModel):
@@ -155,7 +193,7 @@ class StorageManager(Manager):
 
     def setup(self) -> None:
         o = self.options
-        path = Path(o.path).expanduser() if o.path else default_database_path()
+        path = database_path(o.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.engine = StorageEngine(path, versions_kept=o.versions_kept, max_file_bytes=int(o.max_file_mb * MiB),
@@ -180,60 +218,60 @@ class StorageManager(Manager):
         self.engine.wait(tokens)
 
     def housekeeping(self, idle: bool) -> None:
-        # Writes log their full-text index changes (engine.py, "the index log"); apply them once a
+        # Writes log their full-text index changes (index_log.py); apply them once a
         # batch's worth has gathered, after the replies of the batch that completed it went out,
         # and whatever is left when nothing else is happening.
         self.engine.flush_index(1 if idle else INDEX_FLUSH_CHANGES)
 
     # ---------------------------------------------------------------- files
-    @op(WriteArgs, inline=_small_write)
+    @engine_op(WriteArgs, inline=_small_write)
     def write(self, args: WriteArgs, ctx: RequestContext) -> Deferred:
         """Write a file (a new version each time)."""
         return self._later(self.engine.write_fn(ctx.agent, args.path, _bytes(args.data)), _dump)
 
-    @op(WriteArgs, inline=_small_write)
+    @engine_op(WriteArgs, inline=_small_write)
     def append(self, args: WriteArgs, ctx: RequestContext) -> Deferred:
         return self._later(self.engine.write_fn(ctx.agent, args.path, _bytes(args.data), append=True), _dump)
 
-    @op(ReadArgs, idempotent=True, inline=True)
+    @engine_op(ReadArgs, idempotent=True, inline=True)
     def read(self, args: ReadArgs, ctx: RequestContext) -> dict:
         """{"data": bytes, "path", "version", "size", ...}: the file (or one of its kept versions)."""
         data, info = self.engine.read(ctx.agent, args.path, args.version)
         return {"data": data, **info.model_dump()}
 
-    @op(PathArgs, idempotent=True, inline=True)
+    @engine_op(PathArgs, idempotent=True, inline=True)
     def stat(self, args: PathArgs, ctx: RequestContext) -> dict:
         return self.engine.stat(ctx.agent, args.path).model_dump()
 
-    @op(ListArgs, name="list", idempotent=True)
+    @engine_op(ListArgs, name="list", idempotent=True)
     def list_files(self, args: ListArgs, ctx: RequestContext) -> dict:
         files = self.engine.list(ctx.agent, args.prefix, args.recursive, include_deleted=args.include_deleted,
                                  after=args.after, limit=args.limit)
         return {"files": [f.model_dump() for f in files]}
 
-    @op(DeleteArgs)
+    @engine_op(DeleteArgs)
     def delete(self, args: DeleteArgs, ctx: RequestContext) -> dict:
         return self.engine.delete(ctx.agent, args.path, purge=args.purge).model_dump()
 
-    @op(PathArgs, idempotent=True)
+    @engine_op(PathArgs, idempotent=True)
     def history(self, args: PathArgs, ctx: RequestContext) -> dict:
         return {"versions": [v.model_dump() for v in self.engine.history(ctx.agent, args.path)]}
 
-    @op(RollbackArgs)
+    @engine_op(RollbackArgs)
     def rollback(self, args: RollbackArgs, ctx: RequestContext) -> dict:
         return self.engine.rollback(ctx.agent, args.path, args.version).model_dump()
 
-    @op(SearchArgs, idempotent=True)
+    @engine_op(SearchArgs, idempotent=True)
     def search(self, args: SearchArgs, ctx: RequestContext) -> dict:
         hits = self.engine.search(ctx.agent, args.query, args.limit, match=args.match)
         return {"hits": [h.model_dump() for h in hits]}
 
-    @op(NoArgs, idempotent=True)
+    @engine_op(NoArgs, idempotent=True)
     def stats(self, args: NoArgs, ctx: RequestContext) -> dict:
         """This agent's figures (files, versions, raw and stored bytes, quota use)."""
         return self.engine.stats(ctx.agent)
 
-    @op(NoArgs, idempotent=True)
+    @engine_op(NoArgs, idempotent=True)
     def status(self, args: NoArgs, ctx: RequestContext) -> dict:
         """The engine's own figures, for `aios status -v`: database size, commits and writes per
         commit, checkpoints. No agent's data (names, paths, contents) is in them."""
@@ -245,32 +283,32 @@ class StorageManager(Manager):
             raise OpError(ErrorCode.DENIED, "records are kept for other kernel managers; agents use files")
         return ctx.caller
 
-    @op(RecordPutArgs, idempotent=True, inline=_small_write)
+    @engine_op(RecordPutArgs, idempotent=True, inline=_small_write)
     def record_put(self, args: RecordPutArgs, ctx: RequestContext) -> Deferred:
         key = args.key
         return self._later(self.engine.record_put_fn(self._owner(ctx), ctx.agent, key, args.text, args.meta),
                            lambda _: {"key": key})
 
-    @op(RecordArgs, idempotent=True, inline=True)
+    @engine_op(RecordArgs, idempotent=True, inline=True)
     def record_get(self, args: RecordArgs, ctx: RequestContext) -> dict:
         rec = self.engine.record_get(self._owner(ctx), ctx.agent, args.key)
         if rec is None:
             raise OpError(ErrorCode.NOT_FOUND, f"no record {args.key!r}")
         return rec.model_dump()
 
-    @op(RecordArgs, idempotent=True, inline=True)
+    @engine_op(RecordArgs, idempotent=True, inline=True)
     def record_delete(self, args: RecordArgs, ctx: RequestContext) -> Deferred:
         return self._later(self.engine.record_delete_fn(self._owner(ctx), ctx.agent, args.key),
                            lambda deleted: {"deleted": deleted})
 
-    @op(RecordListArgs, idempotent=True)
+    @engine_op(RecordListArgs, idempotent=True)
     def record_list(self, args: RecordListArgs, ctx: RequestContext) -> dict:
         owner = self._owner(ctx)
         recs = self.engine.record_list(owner, ctx.agent, after=args.after, limit=args.limit, offset=args.offset,
                                        text=args.text)
         return {"records": [r.model_dump() for r in recs], "total": self.engine.record_stats(owner, ctx.agent)["records"]}
 
-    @op(RecordSearchArgs, idempotent=True)
+    @engine_op(RecordSearchArgs, idempotent=True)
     def record_search(self, args: RecordSearchArgs, ctx: RequestContext) -> dict:
         hits = self.engine.record_search(self._owner(ctx), ctx.agent, args.query, args.limit, match=args.match,
                                          full=args.full)

@@ -19,7 +19,7 @@ accent and with a precomposed "é" name the same file):
 - each component is at most 255 bytes and the whole path at most 1024
   bytes, counted in UTF-8.
 
-Anything else raises OpError(INVALID_ARGUMENT) with a message naming the
+Anything else raises StorageError(INVALID_ARGUMENT) with a message naming the
 rule. Paths are case-sensitive ("A.md" and "a.md" are two files). The path
 is only ever used as a key under the caller's agent, never as a filesystem
 path, so these rules exist to make one file have one spelling and to keep
@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from aios.managers.base import OpError
-from aios.protocol import ErrorCode
+from .errors import invalid as _invalid
 
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 1024
@@ -43,10 +42,6 @@ MAX_AGENT_BYTES = 255
 MAX_OWNER_BYTES = 64
 MAX_KEY_BYTES = 1024
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-
-
-def _invalid(message: str) -> OpError:
-    return OpError(ErrorCode.INVALID_ARGUMENT, message)
 
 
 def _show(text: str, limit: int = 80) -> str:
@@ -62,7 +57,7 @@ def _utf8_len(text: str, what: str) -> int:
 
 
 def file_path(path: object, what: str = "path") -> str:
-    """The canonical spelling of a file path, or OpError(INVALID_ARGUMENT) saying which rule it breaks."""
+    """The canonical spelling of a file path, or StorageError(INVALID_ARGUMENT) saying which rule it breaks."""
     if not isinstance(path, str):
         raise _invalid(f"{what} must be a string, not {type(path).__name__}")
     if path == "":

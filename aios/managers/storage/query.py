@@ -15,20 +15,28 @@ other agents' rows). The grammar:
 - words with no letter or digit (punctuation only) are ignored.
 
 Errors (empty query, unbalanced quote, too long, too many terms, a lone `*`)
-raise OpError(INVALID_ARGUMENT).
+raise StorageError(INVALID_ARGUMENT).
+
+The expression is scoped: every indexed row carries a `scope` token standing
+for its agent (or owner + agent, for records), and the expression requires it
+(`scope_token`).
 """
 from __future__ import annotations
 
-from aios.managers.base import OpError
-from aios.protocol import ErrorCode
+import hashlib
+
+from .errors import invalid as _invalid
 
 MAX_QUERY_CHARS = 1000
 MAX_TERMS = 32
 MATCH_MODES = ("all", "any")
 
 
-def _invalid(message: str) -> OpError:
-    return OpError(ErrorCode.INVALID_ARGUMENT, message)
+def scope_token(*parts: str) -> str:
+    """A full-text token that stands for an agent (or owner+agent): digits only, so the porter
+    stemmer leaves it alone, and 64 bits of hash, so two scopes do not share one."""
+    digest = hashlib.blake2b("\x00".join(parts).encode("utf-8"), digest_size=8).digest()
+    return str(int.from_bytes(digest, "big")).rjust(20, "0")
 
 
 def _quote(text: str) -> str:

@@ -131,7 +131,7 @@ _V2_RECORDS = _script(
 )
 
 # Changes to files_fts that writes made and the index has not taken in yet, oldest first
-# (engine.py, "the index log"): body NULL removes row `fts_rowid`, else the row is (scope, path, body).
+# (index_log.py): body NULL removes row `fts_rowid`, else the row is (scope, path, body).
 _V3_INDEX_LOG = _script(
     """CREATE TABLE index_log (
         seq INTEGER PRIMARY KEY,

@@ -21,7 +21,7 @@ One thread can also queue several operations (`submit`) and then commit
 them together (`wait`): the storage manager's socket thread does this with
 the writes that arrive together. Measured here with 200-byte file writes in
 one thread, their full-text index changes logged and applied 256 at a time
-(engine.py, "the index log"): 83 us per write one transaction each, 56 us in
+(index_log.py): 83 us per write one transaction each, 56 us in
 batches of 8, 51 us in batches of 16 (fewer commits, and the pages the
 writes share logged once per commit). Before the index log, when each batch
 also wrote its own full-text segment: 133, 60 and 52 us.
@@ -43,8 +43,9 @@ import sqlite3
 import threading
 from typing import Any, Callable, Generic, TypeVar
 
-from aios.managers.base import OpError
 from aios.protocol import ErrorCode
+
+from .errors import StorageError, closed
 
 log = logging.getLogger("aios.storage")
 
@@ -106,7 +107,7 @@ class Pending(Generic[T]):
     def outcome(self) -> T:
         """The operation's result once done; its error raised if it failed."""
         if not self.done:
-            raise OpError(ErrorCode.INTERNAL, "storage: a write was read before it was committed")
+            raise StorageError(ErrorCode.INTERNAL, "storage: a write was read before it was committed")
         if self.error is not None:
             raise self.error
         return self.result
@@ -151,7 +152,7 @@ class GroupCommitter:
             return op
         with self._cond:
             if self._closed:
-                raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
+                raise closed()
             self._queue.append(op)
         return op
 
@@ -169,7 +170,7 @@ class GroupCommitter:
                 if self._closed:  # closed while we waited, before anyone ran these
                     for op in pending:
                         self._queue.remove(op)
-                        op.error = OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
+                        op.error = closed()
                         op.done = True
                     return
                 self._leading = True
@@ -181,7 +182,7 @@ class GroupCommitter:
                 finally:
                     for other in batch:  # a bug in _execute must not leave followers waiting forever
                         if not other.done:
-                            other.error = OpError(ErrorCode.INTERNAL, "storage: the write batch was abandoned")
+                            other.error = StorageError(ErrorCode.INTERNAL, "storage: the write batch was abandoned")
                             other.done = True
                     cond.acquire()
                     self._leading = False
@@ -190,7 +191,7 @@ class GroupCommitter:
     def _run_alone(self, op: Pending[Any]) -> None:
         with self._mutex:
             if self._closed:
-                raise OpError(ErrorCode.UNAVAILABLE, "the storage engine is closed")
+                raise closed()
             self._execute([op])
 
     def exclusive(self, fn: Callable[[], T]) -> T | None:
@@ -266,7 +267,7 @@ class GroupCommitter:
                 if not single and not isolate:
                     self._retry_isolated(batch)
                     return
-                op.error = _as_op_error(exc)
+                op.error = _as_storage_error(exc)
                 if not conn.in_transaction:
                     # SQLite rolled the whole transaction back (I/O error, disk full): nothing of
                     # this batch was stored, including operations that had succeeded in it
@@ -329,7 +330,7 @@ class GroupCommitter:
     def _fail(self, ops: list[Pending[Any]], exc: BaseException, what: str) -> None:
         log.error("storage: %s: %s", what, exc)
         self._rollback()
-        err = OpError(ErrorCode.UNAVAILABLE, f"storage: {what} ({type(exc).__name__}: {exc}); nothing was written")
+        err = StorageError(ErrorCode.UNAVAILABLE, f"storage: {what} ({type(exc).__name__}: {exc}); nothing was written")
         for op in ops:
             op.result = None
             op.error = err
@@ -341,13 +342,15 @@ class GroupCommitter:
             op.done = True
 
 
-def _as_op_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, OpError):
+def _as_storage_error(exc: BaseException) -> BaseException:
+    """What the caller of a failed operation gets: its StorageError, SQLite's and other errors as
+    INTERNAL (logged), and KeyboardInterrupt and friends unchanged."""
+    if isinstance(exc, StorageError):
         return exc
     if isinstance(exc, sqlite3.Error):
         log.error("storage: operation failed in SQLite: %s", exc)
-        return OpError(ErrorCode.INTERNAL, f"storage: {type(exc).__name__}: {exc}")
+        return StorageError(ErrorCode.INTERNAL, f"storage: {type(exc).__name__}: {exc}")
     if isinstance(exc, Exception):
         log.exception("storage: operation failed")
-        return OpError(ErrorCode.INTERNAL, f"storage: {type(exc).__name__}: {exc}")
+        return StorageError(ErrorCode.INTERNAL, f"storage: {type(exc).__name__}: {exc}")
     return exc  # KeyboardInterrupt and friends pass through unchanged

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aios.datadir import storage_private_paths
 from aios.managers.base import Manager, OpError, RequestContext, op
 from aios.managers.tools.runtime import ToolRuntime, ToolRuntimeOptions
 from aios.protocol import ErrorCode
@@ -56,12 +57,9 @@ class ToolManager(Manager):
 
     def setup(self) -> None:
         options: ToolRuntimeOptions = self.options
-        hide = [str(self.run_dir.path), *options.hide_paths]
-        try:
-            from aios.managers.storage.engine import default_database_path
-            hide.append(str(default_database_path().parent))  # agents' files are reached through storage only
-        except Exception:  # noqa: BLE001 - best effort: the path is only hidden if it can be named
-            pass
+        # agents' files are reached through the storage service only, never in its database
+        database = self.config.builtin.get("storage", {}).get("path")  # [storage] path, None: the default
+        hide = [str(self.run_dir.path), *options.hide_paths, *map(str, storage_private_paths(database))]
         self.runtime = ToolRuntime((), options.model_copy(update={"hide_paths": hide}))
         for problem in self.runtime.all_problems():
             self.log.warning("tool not loaded: %s", problem)

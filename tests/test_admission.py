@@ -22,7 +22,7 @@ from aios.scheduler.admission import (
     hold,
     load_admission,
 )
-from aios.scheduler.core import make_admission
+from aios.scheduler.admission import make_admission
 from aios.scheduler.request import Job, State
 from tests.support.core_harness import IDEMPOTENT, CoreHarness, make_config
 

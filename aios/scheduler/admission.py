@@ -22,10 +22,13 @@ from __future__ import annotations
 import abc
 import importlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aios.protocol import ErrorCode
 from aios.scheduler.request import Job
+
+if TYPE_CHECKING:
+    from aios.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +133,14 @@ def load_admission(target: str, options: dict[str, Any]) -> Admission:
     if not (isinstance(cls, type) and issubclass(cls, Admission)):
         raise ValueError(f"{target!r} is not an aios.scheduler.admission.Admission subclass")
     return cls(**options)
+
+
+def make_admission(config: "Config") -> Admission:
+    """The admission step a configuration asks for: the per-agent queue quota, then `[scheduler] admission`."""
+    s = config.scheduler
+    steps: list[Admission] = []
+    if s.max_queued_per_agent:
+        steps.append(QueueQuota(s.max_queued_per_agent))
+    if s.admission:
+        steps.append(load_admission(s.admission, dict(s.admission_options)))
+    return Chain(steps) if steps else AdmitAll()

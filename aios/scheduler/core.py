@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import Counter, OrderedDict, defaultdict
-from dataclasses import dataclass
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Protocol
 
 from aios.config import Config
@@ -47,17 +46,16 @@ from aios.messages import (
     Yield,
 )
 from aios.protocol import ErrorCode, Status, error_body, pack
-from aios.scheduler.admission import Admission, AdmitAll, Chain, Decision, QueueQuota, load_admission
+from aios.scheduler.admission import Admission, Decision, make_admission
+from aios.scheduler.nesting import Refusal, place_call
 from aios.scheduler.policies import Policy, make_policy
 from aios.scheduler.registry import ManagerRecord, ManagerRegistry
 from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Job, State
+from aios.scheduler.status import KERNEL, ServiceStats, kernel_status
 
 log = logging.getLogger("aios.scheduler")
 
-KERNEL = "kernel"
 KERNEL_OPS = ("ops", "ping", "shutdown", "status")
-#: calls between managers may nest this deep (agent -> memory -> storage is 2)
-MAX_CALL_DEPTH = 8
 #: rough per-entry overhead of a cached reply beyond its body, for the byte bound
 _CACHE_ENTRY_BYTES = 200
 
@@ -77,34 +75,6 @@ class Outbox(Protocol):
 
     def shutdown(self) -> None:
         """`kernel.shutdown` was called: ask the supervisor to stop the kernel."""
-
-
-@dataclass(slots=True)
-class ServiceStats:
-    submitted: int = 0
-    completed: int = 0
-    errors: int = 0
-    requeued: int = 0
-    preemptions: int = 0
-    wait_s_total: float = 0.0
-    turnaround_s_total: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        done = max(self.completed + self.errors, 1)
-        return {"submitted": self.submitted, "completed": self.completed, "errors": self.errors,
-                "requeued": self.requeued, "preemptions": self.preemptions,
-                "wait_mean_s": round(self.wait_s_total / done, 6),
-                "turnaround_mean_s": round(self.turnaround_s_total / done, 6)}
-
-
-def make_admission(config: Config) -> Admission:
-    s = config.scheduler
-    steps: list[Admission] = []
-    if s.max_queued_per_agent:
-        steps.append(QueueQuota(s.max_queued_per_agent))
-    if s.admission:
-        steps.append(load_admission(s.admission, dict(s.admission_options)))
-    return Chain(steps) if steps else AdmitAll()
 
 
 class SchedulerCore:
@@ -208,27 +178,11 @@ class SchedulerCore:
         deadline = msg.deadline
         if isinstance(msg, Call):
             assert caller is not None
-            parent = caller.inflight.get((msg.parent_client, msg.parent))
-            if parent is None:
-                return self.reply_error(client, msg.id, ErrorCode.INVALID_ARGUMENT,
-                                        "a call must be made while serving the request it is made for "
-                                        f"(request {msg.parent!r} is not running on {caller.name})")
-            chain = parent.chain()
-            path = " -> ".join(f"{r.service}.{r.op}" for r in reversed(chain)) + f" -> {service}.{op}"
-            if any(r.service == service for r in chain):
-                return self.reply_error(client, msg.id, ErrorCode.CALL_CYCLE,
-                                        f"call cycle refused: {path} would wait on a {service} request that "
-                                        f"is itself waiting for this call (a thread-pool deadlock)")
-            if len(chain) >= MAX_CALL_DEPTH:
-                return self.reply_error(client, msg.id, ErrorCode.CALL_CYCLE,
-                                        f"calls nested too deep ({len(chain)} levels, at most {MAX_CALL_DEPTH}): {path}")
+            placed = place_call(msg, caller, now)
+            if isinstance(placed, Refusal):
+                return self.reply_error(client, msg.id, placed.code, placed.message)
+            parent, deadline = placed
             agent = parent.agent
-            if parent.deadline is not None:
-                left = parent.deadline - now
-                deadline = left if deadline is None else min(deadline, left)
-                if deadline <= 0:
-                    return self.reply_error(client, msg.id, ErrorCode.DEADLINE_EXCEEDED,
-                                            f"the request this call serves has no time left ({path})")
         else:
             agent = msg.agent
         q = self.queue(service)
@@ -655,25 +609,7 @@ class SchedulerCore:
         self._reply(client, Reply(rid, _OK), pack(body))
 
     def status(self, now: float) -> dict[str, Any]:
-        services = sorted((self.expected_services | self.registry.services() | set(self.queues)) - {KERNEL})
-        extra = self.extra_status()
-        up = now - (self.started_at if self.started_at is not None else now)
-        scheduler = {"policy": self.config.scheduler.policy, "uptime_s": round(up, 3),
-                     **extra.pop("scheduler", {})}
-        return {
-            "scheduler": scheduler,
-            "managers": [m.row(now) for m in self.registry],
-            "queues": {s: self.queued(s) for s in services},
-            # per target (a tool, a model): how many requests wait for it; O(queue) but only on status
-            "queued_by_target": {s: counts for s, q in self.queues.items()
-                                 if (counts := dict(Counter(r.target for r in q if r.target is not None)))},
-            "policy": {s: st for s, q in self.queues.items() if (st := q.stats())},
-            "held": len(self.held),
-            "services": {s: self.stats[s].as_dict() for s in services},
-            "pending": len(self.pending),
-            "reply_cache": {"entries": len(self.reply_cache), "bytes": self.reply_cache_bytes},
-            **extra,
-        }
+        return kernel_status(self, now)
 
     def close(self, now: float) -> None:
         """The kernel is stopping: answer everything still pending."""

@@ -30,7 +30,7 @@ from typing import Any, Callable, Union
 
 from aios import messages
 from aios.errors import AIOSError, KernelError, KernelTimeout, error_from_body
-from aios.protocol import Codec, ErrorCode, Message, ProtocolError, Status, new_request_id, pack
+from aios.protocol import Codec, ErrorCode, Frame, ProtocolError, Status, new_request_id, pack
 
 log = logging.getLogger("aios.sdk")
 
@@ -59,7 +59,7 @@ class Incoming:
     """A verified reply from the scheduler: its typed header, and the body (decoded on first use)."""
 
     reply: messages.Reply
-    message: Message
+    message: Frame
 
     @property
     def id(self) -> str | None:

@@ -149,8 +149,9 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 
 @dataclass(slots=True)
-class Message:
-    """A verified, decoded message. `routing` is the envelope before the delimiter."""
+class Frame:
+    """A verified, decoded frame set (its header still a map: `aios.messages` types it). `routing` is the
+    envelope before the delimiter."""
 
     routing: list[bytes]
     header: dict[str, Any]
@@ -199,7 +200,7 @@ class Codec:
         frames += [b"", VERSION, self.sign(header_raw, body_raw), header_raw, body_raw]
         return frames
 
-    def decode(self, frames: list[bytes]) -> Message:
+    def decode(self, frames: list[bytes]) -> Frame:
         """Verify and decode. Raises ProtocolError; never anything else."""
         try:
             split = frames.index(b"")
@@ -223,4 +224,4 @@ class Codec:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not valid msgpack: {exc}") from exc
         if not isinstance(header, dict):
             raise ProtocolError(ErrorCode.BAD_FRAME, "header must be a map")
-        return Message(list(frames[:split]), header, body_raw)
+        return Frame(list(frames[:split]), header, body_raw)

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from aios import sdk
-from aios.protocol import VERSION, Codec, ErrorCode, Message, ProtocolError, new_request_id, pack
+from aios.protocol import VERSION, Codec, ErrorCode, Frame, ProtocolError, new_request_id, pack
 from tests.conftest import Kernel, wait_until
 
 
@@ -60,7 +60,7 @@ class Raw:
     def send(self, frames: list[bytes]) -> None:
         self.sock.send_multipart(frames)
 
-    def recv(self, timeout: float = 5.0) -> Message | None:
+    def recv(self, timeout: float = 5.0) -> Frame | None:
         """The next reply; the scheduler's heartbeats (it probes agents with work pending) are skipped."""
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from aios import messages
-from aios.protocol import Codec, ErrorCode, Message, error_body
+from aios.protocol import Codec, ErrorCode, Frame, error_body
 from aios.calls import (
     DEADLINE_GRACE_S,
     MAX_BACKOFF_S,
@@ -36,7 +36,7 @@ def new_call(*, idempotent: bool, timeout: float = 100.0, now: float = 0.0, rese
                        idempotent=idempotent, now=now, resend_interval=resend_interval, on_partial=on_partial)
 
 
-def sent(step: Any) -> Message:
+def sent(step: Any) -> Frame:
     """The frames of a Send, verified and decoded as the scheduler would."""
     assert isinstance(step, Send), step
     return CODEC.decode(step.frames)

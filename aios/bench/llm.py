@@ -38,7 +38,7 @@ SIM_SECONDS_PER_TOKEN = 0.001
 
 
 @dataclass
-class Job:
+class AgentJob:
     agent: str
     kind: str  # "short" | "long"
     tokens: int
@@ -50,12 +50,12 @@ class Job:
                 "temperature": 0.0, "stop": [], "ignore_eos": True}
 
 
-def workload(args: argparse.Namespace) -> list[Job]:
+def workload(args: argparse.Namespace) -> list[AgentJob]:
     sim = args.backend == "sim"
     n_short = args.short if args.short is not None else (200 if sim else 6)
     n_long = args.long if args.long is not None else (50 if sim else 2)
-    jobs = [Job(f"long-{i}", "long", args.long_tokens) for i in range(n_long)]
-    jobs += [Job(f"short-{i}", "short", args.short_tokens, args.short_rounds) for i in range(n_short)]
+    jobs = [AgentJob(f"long-{i}", "long", args.long_tokens) for i in range(n_long)]
+    jobs += [AgentJob(f"short-{i}", "short", args.short_tokens, args.short_rounds) for i in range(n_short)]
     return jobs
 
 
@@ -70,7 +70,7 @@ def kernel_config(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     return {"scheduler": {"policy": policy, "time_slice_tokens": args.slice}, "llm": [core]}
 
 
-async def _run_jobs(run_dir: Any, jobs: list[Job], progress: Progress) -> tuple[list[dict[str, Any]], float]:
+async def _run_jobs(run_dir: Any, jobs: list[AgentJob], progress: Progress) -> tuple[list[dict[str, Any]], float]:
     from aios.sdk import AsyncClient
     clients = [AsyncClient(run_dir, agent=j.agent, timeout=3600) for j in jobs]
     done = 0
@@ -78,7 +78,7 @@ async def _run_jobs(run_dir: Any, jobs: list[Job], progress: Progress) -> tuple[
 
     total = sum(j.rounds for j in jobs)
 
-    async def one(client: AsyncClient, job: Job) -> None:
+    async def one(client: AsyncClient, job: AgentJob) -> None:
         nonlocal done
         for _ in range(job.rounds):
             reply = await client.request("llm", "chat", job.args(), idempotent=True)
@@ -109,13 +109,13 @@ def _class_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def run_policy(args: argparse.Namespace, policy: str, jobs: list[Job], progress: Progress) -> dict[str, Any]:
+def run_policy(args: argparse.Namespace, policy: str, jobs: list[AgentJob], progress: Progress) -> dict[str, Any]:
     from aios.sdk import connect
     progress.update(f"{policy}: starting a kernel", force=True)
     with temporary_kernel(kernel_config(args, policy), prefix="aios-bllm-") as run_dir:
         with connect(run_dir, agent="bench") as client:
             # warm the core (first prompt evaluation allocates buffers)
-            client.request("llm", "chat", Job("warmup", "short", 4).args())
+            client.request("llm", "chat", AgentJob("warmup", "short", 4).args())
         progress.update(f"{policy}: running {len(jobs)} requests", force=True)
         rows, makespan = asyncio.run(_run_jobs(run_dir, jobs, progress))
         with connect(run_dir, agent="bench") as client:
@@ -135,7 +135,7 @@ def run_policy(args: argparse.Namespace, policy: str, jobs: list[Job], progress:
     }
 
 
-def run_direct(args: argparse.Namespace, jobs: list[Job], progress: Progress) -> dict[str, Any]:
+def run_direct(args: argparse.Namespace, jobs: list[AgentJob], progress: Progress) -> dict[str, Any]:
     """The same generations called in-process on the backend, one after the other."""
     from aios.config import LLMCoreConfig
     from aios.managers.llm.core import make_backend
@@ -144,7 +144,7 @@ def run_direct(args: argparse.Namespace, jobs: list[Job], progress: Progress) ->
     progress.update("direct: loading the backend in process", force=True)
     backend = make_backend(core)
     try:
-        w = backend.start(ChatArgs(**Job("warmup", "short", 4).args()))
+        w = backend.start(ChatArgs(**AgentJob("warmup", "short", 4).args()))
         backend.advance(w, None, lambda s: None)
         backend.finish(w)
         tokens = 0

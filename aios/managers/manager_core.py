@@ -5,7 +5,7 @@ typed messages (`aios.messages`) and hands each to `ManagerCore.handle`; it
 says when the messages that arrived together have all been handled
 (`end_of_batch`), when the socket was quiet (`housekeeping(idle=True)`) and
 when the scheduler connection dropped (`connection_lost`). The core answers
-through an `Outbox` with typed messages (`Reply`, `Yield`, `Ready`), from
+through a `ManagerOutbox` with typed messages (`Reply`, `Yield`, `Ready`), from
 whatever thread a handler ran on. Unit tests drive it the same way with a
 list for an outbox (`tests/support/manager_harness.py`), as
 `tests/support/core_harness.py` drives the scheduler's core.
@@ -45,7 +45,7 @@ from aios.managers.base import (
     describe_validation,
     request_key,
 )
-from aios.protocol import Codec, ErrorCode, Message, ProtocolError, Status, error_body, unpack
+from aios.protocol import Codec, ErrorCode, Frame, ProtocolError, Status, error_body, unpack
 
 if TYPE_CHECKING:
     from aios.managers.base import Manager
@@ -64,7 +64,7 @@ HOLD_BATCH_MAX_S = 10.0
 ToScheduler = Union[messages.Reply, messages.Yield, messages.Ready, messages.Heartbeat, messages.Disconnect]
 
 
-class Outbox(Protocol):
+class ManagerOutbox(Protocol):
     """Where the core's messages go: the shell's DEALER (a list in unit tests). Callable from any thread."""
 
     def send(self, msg: ToScheduler, body: Any = None) -> None: ...
@@ -87,7 +87,7 @@ class ManagerCore:
     are called by the driving thread (the shell's socket loop); handlers on the pool post their
     answers through the same outbox."""
 
-    def __init__(self, manager: "Manager", outbox: Outbox, codec: Codec, pool: Executor) -> None:
+    def __init__(self, manager: "Manager", outbox: ManagerOutbox, codec: Codec, pool: Executor) -> None:
         self.manager = manager
         self.out = outbox
         self.codec = codec
@@ -120,7 +120,7 @@ class ManagerCore:
             idempotent_targets=list(m.idempotent_targets), health=m.health, detail=m.health_detail)
 
     # -------------------------------------------------------------- messages
-    def handle(self, typed: messages.Message, raw: Message) -> None:
+    def handle(self, typed: messages.Message, raw: Frame) -> None:
         """A verified message from the scheduler (`raw` carries its body, decoded on first use)."""
         if isinstance(typed, messages.Dispatch):
             self.on_dispatch(typed, raw.body_raw)
@@ -326,7 +326,7 @@ class ManagerCore:
 
 
 def _decode_body(body_raw: bytes) -> Any:
-    """A request's arguments, decoded strictly (as `protocol.Message.body` does)."""
+    """A request's arguments, decoded strictly (as `protocol.Frame.body` does)."""
     try:
         return unpack(body_raw) if body_raw else {}
     except Exception as exc:  # msgpack raises many types on hostile input

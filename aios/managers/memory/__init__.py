@@ -5,9 +5,10 @@
 - bm25.py: keyword ranking of the entries in RAM, scored on the fly over the tree.
 - fusion.py: reciprocal rank fusion of rankings on different scales (keyword, meaning).
 - store.py: `MemoryStore`, the engine the manager process wraps (ops, budget, eviction, swap-in).
-- sizing.py: what objects really cost in RAM (measured with `bench.py calibrate` and `bench.py rss`).
-- workloads.py: seeded text workloads for the benchmarks and tests.
-- bench.py: `python -m aios.managers.memory.bench` prints compression, speed and RSS figures.
+- sizing.py: what objects really cost in RAM (measured with `python -m aios.bench.memory_engine calibrate`
+  and `... rss`).
+
+The benchmarks and their workloads live in aios/bench/ (memory_engine.py, memory_workloads.py).
 """
 from aios.managers.memory.store import Backing, Limits, MemoryStore, MemoryRecord
 

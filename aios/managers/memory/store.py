@@ -40,7 +40,7 @@ Why these choices:
   histories), kept up to date incrementally; `accounted_bytes`, what the budget
   counts, is that times the RSS measured per object byte under eviction churn
   (sizing.RSS_SLACK = 1.2). sizing.py gives the measurements against tracemalloc
-  and RSS; bench.py reproduces them.
+  and RSS; `python -m aios.bench.memory_engine calibrate` reproduces them.
 
 Concurrency: one lock guards all RAM state; it is never held while the backing
 is called. Writes to one entry, and loads of it, are serialised by one of 64

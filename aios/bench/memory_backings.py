@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from aios.managers.memory.bm25 import query_terms
-from aios.managers.memory.store import MemoryRecord
+from aios.managers.memory.records import MemoryRecord
 
 
 class SqliteBacking:

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from aios.bench.memory_backings import SqliteBacking
+from aios.bench.memory_workloads import conversation_logs, distinct_notes, templated_notes
 from aios.managers.base import OpError
-from aios.managers.memory.bench import SqliteBacking
 from aios.managers.memory.store import BUDGET_KEY, MemoryStore, MemoryRecord
-from aios.managers.memory.workloads import conversation_logs, distinct_notes, templated_notes
 from aios.protocol import ErrorCode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -565,7 +565,7 @@ def test_rss_stays_bounded_while_writing_ten_times_a_small_budget() -> None:
     """In a fresh process: a write-through store with a 4 MiB budget is written 40 MiB of
     entries (evicting to a SQLite file, so evicted entries leave the process), reads some
     back along the way, then reads every entry back and compares it with what was written."""
-    out = subprocess.run([sys.executable, "-m", "aios.managers.memory.bench", "rss", "--budget-mb", "4"],
+    out = subprocess.run([sys.executable, "-m", "aios.bench.memory_engine", "rss", "--budget-mb", "4"],
                          cwd=REPO, capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)["rss"]

@@ -7,8 +7,8 @@ import tracemalloc
 
 import pytest
 
+from aios.bench.memory_workloads import conversation_logs, distinct_notes, templated_notes
 from aios.managers.memory.radix import TUPLE_MAX, RadixTree
-from aios.managers.memory.workloads import conversation_logs, distinct_notes, templated_notes
 
 
 def assert_consistent(tree: RadixTree) -> None:

@@ -1,4 +1,4 @@
-"""The sampling options on raw logits (`backends/sampling.py`): pure, no model.
+"""The sampling options on raw logits and the choice of a token (`backends/sampling.py`): pure, no model.
 
 Each test builds logits whose right answer can be worked out by hand and
 checks the function against it; the real-model tests (exact resume with every
@@ -83,3 +83,70 @@ def test_top_p_over_a_flat_vocabulary_sorts_beyond_the_first_candidates() -> Non
 def test_filters_are_not_applied_when_greedy() -> None:
     logits = np.array([1.0, 2.0], dtype=np.float32)
     assert sampling.shaped(logits, [], args(top_k=1)) is logits
+
+
+# ---------------------------------------------------------------- choose_token: the whole choice of a token
+class Only:
+    """An output constraint that allows a fixed set of tokens, and records what it was asked."""
+
+    def __init__(self, tokens: set[int]) -> None:
+        self.tokens = tokens
+        self.asked: list[int] = []  # how many candidates each call checked
+
+    def __call__(self, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        self.asked.append(len(ids))
+        return np.array([int(i) in self.tokens for i in ids], dtype=bool)
+
+
+def ramp(n: int = 1000) -> np.ndarray:
+    """Logits that rank token i above token i - 1: the best is n - 1."""
+    return np.arange(n, dtype=np.float32)
+
+
+def test_greedy_without_a_constraint_is_the_argmax() -> None:
+    assert sampling.choose_token(ramp(), args(), [], None, None) == 999
+
+
+def test_greedy_takes_the_chosen_token_when_the_constraint_allows_it() -> None:
+    allowed = Only({999, 5})
+    assert sampling.choose_token(ramp(), args(), [], None, allowed) == 999
+    assert allowed.asked == [1]  # one token checked, no scan
+
+
+def test_greedy_finds_the_best_allowed_token_among_the_top_candidates() -> None:
+    allowed = Only({990, 950, 3})
+    assert sampling.choose_token(ramp(), args(), [], None, allowed) == 990
+    assert allowed.asked == [1, sampling.CONSTRAINT_TOPK]  # the vocabulary was not scanned
+
+
+def test_greedy_scans_the_vocabulary_when_no_top_candidate_is_allowed() -> None:
+    allowed = Only({3, 7})
+    assert sampling.choose_token(ramp(), args(), [], None, allowed) == 7
+    assert allowed.asked == [1, sampling.CONSTRAINT_TOPK, 1000]
+
+
+def test_a_constraint_that_allows_nothing_ends_the_choice_with_minus_one() -> None:
+    for temperature in (0.0, 0.8):
+        rng = np.random.default_rng(1)
+        assert sampling.choose_token(ramp(), args(temperature=temperature), [], rng, Only(set())) == -1
+
+
+def test_sampled_tokens_respect_the_constraint_and_repeat_with_the_seed() -> None:
+    logits = np.zeros(1000, dtype=np.float32)
+    picks = [sampling.choose_token(logits, args(temperature=1.0), [], np.random.default_rng(seed), Only({10, 20, 30}))
+             for seed in (1, 1, 2, 3, 4, 5)]
+    assert set(picks) <= {10, 20, 30}
+    assert picks[0] == picks[1]  # the same RNG state draws the same token
+
+
+def test_penalties_shape_the_logits_before_the_choice() -> None:
+    logits = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    assert sampling.choose_token(logits, args(), [1], None, None) == 1
+    assert sampling.choose_token(logits, args(presence_penalty=2.0), [1], None, None) == 2
+
+
+def test_draw_never_returns_a_token_outside_the_mask() -> None:
+    rng = np.random.default_rng(7)
+    mask = np.zeros(50, dtype=bool)
+    mask[[4, 9]] = True
+    assert {sampling.draw(np.zeros(50, dtype=np.float32), 0.7, rng, mask) for _ in range(200)} == {4, 9}

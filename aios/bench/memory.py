@@ -2,7 +2,7 @@
 
 N agent processes (default 16) each save their conversation log after every
 turn (the transcript so far: a shared system prompt plus the turns, as
-`aios.managers.memory.workloads.conversation_logs` generates it) and read back
+`aios.bench.memory_workloads.conversation_logs` generates it) and read back
 earlier entries at random, through a real kernel with the memory and storage
 managers. The memory budget (`--budget-mb`, default 16) is far below what the
 agents write (about 115 MB raw, 7x the budget after compression), so entries are
@@ -32,7 +32,7 @@ GOAL_COMPRESSION = 2.0
 
 def _caller(run_dir: Any, turns: int) -> Callable[[int], tuple[Callable[[], None], Callable[[], None]]]:
     def make(index: int) -> tuple[Callable[[], None], Callable[[], None]]:
-        from aios.managers.memory.workloads import conversation_logs
+        from aios.bench.memory_workloads import conversation_logs
         from aios.sdk import Client
         client = Client(run_dir, agent=f"bench-{index}", timeout=120)
         logs = conversation_logs(conversations=1000, turns=turns, seed=100 + index)

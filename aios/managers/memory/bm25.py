@@ -19,7 +19,7 @@ Zaragoza 2009; Lucene, Elasticsearch). The idf is Lucene's, never negative,
 so a term present in most entries still counts a little rather than
 pushing an entry down.
 
-Index or scan? Measured here (`python -m aios.managers.memory.bench index`:
+Index or scan? Measured here (`python -m aios.bench.memory_engine index`:
 CPython 3.11, 3,000 notes of 40 to 120 Zipf-distributed words, 1.8 MB): an
 inverted index (term -> {entry: tf}) held 4.3 bytes of RAM per byte of text
 (tracemalloc; 7.0 with a larger vocabulary), i.e. it would take four to seven

@@ -15,7 +15,7 @@ another candidate exists. The period defaults to 0 (every reference counts).
 
 Retained history: `remove` returns an entry's history, and `reference` takes
 it back when the entry returns (the memory manager keeps the histories of
-recently evicted entries so that a swapped-in entry is not a stranger).
+recently evicted entries in `Ghosts` so that a swapped-in entry is not a stranger).
 
 Victim selection is O(log n) amortised: a heap with lazy invalidation. An
 entry's sort key (K-th reference time, last reference time) only ever grows,
@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import struct
 import sys
+from collections import OrderedDict
 from typing import Generic, Hashable, TypeVar
 
 from aios.managers.memory.sizing import alloc, dict_bytes, list_bytes, obj_bytes
@@ -158,3 +160,46 @@ class LRUK(Generic[K_]):
     def _rebuild(self) -> None:
         self._heap = [(*self._sort_key(st), st.seq, key) for key, st in self._states.items()]
         heapq.heapify(self._heap)
+
+
+class Ghosts:
+    """Retained histories ("ghosts"): the LRU-K histories of recently evicted entries, by key, within
+    a byte limit, oldest dropped first (O'Neil's retained information).
+
+    One string key and one bytes value per entry (about 150 bytes; a tuple key and
+    a tuple of floats took 370).
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._packed: OrderedDict[str, bytes] = OrderedDict()
+        self.item_bytes = 0  # keys and values, kept up to date
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    @property
+    def nbytes(self) -> int:
+        """RAM held, allocator rounding included (O(1))."""
+        return self.item_bytes + alloc(sys.getsizeof(self._packed))
+
+    def keep(self, key: str, history: History) -> None:
+        packed = struct.pack(f"{len(history)}d", *history)
+        self.take(key)
+        self._packed[key] = packed
+        self.item_bytes += obj_bytes(key) + obj_bytes(packed)
+        while self.item_bytes > self.limit_bytes and self._packed:
+            old_key, old_packed = self._packed.popitem(last=False)
+            self.item_bytes -= obj_bytes(old_key) + obj_bytes(old_packed)
+
+    def take(self, key: str) -> History | None:
+        """The history kept for `key`, forgetting it (None if there is none)."""
+        packed = self._packed.pop(key, None)
+        if packed is None:
+            return None
+        self.item_bytes -= obj_bytes(key) + obj_bytes(packed)
+        return struct.unpack(f"{len(packed) // 8}d", packed)
+
+    def audit_bytes(self) -> int:
+        """`item_bytes` recomputed from scratch (for tests)."""
+        return sum(obj_bytes(key) + obj_bytes(packed) for key, packed in self._packed.items())

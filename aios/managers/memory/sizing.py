@@ -7,7 +7,7 @@ finds it and its LRU-K history are counted. Every structure of the engine
 therefore reports its size as the sum of `alloc(sys.getsizeof(obj))` over
 the objects it owns, maintained incrementally as it changes.
 
-Measured here (CPython 3.11.7, x86-64, `python -m aios.managers.memory.bench calibrate`):
+Measured here (CPython 3.11.7, x86-64, `python -m aios.bench.memory_engine calibrate`):
 - `sys.getsizeof` matches tracemalloc's per-object figure exactly (it includes
   the 16-byte GC header of GC-tracked objects; a 4-slot object is 64 bytes,
   a dict with 1..5 keys 184 bytes: a 64-byte object plus a separately
@@ -24,7 +24,7 @@ Measured here (CPython 3.11.7, x86-64, `python -m aios.managers.memory.bench cal
   near 1.2 x after `malloc_trim`. `RSS_SLACK` = 1.2 turns object bytes into
   the bytes the budget counts, so that eviction keeps the real RSS growth,
   fragmentation included, near the high-water mark rather than 25% above it.
-  (`python -m aios.managers.memory.bench calibrate` and `... rss` reproduce
+  (`python -m aios.bench.memory_engine calibrate` and `... rss` reproduce
   these figures.)
 """
 from __future__ import annotations

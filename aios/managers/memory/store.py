@@ -40,7 +40,7 @@ Why these choices:
   histories), kept up to date incrementally; `accounted_bytes`, what the budget
   counts, is that times the RSS measured per object byte under eviction churn
   (sizing.RSS_SLACK = 1.2). sizing.py gives the measurements against tracemalloc
-  and RSS; bench.py reproduces them.
+  and RSS; `python -m aios.bench.memory_engine calibrate` reproduces them.
 
 Concurrency: one lock guards all RAM state; it is never held while the backing
 is called. Writes to one entry, and loads of it, are serialised by one of 64
@@ -49,103 +49,31 @@ entry that a concurrent delete just removed, and RAM applies updates in the orde
 the backing received them. A search admits the backing's hits only if no write
 happened meanwhile (a global write counter), for the same reason.
 
-Limits (each checked before anything is written):
-- content: a string of at most min(1 MiB, budget/16) UTF-8 bytes. An entry is a
-  note or a transcript, not a file (files go to storage). Reading an entry makes
-  transient copies outside the budget (the rebuilt string, the reply frame), and
-  one entry should not flush the cache: 1/16 of the budget keeps both small.
-- metadata: a map of at most 32 names (1..64 characters) to scalars (None, bool,
-  int, finite float, string of at most 1024 characters), at most 4096 bytes packed.
-  Small and flat so it costs little per entry and maps onto any storage schema;
-  anything bigger belongs in the content.
+What an entry may hold is limits.py's (checked before anything is written);
+what an entry is to callers and to the backing is records.py's.
 """
 from __future__ import annotations
 
 import logging
-import math
-import re
-import secrets
-import struct
-import sys
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
-
-import msgpack
+from typing import Any, Callable
 
 from aios.managers.base import OpError
 from aios.managers.memory.bm25 import BM25, count_in_tree, query_terms
-from aios.managers.memory.lruk import LRUK, History
+from aios.managers.memory.limits import (BUDGET_KEY, MIB, Limits, check_agent, check_content, check_id, check_limit,
+                                         pack_loaded, pack_metadata, unpack)
+from aios.managers.memory.lruk import LRUK, Ghosts
 from aios.managers.memory.radix import RadixTree
-from aios.managers.memory.sizing import RSS_SLACK, alloc, dict_bytes, obj_bytes, utf8_len
+from aios.managers.memory.records import Backing, MemoryRecord, new_id
+from aios.managers.memory.sizing import RSS_SLACK, dict_bytes, obj_bytes, utf8_len
 from aios.protocol import ErrorCode
+
+__all__ = ["BUDGET_KEY", "Backing", "Limits", "MIN_BUDGET_BYTES", "MemoryRecord", "MemoryStore", "new_id"]
 
 log = logging.getLogger("aios.memory")
 
-BUDGET_KEY = "[memory] budget_mb"
 MIN_BUDGET_BYTES = 64 * 1024
-MIB = 1024 * 1024
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 64 - 1  # what msgpack (and SQLite, mostly) can carry
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_content_bytes: int = MIB
-    max_metadata_keys: int = 32
-    max_metadata_key_chars: int = 64
-    max_metadata_str_chars: int = 1024
-    max_metadata_bytes: int = 4096
-    max_list_limit: int = 1000
-    max_search_limit: int = 100
-    max_query_chars: int = 1000
-
-
-@dataclass(frozen=True)
-class MemoryRecord:
-    """One memory entry as callers and the backing see it."""
-
-    id: str
-    content: str
-    metadata: dict[str, Any]
-    created: float  # wall-clock seconds (time.time())
-    updated: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "content": self.content, "metadata": dict(self.metadata),
-                "created": self.created, "updated": self.updated}
-
-    def summary(self) -> dict[str, Any]:
-        """What `list` returns: everything but the content."""
-        return {"id": self.id, "metadata": dict(self.metadata), "created": self.created,
-                "updated": self.updated, "size": utf8_len(self.content)}
-
-
-class Backing(Protocol):
-    """Where entries persist (the storage service, reached through the manager's ctx).
-
-    `via` is whatever the caller of the store's op passed (the manager passes its
-    RequestContext, so the backing can `ctx.call("storage", ...)` on the agent's behalf).
-    Errors are raised as OpError and reach the caller unchanged.
-    """
-
-    def put(self, agent: str, record: MemoryRecord, via: Any) -> None:
-        """Create or replace the agent's entry `record.id`, durably."""
-
-    def get(self, agent: str, entry_id: str, via: Any) -> MemoryRecord | None:
-        """The agent's entry, or None if it has none with that id."""
-
-    def delete(self, agent: str, entry_id: str, via: Any) -> bool:
-        """Remove the agent's entry; False if there was none."""
-
-    def list(self, agent: str, offset: int, limit: int, via: Any) -> tuple[list[dict[str, Any]], int]:
-        """Summaries (MemoryRecord.summary()) ordered by (created, id), and the agent's total count."""
-
-    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[MemoryRecord, float]] | None:
-        """Keyword (bm25) search over all the agent's entries, best first with scores
-        (higher is better), or None if the backing cannot search."""
 
 
 class _Entry:
@@ -184,17 +112,6 @@ def _entry_bytes(e: _Entry) -> int:
     if e.meta is not None:
         size += obj_bytes(e.meta)
     return size
-
-
-def new_id() -> str:
-    """An entry id that is unguessable (84 random bits) and sorts by creation time (its first 11
-    characters are the milliseconds since 1970 in hex), so storage, which pages records by key,
-    lists an agent's entries oldest first. 25 characters."""
-    return f"{int(time.time() * 1000):011x}" + secrets.token_urlsafe(12)[:14]
-
-
-def _unpack(meta: bytes | None) -> dict[str, Any]:
-    return msgpack.unpackb(meta, raw=False) if meta is not None else {}
 
 
 class MemoryStore:
@@ -239,10 +156,8 @@ class MemoryStore:
         self._bytes = 0  # spaces, trees and entries; the rest is computed on demand
         self._lru: LRUK[_Entry] | None = (LRUK(k, correlated_period, key_bytes=_ENTRY_BYTES + obj_bytes(new_id()))
                                           if backing is not None else None)
-        # evicted entries' LRU-K histories: "agent\0id" -> packed floats, oldest first
-        self._ghosts: OrderedDict[str, bytes] = OrderedDict()
-        self._ghost_bytes = 0
-        self._ghost_limit = int(budget_bytes * retained_fraction)
+        # evicted entries' LRU-K histories, by "agent\0id"
+        self._ghosts = Ghosts(int(budget_bytes * retained_fraction))
         self._writes = 0
         self.counters = {"evictions": 0, "swap_ins": 0, "hits": 0, "misses": 0, "quota_rejections": 0,
                          "searches_ram": 0, "searches_backing": 0, "backing_search_failures": 0}
@@ -250,11 +165,11 @@ class MemoryStore:
     # ================================================================ ops
     def add(self, agent: str, content: str, metadata: dict[str, Any] | None = None, *, via: Any = None) -> MemoryRecord:
         """Store a new entry; return it (with its new id)."""
-        self._check_agent(agent)
+        check_agent(agent)
         self._check_content(content)
-        meta = self._pack(metadata)
+        meta = pack_metadata(metadata, self.limits)
         now = self._clock()
-        record = MemoryRecord(new_id(), content, _unpack(meta), now, now)
+        record = MemoryRecord(new_id(), content, unpack(meta), now, now)
         if self._backing is not None:
             self._backing.put(agent, record, via)
         with self._lock:
@@ -270,8 +185,8 @@ class MemoryStore:
 
     def get(self, agent: str, entry_id: str, *, via: Any = None) -> MemoryRecord:
         """The agent's entry, from RAM or (swap-in) from the backing."""
-        self._check_agent(agent)
-        self._check_id(entry_id)
+        check_agent(agent)
+        check_id(entry_id)
         with self._lock:
             entry = self._find(agent, entry_id)
             if entry is not None:
@@ -296,13 +211,13 @@ class MemoryStore:
     def update(self, agent: str, entry_id: str, *, content: str | None = None,
                metadata: dict[str, Any] | None = None, via: Any = None) -> MemoryRecord:
         """Replace the content and/or the metadata (the whole map) of an entry."""
-        self._check_agent(agent)
-        self._check_id(entry_id)
+        check_agent(agent)
+        check_id(entry_id)
         if content is None and metadata is None:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "nothing to update: give content, metadata or both")
         if content is not None:
             self._check_content(content)
-        meta = self._pack(metadata) if metadata is not None else None
+        meta = pack_metadata(metadata, self.limits) if metadata is not None else None
         if self._backing is None:
             with self._lock:
                 entry = self._find(agent, entry_id)
@@ -326,8 +241,8 @@ class MemoryStore:
             else:
                 swapped_in = False
             new_content = content if content is not None else current.content
-            new_meta = meta if metadata is not None else self._pack_loaded(current.metadata)
-            record = MemoryRecord(entry_id, new_content, _unpack(new_meta), current.created,
+            new_meta = meta if metadata is not None else pack_loaded(current.metadata)
+            record = MemoryRecord(entry_id, new_content, unpack(new_meta), current.created,
                             max(self._clock(), current.created))
             self._backing.put(agent, record, via)
             with self._lock:
@@ -341,8 +256,8 @@ class MemoryStore:
 
     def delete(self, agent: str, entry_id: str, *, via: Any = None) -> None:
         """Remove an entry (from the backing first, then from RAM)."""
-        self._check_agent(agent)
-        self._check_id(entry_id)
+        check_agent(agent)
+        check_id(entry_id)
         if self._backing is None:
             with self._lock:
                 entry = self._find(agent, entry_id)
@@ -357,17 +272,17 @@ class MemoryStore:
                 entry = self._find(agent, entry_id)
                 if entry is not None:
                     self._drop(entry)
-                self._forget_ghost(agent, entry_id)
+                self._ghosts.take(self._ghost_key(agent, entry_id))
                 self._writes += 1
         if not existed and entry is None:
             raise self._not_found(entry_id)
 
     def list(self, agent: str, *, offset: int = 0, limit: int = 100, via: Any = None) -> dict[str, Any]:
         """Summaries of the agent's entries (no content), oldest first: {"entries", "total", "offset"}."""
-        self._check_agent(agent)
+        check_agent(agent)
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "offset must be an integer >= 0")
-        self._check_limit(limit, self.limits.max_list_limit, "limit")
+        check_limit(limit, self.limits.max_list_limit, "limit")
         if self._backing is not None:
             entries, total = self._backing.list(agent, offset, limit, via)
             return {"entries": entries, "total": total, "offset": offset}
@@ -376,7 +291,7 @@ class MemoryStore:
             if space is None:
                 return {"entries": [], "total": 0, "offset": offset}
             items = sorted(space.entries.values(), key=lambda e: (e.created, e.id))
-            page = [{"id": e.id, "metadata": _unpack(e.meta), "created": e.created, "updated": e.updated,
+            page = [{"id": e.id, "metadata": unpack(e.meta), "created": e.created, "updated": e.updated,
                      "size": space.tree.text_bytes(e.handle)} for e in items[offset:offset + limit]]
         return {"entries": page, "total": len(items), "offset": offset}
 
@@ -386,7 +301,7 @@ class MemoryStore:
         Each hit is an entry (to_dict) plus "score", "ranking" ("bm25") and "source"
         ("storage" or "ram"). "complete" is False when only the entries in RAM could
         be ranked although others exist (the backing could not search)."""
-        self._check_agent(agent)
+        check_agent(agent)
         if not isinstance(query, str) or not query.strip():
             raise OpError(ErrorCode.INVALID_ARGUMENT, "query must be a non-empty string")
         if len(query) > self.limits.max_query_chars:
@@ -395,7 +310,7 @@ class MemoryStore:
         terms = query_terms(query)
         if not terms:
             raise OpError(ErrorCode.INVALID_ARGUMENT, "query has no words to search for")
-        self._check_limit(limit, self.limits.max_search_limit, "limit")
+        check_limit(limit, self.limits.max_search_limit, "limit")
         note: str | None = None
         if self._backing is not None:
             writes_before = self._writes
@@ -475,9 +390,8 @@ class MemoryStore:
                 assert tree_figures["nbytes"] == space.tree.nbytes, "tree byte count drifted"
                 assert tree_figures["handle_count"] == len(space.entries), "tree and entries disagree"
                 total += self._space_bytes(space)
-            ghosts = sum(obj_bytes(key) + obj_bytes(packed) for key, packed in self._ghosts.items())
-            return {"bytes": total, "running_bytes": self._bytes, "ghost_bytes": ghosts,
-                    "running_ghost_bytes": self._ghost_bytes}
+            return {"bytes": total, "running_bytes": self._bytes, "ghost_bytes": self._ghosts.audit_bytes(),
+                    "running_ghost_bytes": self._ghosts.item_bytes}
 
     def is_resident(self, agent: str, entry_id: str) -> bool:
         """Whether the entry is in RAM now (for tests and diagnostics)."""
@@ -487,8 +401,7 @@ class MemoryStore:
     def object_bytes(self) -> int:
         """RAM the store's objects take now, allocator rounding included (O(1))."""
         lru = self._lru.nbytes if self._lru is not None else 0
-        return (self._bytes + dict_bytes(self._spaces) + lru + self._ghost_bytes
-                + alloc(sys.getsizeof(self._ghosts)))
+        return self._bytes + dict_bytes(self._spaces) + lru + self._ghosts.nbytes
 
     def accounted_bytes(self) -> int:
         """What the budget counts: object bytes times the measured RSS per object byte
@@ -504,7 +417,7 @@ class MemoryStore:
         return self._stripes[hash((agent, entry_id)) & 63]
 
     def _record(self, entry: _Entry) -> MemoryRecord:
-        return MemoryRecord(entry.id, entry.space.tree.get(entry.handle), _unpack(entry.meta), entry.created,
+        return MemoryRecord(entry.id, entry.space.tree.get(entry.handle), unpack(entry.meta), entry.created,
                       entry.updated)
 
     def _space_bytes(self, space: _Space) -> int:
@@ -558,7 +471,7 @@ class MemoryStore:
             return
         history = None
         if entry not in self._lru:
-            history = self._forget_ghost(entry.space.name, entry.id)
+            history = self._ghosts.take(self._ghost_key(entry.space.name, entry.id))
         self._lru.reference(entry, self._ticker(), history)
 
     def _enforce_budget(self, undo: Callable[[], object]) -> None:
@@ -585,31 +498,14 @@ class MemoryStore:
             key = (entry.space.name, entry.id)
             history = self._lru.remove(entry)
             self._drop(entry)
-            self._retain(*key, history)
+            self._ghosts.keep(self._ghost_key(*key), history)
             victims.append(key)
         self.counters["evictions"] += len(victims)
         return victims
 
-    def _retain(self, agent: str, entry_id: str, history: History) -> None:
-        """Keep an evicted entry's LRU-K history (O'Neil's retained information), oldest
-        dropped first, within `retained_fraction` of the budget. One string key and one
-        bytes value per entry (about 150 bytes; a tuple key and a tuple of floats took 370)."""
-        key = agent + "\0" + entry_id
-        packed = struct.pack(f"{len(history)}d", *history)
-        self._forget_ghost(agent, entry_id)
-        self._ghosts[key] = packed
-        self._ghost_bytes += obj_bytes(key) + obj_bytes(packed)
-        while self._ghost_bytes > self._ghost_limit and self._ghosts:
-            old_key, old_packed = self._ghosts.popitem(last=False)
-            self._ghost_bytes -= obj_bytes(old_key) + obj_bytes(old_packed)
-
-    def _forget_ghost(self, agent: str, entry_id: str) -> History | None:
-        key = agent + "\0" + entry_id
-        packed = self._ghosts.pop(key, None)
-        if packed is None:
-            return None
-        self._ghost_bytes -= obj_bytes(key) + obj_bytes(packed)
-        return struct.unpack(f"{len(packed) // 8}d", packed)
+    @staticmethod
+    def _ghost_key(agent: str, entry_id: str) -> str:
+        return agent + "\0" + entry_id
 
     def _load(self, agent: str, entry_id: str, via: Any) -> MemoryRecord:
         assert self._backing is not None
@@ -629,7 +525,7 @@ class MemoryStore:
             for record in records:
                 entry = self._find(agent, record.id)
                 if entry is None:
-                    entry = self._place(agent, record.id, record.content, self._pack_loaded(record.metadata),
+                    entry = self._place(agent, record.id, record.content, pack_loaded(record.metadata),
                                         record.created, record.updated)
                     self.counters["swap_ins"] += 1
                 self._reference(entry)
@@ -646,81 +542,8 @@ class MemoryStore:
     def _not_found(self, entry_id: str) -> OpError:
         return OpError(ErrorCode.NOT_FOUND, f"no memory entry {entry_id!r} for this agent")
 
-    @staticmethod
-    def _check_agent(agent: str) -> None:
-        if not isinstance(agent, str) or not agent:
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "agent must be a non-empty string")
-
-    @staticmethod
-    def _check_id(entry_id: str) -> None:
-        if not isinstance(entry_id, str) or not _ID.fullmatch(entry_id):
-            raise OpError(ErrorCode.INVALID_ARGUMENT,
-                          "id must be 1 to 64 characters of letters, digits, '-' and '_'")
-
-    @staticmethod
-    def _check_limit(limit: int, most: int, name: str) -> None:
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= most:
-            raise OpError(ErrorCode.INVALID_ARGUMENT, f"{name} must be an integer from 1 to {most}")
-
     def _check_content(self, content: str) -> None:
-        if not isinstance(content, str):
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "content must be a string")
-        try:
-            size = utf8_len(content) if content.isascii() else len(content.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "content is not valid Unicode text (lone surrogate)") from None
-        if size > self.max_content_bytes:
-            raise OpError(ErrorCode.TOO_LARGE,
-                          f"content is {size} bytes; an entry may hold at most {self.max_content_bytes} bytes "
-                          f"(the smaller of {self.limits.max_content_bytes} bytes and 1/16 of the memory "
-                          f"budget, {BUDGET_KEY} = {self.budget_bytes / MIB:g})")
-
-    def _pack(self, metadata: dict[str, Any] | None) -> bytes | None:
-        """Validate metadata and pack it (None for no metadata)."""
-        if metadata is None:
-            return None
-        lim = self.limits
-        if not isinstance(metadata, dict):
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "metadata must be a map of names to values")
-        if len(metadata) > lim.max_metadata_keys:
-            raise OpError(ErrorCode.TOO_LARGE,
-                          f"metadata has {len(metadata)} names; the limit is {lim.max_metadata_keys}")
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not 1 <= len(key) <= lim.max_metadata_key_chars:
-                raise OpError(ErrorCode.INVALID_ARGUMENT,
-                              f"metadata names must be strings of 1 to {lim.max_metadata_key_chars} characters; "
-                              f"got {str(key)[:80]!r}")
-            if value is None or isinstance(value, bool):
-                continue
-            if isinstance(value, int):
-                if not _INT_MIN <= value <= _INT_MAX:
-                    raise OpError(ErrorCode.INVALID_ARGUMENT, f"metadata.{key}: integer out of the 64-bit range")
-            elif isinstance(value, float):
-                if not math.isfinite(value):
-                    raise OpError(ErrorCode.INVALID_ARGUMENT, f"metadata.{key}: numbers must be finite")
-            elif isinstance(value, str):
-                if len(value) > lim.max_metadata_str_chars:
-                    raise OpError(ErrorCode.TOO_LARGE, f"metadata.{key} is {len(value)} characters; the limit is "
-                                                       f"{lim.max_metadata_str_chars}")
-            else:
-                raise OpError(ErrorCode.INVALID_ARGUMENT,
-                              f"metadata.{key}: values must be null, booleans, numbers or strings, not "
-                              f"{type(value).__name__}")
-        if not metadata:
-            return None
-        try:
-            packed = msgpack.packb(metadata, use_bin_type=True)
-        except (UnicodeEncodeError, ValueError, TypeError) as exc:
-            raise OpError(ErrorCode.INVALID_ARGUMENT, f"metadata cannot be stored: {exc}") from None
-        if len(packed) > lim.max_metadata_bytes:
-            raise OpError(ErrorCode.TOO_LARGE,
-                          f"metadata packs to {len(packed)} bytes; the limit is {lim.max_metadata_bytes}")
-        return packed
-
-    @staticmethod
-    def _pack_loaded(metadata: dict[str, Any] | None) -> bytes | None:
-        """Pack metadata that was validated when it was written (read back from the backing)."""
-        return msgpack.packb(metadata, use_bin_type=True) if metadata else None
+        check_content(content, self.max_content_bytes, self.limits, self.budget_bytes)
 
 
 def _ratio(raw: int, stored: int) -> float | None:

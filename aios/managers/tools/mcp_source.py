@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aios.managers.base import OpError
 from aios.managers.tools.manifest import check_parameters_schema
 from aios.managers.tools.registry import ToolProblem, RegisteredTool
-from aios.managers.tools.sandbox import WORKER_SCRIPT, JailPlanner
+from aios.managers.tools.isolation import WORKER_SCRIPT, JailPlanner
 from aios.protocol import ErrorCode
 
 log = logging.getLogger("aios.tools.mcp")

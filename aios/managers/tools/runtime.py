@@ -12,7 +12,7 @@
 
 A call is validated against the tool's schema before anything runs (a bad call
 never starts a worker), then runs isolated: subprocess tools in a confined
-worker (sandbox.py), builtin tools in this process with `call_fn` to reach
+worker (isolation.py, sandbox.py, worker_pool.py), builtin tools in this process with `call_fn` to reach
 kernel services, MCP tools in their server (mcp_source.py). Every failure is an
 OpError with a code from aios.protocol.ErrorCode and a message that names the
 tool, the field or the limit, and the setting that changes it.
@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
+from aios.managers.tools.isolation import Isolation, JailPlanner, detect_isolation
 from aios.managers.tools.mcp_source import McpHub, McpServerConfig
 from aios.managers.tools.registry import ToolInfo, ToolProblem, RegisteredTool, discover, validate_arguments
-from aios.managers.tools.sandbox import Isolation, JailPlanner, WorkerPool, detect_isolation
+from aios.managers.tools.worker_pool import WorkerPool
 from aios.protocol import ErrorCode
 
 log = logging.getLogger("aios.tools")

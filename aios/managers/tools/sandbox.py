@@ -1,51 +1,40 @@
-"""Isolated execution of subprocess tools: isolation detection, worker processes, warm reuse.
+"""Isolated execution of subprocess tools: one worker process, from spawn to its last call.
 
 One call of a subprocess tool runs in a worker process (worker.py) confined by
-jail.py. The manager side here
+jail.py, as isolation.py planned it. The manager side here
 
-- detects once, at start, which confinement this machine allows (by running a
-  probe worker that tries it and checks the properties themselves: loopback
-  unreachable, scratch writable), and says so in one log line;
 - spawns workers (plain Popen, new session so the whole process group can be
   killed; no preexec_fn, since the tool manager is multi-threaded);
 - waits for a reply with the call's deadline and cancellation, killing the
   process group when either fires, and turns every way a worker can fail into a
   clear OpError (raised, crashed, exited, killed by a signal, out of memory,
-  result too large);
-- keeps warm workers for reuse, keyed by (tool, agent): a worker is never
-  shared between agents, so module-level state in a tool cannot carry one
-  agent's data to another. Tools whose manifest says `reuse = false` (python)
-  get a fresh worker, with fresh namespaces and a fresh /tmp, for every call.
+  result too large).
+
+Warm workers are kept for reuse by worker_pool.py.
 """
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import select
 import shutil
 import signal
-import site
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
+from aios.managers.tools.isolation import WORKER_SCRIPT, kill_group, worker_env
 from aios.managers.tools.registry import RegisteredTool
 from aios.protocol import ErrorCode
 
 log = logging.getLogger("aios.tools")
 
-WORKER_SCRIPT = Path(wire.__file__).resolve()
-WORKER_DIR = WORKER_SCRIPT.parent
 #: how long a new worker may take to confine itself and import its tool before it counts as broken
 #: (measured cold start here: about 40-60 ms; generous for a loaded 2-core machine)
 READY_TIMEOUT_S = 15.0
@@ -55,188 +44,6 @@ MAX_CALLS_PER_WORKER = 1000
 _HEADER = struct.Struct(">I")
 
 
-# ------------------------------------------------------------------ isolation
-@dataclass
-class Isolation:
-    """What confinement this machine gives tool workers (detected once at start)."""
-
-    mode: Literal["auto", "require", "off"]
-    strategy: Literal["root", "userns", "none"]
-    net: bool = False
-    fs: bool = False
-    pid: bool = False
-    drop: bool = False
-    user: str = "unchanged"
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return self.net and self.fs and self.pid and self.drop
-
-    def summary(self, scratch_mb: int) -> str:
-        if self.mode == "off":
-            return "tool isolation OFF (config sandbox = 'off'): workers run with rlimits only, with the " \
-                   "kernel's network, files and privileges"
-        parts = ["network namespace (no network)" if self.net else "NO network namespace: tools can reach the network",
-                 f"read-only filesystem, private {scratch_mb} MB /tmp, run directory and home hidden" if self.fs
-                 else "NO mount namespace: tools see and can write the kernel's files",
-                 "pid namespace" if self.pid else "no pid namespace",
-                 f"runs as {self.user}" if self.drop else "privileges NOT dropped",
-                 "rlimits AS/CPU/NPROC/FSIZE"]
-        head = "tool isolation: " if self.complete else "tool isolation REDUCED: "
-        tail = f" ({'; '.join(self.problems)})" if self.problems else ""
-        return head + ", ".join(parts) + tail
-
-    def for_tool(self, spec: RegisteredTool) -> str:
-        if spec.kind == "builtin":
-            return "none: runs inside the tool manager (allowed for shipped tools only)"
-        if spec.kind == "mcp":
-            jailed = not spec.network and self.mode != "off" and (self.net or self.fs)
-            memory = f", memory {spec.memory_mb} MB" if spec.memory_mb else ""
-            where = "in the tool sandbox" if jailed else "with the kernel user's rights"
-            return f"MCP server process {where}{memory}, timeout {spec.timeout_s:g} s"
-        if self.mode == "off":
-            return f"rlimits only (sandbox = 'off'), memory {spec.memory_mb} MB, timeout {spec.timeout_s:g} s"
-        bits = []
-        if spec.network:
-            bits.append("host network (manifest network = true)")
-        elif self.net:
-            bits.append("no network")
-        bits.append("read-only fs + private /tmp" if self.fs else "host filesystem")
-        if self.pid:
-            bits.append("pid namespace")
-        if self.drop:
-            bits.append(self.user)
-        bits.append(f"memory {spec.memory_mb} MB, timeout {spec.timeout_s:g} s")
-        return ", ".join(bits)
-
-
-def keep_paths(extra: list[Path] = ()) -> list[str]:
-    """Directories a confined worker must still see: the Python installation and our code."""
-    paths = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-             str(WORKER_DIR)}
-    for p in site.getsitepackages() + [p for p in sys.path if p and p.endswith("-packages")]:
-        paths.add(p)
-    paths.update(str(p) for p in extra)
-    return sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
-
-
-def untraversable_ancestors(paths: list[str]) -> list[str]:
-    """The outermost directory on each path that 'other' users (nobody) cannot enter."""
-    found = set()
-    for p in paths:
-        parts = Path(p).parts
-        for i in range(2, len(parts) + 1):
-            ancestor = str(Path(*parts[:i]))
-            try:
-                if not os.stat(ancestor).st_mode & 0o001:
-                    found.add(ancestor)
-                    break
-            except OSError:
-                break
-    return sorted(found)
-
-
-class JailPlanner:
-    """Builds the jail spec (worker.py/jail.py) for a tool from the detected isolation and options."""
-
-    def __init__(self, isolation: Isolation, hide_paths: list[str], scratch_mb: int, nproc: int) -> None:
-        self.isolation = isolation
-        self.hide_paths = [os.path.realpath(p) for p in hide_paths]
-        self.scratch_mb = scratch_mb
-        self.nproc = nproc
-
-    def masks(self, keep: list[str]) -> list[str]:
-        masks = set(self.hide_paths)
-        home = os.path.realpath(os.path.expanduser("~"))
-        if home != "/":
-            masks.add(home)
-        if self.isolation.strategy == "root" and self.isolation.drop:
-            masks.update(untraversable_ancestors(keep))
-        return sorted(masks)
-
-    def spec(self, tool: RegisteredTool | None, cpu_s: int, memory_mb: int | None,
-             network: bool = False) -> dict[str, Any] | None:
-        iso = self.isolation
-        if iso.mode == "off" or iso.strategy == "none" or not (iso.net or iso.fs or iso.pid):
-            return None
-        keep = keep_paths([tool.folder] if tool is not None and tool.folder else [])
-        return {
-            "strategy": iso.strategy, "net": iso.net and not network, "fs": iso.fs, "pid": iso.pid,
-            "drop": iso.drop, "masks": self.masks(keep) if iso.fs else [], "keep": keep,
-            "scratch_mb": self.scratch_mb, "memory_mb": memory_mb, "cpu_s": cpu_s,
-            "nproc": self.nproc, "fsize_mb": self.scratch_mb,
-        }
-
-
-def _run_probe(spec: dict[str, Any], timeout: float = 20.0) -> dict[str, Any]:
-    proc = subprocess.Popen([sys.executable, "-I", str(WORKER_SCRIPT), "probe"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=worker_env())
-    try:
-        out, err = proc.communicate(wire.encode_frame(spec), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _killpg(proc)
-        proc.communicate()
-        return {"ok": False, "step": "probe", "message": f"probe did not answer within {timeout:g} s"}
-    if len(out) < 4:
-        return {"ok": False, "step": "probe", "message": f"probe exited {proc.returncode}: {err.decode(errors='replace')[-300:]}"}
-    import json
-    return json.loads(out[4:4 + _HEADER.unpack(out[:4])[0]])
-
-
-def detect_isolation(mode: Literal["auto", "require", "off"], hide_paths: list[str], scratch_mb: int,
-                     nproc: int, strategy: Literal["auto", "root", "userns"] = "auto") -> Isolation:
-    """Try the strongest confinement first and step down; each try is a real worker that checks itself.
-
-    strategy: "root" (namespaces, then setuid nobody) when the kernel runs as root, else
-    "userns" (a user namespace, then every capability dropped); "auto" picks by euid.
-    """
-    if mode == "off":
-        return Isolation(mode=mode, strategy="none")
-    if not sys.platform.startswith("linux"):
-        return Isolation(mode=mode, strategy="none", problems=["not Linux: rlimits only"])
-    if strategy == "auto":
-        strategy = "root" if os.geteuid() == 0 else "userns"
-    elif strategy == "root" and os.geteuid() != 0:
-        return Isolation(mode=mode, strategy="none", problems=["sandbox_strategy 'root' needs the kernel to run as root"])
-    problems: list[str] = []
-    for net, fs, pid, drop in ((True, True, True, True), (True, True, False, True), (True, False, False, False)):
-        iso = Isolation(mode=mode, strategy=strategy, net=net, fs=fs, pid=pid, drop=drop)
-        planner = JailPlanner(iso, hide_paths, scratch_mb, nproc)
-        spec = planner.spec(None, cpu_s=10, memory_mb=None)
-        assert spec is not None
-        reply = _run_probe(spec)
-        if not reply.get("ok"):
-            problems.append(f"{'+'.join(k for k, v in (('net', net), ('fs', fs), ('pid', pid)) if v)} failed at "
-                            f"{reply.get('step')}: {reply.get('message')}")
-            continue
-        report, checks = reply["report"], reply["report"].get("checks", {})
-        if net and checks.get("loopback_reachable"):
-            problems.append("network namespace did not cut 127.0.0.1")
-            continue
-        if fs and not checks.get("scratch_writable"):
-            problems.append("private /tmp was not writable")
-            continue
-        iso.user = report.get("user", "unchanged")
-        iso.problems = problems if not iso.complete else []
-        return iso
-    return Isolation(mode=mode, strategy="none", problems=problems)
-
-
-def worker_env() -> dict[str, str]:
-    """A small, fixed environment: nothing of the kernel's (keys, tokens, proxies) leaks to tools."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _killpg(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-# --------------------------------------------------------------------- worker
 class Worker:
     """One worker process serving one tool (for one agent, when reused)."""
 
@@ -460,7 +267,7 @@ class Worker:
 
     def kill(self) -> None:
         self.broken = True
-        _killpg(self.proc)
+        kill_group(self.proc)
 
     def close(self) -> None:
         """End the worker (EOF first, then SIGKILL to its group) and release its files. Idempotent."""
@@ -473,7 +280,7 @@ class Worker:
                 self.proc.wait(timeout=0.5)
             except (subprocess.TimeoutExpired, OSError):
                 pass
-        _killpg(self.proc)
+        kill_group(self.proc)
         try:
             self.proc.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
@@ -504,149 +311,3 @@ class _Exited(Exception):
 class _Oversized(Exception):
     def __init__(self, size: int) -> None:
         self.size = size
-
-
-# ----------------------------------------------------------------------- pool
-class WorkerPool:
-    """Warm workers, idle ones keyed by (tool, agent); the least recently used go first."""
-
-    def __init__(self, planner: JailPlanner, max_idle: int, idle_s: float, max_result_bytes: int) -> None:
-        self.planner = planner
-        self.max_idle = max_idle
-        self.idle_s = idle_s
-        self.max_result_bytes = max_result_bytes
-        self._scratch_root: str | None = None
-        self._idle: OrderedDict[tuple[str, str], list[Worker]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._busy: set[Worker] = set()
-        self._closed = False
-        self._stop = threading.Event()
-        self.stats = {"cold": 0, "warm": 0}
-        # Ending a worker (EOF, wait, SIGKILL, reap) takes milliseconds: done off the caller's path
-        self._to_close: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
-        self._closer = threading.Thread(target=self._close_loop, name="tool-worker-closer", daemon=True)
-        self._closer.start()
-        self._janitor = threading.Thread(target=self._sweep_loop, name="tool-worker-janitor", daemon=True)
-        self._janitor.start()
-
-    def _close_loop(self) -> None:
-        while True:
-            w = self._to_close.get()
-            if w is None:
-                return
-            try:
-                w.close()
-            except Exception:  # noqa: BLE001 - never let one worker stop the closing of others
-                log.exception("closing tool worker %s", w.proc.pid)
-
-    def _new_worker(self, spec: RegisteredTool, agent: str) -> Worker:
-        # RLIMIT_CPU is a backstop for the whole life of a (possibly warm) worker; the wall-clock
-        # timeout of each call is what normally stops a tool.
-        cpu_budget = int(max(60, 4 * spec.timeout_s))
-        jail = self.planner.spec(spec, cpu_s=cpu_budget, memory_mb=spec.memory_mb, network=spec.network)
-        rlimits = {"memory_mb": spec.memory_mb, "cpu_s": cpu_budget, "fsize_mb": self.planner.scratch_mb}
-        return Worker(spec, agent, jail, rlimits, self.max_result_bytes, lambda: self.scratch_root, cpu_budget)
-
-    @property
-    def scratch_root(self) -> str:
-        """Host directory for workers' scratch dirs, created only when a worker runs without the
-        mount namespace (a confined worker's scratch is a tmpfs that vanishes with it)."""
-        with self._lock:
-            if self._scratch_root is None:
-                self._scratch_root = tempfile.mkdtemp(prefix="aios-tools-")
-            return self._scratch_root
-
-    def remove_scratch(self) -> None:
-        if self._scratch_root is not None:
-            shutil.rmtree(self._scratch_root, ignore_errors=True)
-
-    def acquire(self, spec: RegisteredTool, agent: str) -> Worker:
-        key = (spec.name, agent)
-        with self._lock:
-            if self._closed:
-                raise OpError(ErrorCode.SHUTTING_DOWN, "the tool runtime is closing")
-            workers = self._idle.get(key)
-            while workers:
-                w = workers.pop()
-                if not workers:
-                    self._idle.pop(key, None)
-                if w.alive:
-                    self._busy.add(w)
-                    self.stats["warm"] += 1
-                    return w
-                self._discard(w)
-                workers = self._idle.get(key)
-        w = self._new_worker(spec, agent)
-        with self._lock:
-            self._busy.add(w)
-            self.stats["cold"] += 1
-        return w
-
-    def release(self, w: Worker) -> None:
-        with self._lock:
-            self._busy.discard(w)
-            if self._closed or not w.reusable():
-                keep = False
-            else:
-                self._idle.setdefault((w.spec.name, w.agent), []).append(w)
-                self._idle.move_to_end((w.spec.name, w.agent))
-                keep = True
-            evicted = self._evict_over_limit() if keep else []
-        if not keep:
-            self._to_close.put(w)
-        for e in evicted:
-            self._to_close.put(e)
-
-    def _count_idle(self) -> int:
-        return sum(len(v) for v in self._idle.values())
-
-    def _evict_over_limit(self) -> list[Worker]:
-        out = []
-        while self._count_idle() > self.max_idle and self._idle:
-            key, workers = next(iter(self._idle.items()))
-            out.append(workers.pop(0))
-            if not workers:
-                self._idle.pop(key)
-        return out
-
-    def _discard(self, w: Worker) -> None:
-        self._to_close.put(w)
-
-    def _sweep_loop(self) -> None:
-        while not self._stop.wait(min(5.0, max(0.1, self.idle_s / 2))):
-            self.sweep()
-
-    def sweep(self) -> None:
-        """Close idle workers unused for idle_s, and any that died while idle."""
-        now = time.monotonic()
-        stale = []
-        with self._lock:
-            for key in list(self._idle):
-                keep = []
-                for w in self._idle[key]:
-                    (stale if (now - w.last_used > self.idle_s or not w.alive) else keep).append(w)
-                if keep:
-                    self._idle[key] = keep
-                else:
-                    self._idle.pop(key)
-        for w in stale:
-            self._to_close.put(w)
-
-    def idle_count(self, tool: str | None = None, agent: str | None = None) -> int:
-        with self._lock:
-            return sum(len(v) for (t, a), v in self._idle.items()
-                       if (tool is None or t == tool) and (agent is None or a == agent))
-
-    def close(self) -> None:
-        self._stop.set()
-        with self._lock:
-            self._closed = True
-            workers = [w for v in self._idle.values() for w in v] + list(self._busy)
-            self._idle.clear()
-        for w in workers:
-            w.kill()
-        self._to_close.put(None)
-        self._closer.join(timeout=30.0)  # finish the closes already queued
-        for w in workers:
-            w.close()
-        self._janitor.join(timeout=5.0)

@@ -50,6 +50,12 @@ def encode_frame(obj: Any) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
+def decode_frame(data: bytes) -> Any:
+    """The frame at the start of `data` (a whole output read at once, as the isolation probe's)."""
+    (length,) = _HEADER.unpack_from(data)
+    return json.loads(data[_HEADER.size:_HEADER.size + length])
+
+
 def write_frame(fd: int, obj: Any) -> None:
     write_bytes(fd, encode_frame(obj))
 

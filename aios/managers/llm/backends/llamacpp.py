@@ -16,11 +16,12 @@ So this backend keeps the whole sampling state in the `Generation` itself:
   text held back because it may start a stop string).
 
 Constrained output (JSON schema, tool calls) uses llama.cpp's grammar sampler
-on our own logits.  Its C state cannot be pickled, so it is rebuilt on demand by
+on our own logits (grammar.py).  Its C state cannot be pickled, so it is rebuilt on demand by
 re-accepting the generated tokens, which reproduces it exactly.
 
-Batching (`max_batch` > 1) and the prefix cache live in llamacpp_engine.py and
-prefix_cache.py; this module validates requests and options and builds results.
+The decode loop, batching (`max_batch` > 1) and the prefix cache live in
+llamacpp_engine.py (and the modules it names) and prefix_cache.py; this module
+validates requests and options and builds results.
 Options (the `[[llm]] options` table; ValueError naming the option when bad):
   max_batch        generations decoded together in one context (the core's capacity)
   prefill_chunk    prompt tokens per prefill call, on a fixed grid (prefix reuse granularity)
@@ -42,7 +43,9 @@ from typing import Any, Callable
 
 from aios.managers.llm.backends import prompting
 from aios.managers.llm.backends.llamacpp_embed import Embedder
-from aios.managers.llm.backends.llamacpp_engine import Engine, Grammar, LlamaCppGeneration, Mode
+from aios.managers.llm.backends.grammar import GbnfCache
+from aios.managers.llm.backends.llamacpp_engine import Engine
+from aios.managers.llm.backends.llamacpp_generation import LlamaCppGeneration, Mode
 from aios.managers.llm.options import MAX_BATCH_LIMIT
 from aios.managers.llm.prefix_cache import PrefixCache
 from aios.managers.llm.types import (
@@ -182,32 +185,6 @@ def _physical_ram_mb() -> float:
         return float("inf")
 
 
-# --------------------------------------------------------------------------- grammar
-
-
-def _schema_to_grammar(schema: dict[str, Any]) -> str:
-    """GBNF for a JSON schema, or BackendError INVALID_ARGUMENT if the schema is unusable.
-
-    The converter's string rule admits raw control characters, which is not JSON;
-    we tighten it so every completion is valid for `json.loads` in strict mode.
-    """
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    if not isinstance(schema, dict):
-        raise BackendError("INVALID_ARGUMENT", "json_schema must be a JSON object")
-    import jsonschema  # a declared dependency: checks the schema itself, with messages a person can act on
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except Exception as e:  # jsonschema.SchemaError
-        raise BackendError("INVALID_ARGUMENT", f"malformed JSON schema: {getattr(e, 'message', e)}") from None
-    try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as e:  # the converter raises assertion/attribute errors on bad schemas
-        raise BackendError("INVALID_ARGUMENT", f"unsupported or malformed JSON schema: {e}") from None
-    return gbnf.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
-
-
 # --------------------------------------------------------------------------- backend
 
 
@@ -290,7 +267,7 @@ class LlamaCppBackend(Backend):
             raise
         self.prefix_cache = cache
         self.load_seconds = time.perf_counter() - t0
-        self._gbnf_cache: dict[str, str] = {}
+        self._gbnf = GbnfCache()
         self._embedder: Embedder | None = None  # created by the first `embed`
         self._closed = False
         log.info("loaded %s (n_ctx=%d, max_batch=%d, threads=%d, prefix cache %.0f MB) in %.2fs",
@@ -339,10 +316,10 @@ class LlamaCppBackend(Backend):
         gbnf: str | None = None
         if args.tools:
             mode = "tools"
-            gbnf = self._grammar_for(prompting.tool_call_schema(args.tools))
+            gbnf = self._gbnf.get(prompting.tool_call_schema(args.tools))
         elif args.json_schema is not None:
             mode = "json"
-            gbnf = self._grammar_for(args.json_schema)
+            gbnf = self._gbnf.get(args.json_schema)
         prompt = prompting.render_alpaca(args.messages, tools=args.tools, json_schema=args.json_schema)
         tokens = self.tokenize(prompt)
         n_prompt = len(tokens)
@@ -362,8 +339,7 @@ class LlamaCppBackend(Backend):
         stops = tuple(dict.fromkeys(prompting.ALPACA_STOPS + tuple(args.stop))) \
             if mode == "text" and not args.ignore_eos else ()
         gen = LlamaCppGeneration(args, tokens, mode, gbnf, stops, self._snapshot_points(args, tokens))
-        if gbnf is not None:
-            gen._grammar = Grammar(self._engine.vocab, gbnf)  # fail in start(), not mid-generation
+        gen.ensure_grammar(self._engine.vocab)  # a bad grammar fails in start(), not mid-generation
         return gen
 
     def _snapshot_points(self, args: ChatArgs, tokens: list[int]) -> tuple[int, ...]:
@@ -472,16 +448,6 @@ class LlamaCppBackend(Backend):
         if not isinstance(gen, LlamaCppGeneration):
             raise BackendError("INTERNAL", f"not a llama.cpp generation: {type(gen).__name__}")
         return gen
-
-    def _grammar_for(self, schema: dict[str, Any]) -> str:
-        key = json.dumps(schema, sort_keys=True)
-        gbnf = self._gbnf_cache.get(key)
-        if gbnf is None:
-            gbnf = _schema_to_grammar(schema)
-            if len(self._gbnf_cache) > 64:
-                self._gbnf_cache.clear()
-            self._gbnf_cache[key] = gbnf
-        return gbnf
 
     @staticmethod
     def _decode_json(raw: str) -> Any:

@@ -106,6 +106,29 @@ class StreamEvent:
     cached_prompt_tokens: int | None = None
 
 
+@dataclass
+class _Slice:
+    """One `advance`: the request it sends (`n_request` tokens, fresh, prefill or replay) and what
+    the stream brought back so far; each phase of `RemoteBackend.advance` reads and fills it."""
+
+    n_request: int
+    replay: bool
+    prefill: bool
+    stops: list[str]
+    old_text: str  # the generation's text before this slice (a replay checks it reproduces it)
+    text: str  # the text so far: the generation's (prefill, fresh) or only this stream's (replay)
+    calls: list[dict[str, Any]]
+    chunks: int = 0  # stream events that carried a token (text, or tool-call arguments)
+    events_seen: int = 0
+    finish: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    client_stop: bool = False  # one of our stop strings ended the text
+    diverged: bool = False
+    failure: BackendError | None = None
+
+
 def _has_truncated_call(calls: Sequence[dict[str, Any]]) -> bool:
     for c in calls:
         try:
@@ -258,76 +281,56 @@ class RemoteBackend(Backend):
         self._check(gen).suspended = True
 
     def advance(self, gen: Generation, max_tokens: int | None, on_text: Callable[[str], None]) -> None:
+        """One slice of a generation: one streaming request, in phases (plan, stream, commit, finish)."""
         g = self._check(gen)
         if g.done:
             return
-        args = g.args
-        remaining = args.max_tokens - g.usage.completion_tokens
+        remaining = g.args.max_tokens - g.usage.completion_tokens
         if remaining <= 0:
             g.finish_reason = "length"
             self._emit(g, g.text, [], on_text)
             return
+        sl = self._plan_slice(g, max_tokens, remaining)
+        self._stream_slice(g, sl, on_text)
+        self._check_stream_ended(sl)
+        self._commit_slice(g, sl)
+        self._record_prompt_usage(g, sl)
+        if sl.failure is not None:
+            self.log.info("generation failed: %s %s", sl.failure.code, sl.failure.message)
+            raise sl.failure
+        self._decide_finish(g, sl)
+        if g.done:
+            self._emit(g, g.text, [], on_text)
+
+    def _plan_slice(self, g: RemoteGeneration, max_tokens: int | None, remaining: int) -> _Slice:
+        """How this slice asks the server: fresh, prefill of the text so far, or replay of the whole request."""
         budget = remaining if max_tokens is None else max(1, min(max_tokens, remaining))
         started = g.usage.completion_tokens > 0 or bool(g.text) or bool(g.tool_calls)
         replay = started and self._uses_replay(g)
         prefill = started and not replay
-        n_request = g.usage.completion_tokens + budget if replay else budget
-        stops = self._stops(g)
-
-        old_text = g.text
-        text = "" if replay else g.text
-        calls: list[dict[str, Any]] = [] if replay else [dict(c) for c in g.tool_calls]
-        chunks = 0
-        events_seen = 0
-        finish: str | None = None
-        prompt_tokens: int | None = None
-        completion_tokens: int | None = None
-        cached_tokens: int | None = None
-        client_stop = False
-        diverged = False
-        close: Callable[[], None] | None = None
-        failure: BackendError | None = None
+        sl = _Slice(replay=replay, prefill=prefill,
+                    n_request=g.usage.completion_tokens + budget if replay else budget,
+                    stops=self._stops(g), old_text=g.text, text="" if replay else g.text,
+                    calls=[] if replay else [dict(c) for c in g.tool_calls])
         g.suspended = False
-        self.log.debug("advance: %d tokens (%s), %d done so far", n_request,
+        self.log.debug("advance: %d tokens (%s), %d done so far", sl.n_request,
                        "replay" if replay else "prefill" if prefill else "fresh", g.usage.completion_tokens)
+        return sl
+
+    def _stream_slice(self, g: RemoteGeneration, sl: _Slice, on_text: Callable[[str], None]) -> None:
+        """Send the request and read its stream until it ends, a client-side stop string, or a failure
+        (kept in `sl.failure`, translated to a BackendError)."""
+        close: Callable[[], None] | None = None
         try:
-            events, close = self._open(g, n_request, prefill)
+            events, close = self._open(g, sl.n_request, sl.prefill)
             g.requests += 1
             for ev in events:
-                events_seen += 1
-                if ev.prompt_tokens is not None:
-                    prompt_tokens = ev.prompt_tokens
-                if ev.completion_tokens is not None:
-                    completion_tokens = ev.completion_tokens
-                if ev.cached_prompt_tokens is not None:
-                    cached_tokens = ev.cached_prompt_tokens
-                for d in ev.tool_calls:
-                    merge_tool_delta(calls, d)
-                if not ev.text and any(d.arguments or d.complete for d in ev.tool_calls):
-                    chunks += 1  # a token of tool-call arguments (empty closing fragments are not tokens)
-                if ev.text:
-                    chunks += 1
-                    start = len(text)
-                    text += ev.text
-                    if replay and not diverged:
-                        n = min(len(text), len(old_text))
-                        if text[:n] != old_text[:n]:
-                            diverged = True
-                            self.log.warning("replay of a suspended generation diverged from its first run "
-                                             "(server not deterministic?); output may be inconsistent")
-                    cut = find_stop(text, stops, start)
-                    if cut is not None:
-                        text = text[:cut]
-                        client_stop = True
-                    self._emit(g, text, stops, on_text)
-                    if client_stop:
-                        break
-                if ev.finish:
-                    finish = ev.finish
+                if self._take_event(g, sl, ev, on_text):
+                    break
         except BackendError as e:
-            failure = e
+            sl.failure = e
         except Exception as e:  # transport/client errors: translated, state kept consistent
-            failure = self._map_error(e)
+            sl.failure = self._map_error(e)
         finally:
             if close is not None:
                 try:
@@ -335,62 +338,105 @@ class RemoteBackend(Backend):
                 except Exception:  # closing a broken stream must not mask the real outcome
                     self.log.debug("closing stream failed", exc_info=True)
 
-        if failure is None and finish is None and not client_stop:
-            if events_seen == 0:
-                # An accepted request whose stream is empty failed on the server deterministically
-                # (llama_cpp.server does this when the prompt exceeds its context window), so
-                # retrying would loop: not retryable.
-                failure = BackendError("BACKEND_ERROR", f"{self.url} accepted the request but streamed nothing "
-                                       "(prompt too long for the server's context? see the server's log)")
-            else:
-                failure = BackendError("UNAVAILABLE", f"stream from {self.url} ended before the generation finished")
+    def _take_event(self, g: RemoteGeneration, sl: _Slice, ev: StreamEvent, on_text: Callable[[str], None]) -> bool:
+        """Fold one stream event into the slice and stream its final text; True when a stop string ends it."""
+        sl.events_seen += 1
+        if ev.prompt_tokens is not None:
+            sl.prompt_tokens = ev.prompt_tokens
+        if ev.completion_tokens is not None:
+            sl.completion_tokens = ev.completion_tokens
+        if ev.cached_prompt_tokens is not None:
+            sl.cached_tokens = ev.cached_prompt_tokens
+        for d in ev.tool_calls:
+            merge_tool_delta(sl.calls, d)
+        if not ev.text and any(d.arguments or d.complete for d in ev.tool_calls):
+            sl.chunks += 1  # a token of tool-call arguments (empty closing fragments are not tokens)
+        if ev.text:
+            sl.chunks += 1
+            start = len(sl.text)
+            sl.text += ev.text
+            if sl.replay and not sl.diverged:
+                n = min(len(sl.text), len(sl.old_text))
+                if sl.text[:n] != sl.old_text[:n]:
+                    sl.diverged = True
+                    self.log.warning("replay of a suspended generation diverged from its first run "
+                                     "(server not deterministic?); output may be inconsistent")
+            cut = find_stop(sl.text, sl.stops, start)
+            if cut is not None:
+                sl.text = sl.text[:cut]
+                sl.client_stop = True
+            self._emit(g, sl.text, sl.stops, on_text)
+            if sl.client_stop:
+                return True
+        if ev.finish:
+            sl.finish = ev.finish
+        return False
 
-        # Commit what this request produced (also after a failure, so a retry resumes from it).
-        if replay and failure is not None and len(text) < len(old_text):
-            pass  # an interrupted replay knows less than we already had
+    def _check_stream_ended(self, sl: _Slice) -> None:
+        """A stream that stopped without a finish reason (and no stop string of ours) is a failure."""
+        if sl.failure is not None or sl.finish is not None or sl.client_stop:
+            return
+        if sl.events_seen == 0:
+            # An accepted request whose stream is empty failed on the server deterministically
+            # (llama_cpp.server does this when the prompt exceeds its context window), so
+            # retrying would loop: not retryable.
+            sl.failure = BackendError("BACKEND_ERROR", f"{self.url} accepted the request but streamed nothing "
+                                      "(prompt too long for the server's context? see the server's log)")
         else:
-            g.text = text
-            g.tool_calls = calls
-            if completion_tokens is not None:
-                produced = completion_tokens
-            elif failure is None and finish == "length" and not client_stop:
-                produced = n_request
-            else:
-                produced = chunks
-                g.usage_exact = False
-            if replay:
-                g.usage.completion_tokens = max(g.usage.completion_tokens, produced)
-            else:
-                g.usage.completion_tokens += produced
-        if g.usage.prompt_tokens == 0:
-            if prompt_tokens is not None and not prefill:
-                g.usage.prompt_tokens = prompt_tokens
-                g.usage.cached_prompt_tokens = min(cached_tokens or 0, prompt_tokens)
-            elif not prefill:
-                g.usage.prompt_tokens = g.prompt_estimate
-                g.usage_exact = False
-        if failure is not None:
-            self.log.info("generation failed: %s %s", failure.code, failure.message)
-            raise failure
+            sl.failure = BackendError("UNAVAILABLE", f"stream from {self.url} ended before the generation finished")
 
-        if finish not in (None, "length") and chunks >= n_request and _has_truncated_call(g.tool_calls):
+    @staticmethod
+    def _commit_slice(g: RemoteGeneration, sl: _Slice) -> None:
+        """Keep what this request produced (also after a failure, so a retry resumes from it)."""
+        if sl.replay and sl.failure is not None and len(sl.text) < len(sl.old_text):
+            return  # an interrupted replay knows less than we already had
+        g.text = sl.text
+        g.tool_calls = sl.calls
+        if sl.completion_tokens is not None:
+            produced = sl.completion_tokens
+        elif sl.failure is None and sl.finish == "length" and not sl.client_stop:
+            produced = sl.n_request
+        else:
+            produced = sl.chunks
+            g.usage_exact = False
+        if sl.replay:
+            g.usage.completion_tokens = max(g.usage.completion_tokens, produced)
+        else:
+            g.usage.completion_tokens += produced
+
+    @staticmethod
+    def _record_prompt_usage(g: RemoteGeneration, sl: _Slice) -> None:
+        """The prompt's size, once: as the server counted it, else our estimate (a prefill's prompt
+        includes the completion so far, so it does not count)."""
+        if g.usage.prompt_tokens != 0 or sl.prefill:
+            return
+        if sl.prompt_tokens is not None:
+            g.usage.prompt_tokens = sl.prompt_tokens
+            g.usage.cached_prompt_tokens = min(sl.cached_tokens or 0, sl.prompt_tokens)
+        else:
+            g.usage.prompt_tokens = g.prompt_estimate
+            g.usage_exact = False
+
+    @staticmethod
+    def _decide_finish(g: RemoteGeneration, sl: _Slice) -> None:
+        """Whether the generation is done after this slice, and why."""
+        finish = sl.finish
+        if finish not in (None, "length") and sl.chunks >= sl.n_request and _has_truncated_call(g.tool_calls):
             # llama_cpp.server reports "tool_calls" even when max_tokens cut the arguments off;
             # a call whose JSON is unfinished exactly at the token budget was cut by the budget.
             finish = "length"
-        if client_stop:
+        if sl.client_stop:
             g.finish_reason = "stop"
         elif finish == "length":
-            if g.usage.completion_tokens >= args.max_tokens:
+            if g.usage.completion_tokens >= g.args.max_tokens:
                 g.finish_reason = "length"
-            elif completion_tokens is not None and completion_tokens < n_request:
+            elif sl.completion_tokens is not None and sl.completion_tokens < sl.n_request:
                 g.finish_reason = "length"  # the server ran out of context before our budget
-            elif completion_tokens is None and chunks == 0:
+            elif sl.completion_tokens is None and sl.chunks == 0:
                 g.finish_reason = "length"  # no visible progress: never loop on a server that cannot go on
             # else: the slice is used up; the generation continues on the next advance()
         else:
             g.finish_reason = "tool_calls" if g.tool_calls else "stop"
-        if g.done:
-            self._emit(g, g.text, [], on_text)
 
     @staticmethod
     def _emit(g: RemoteGeneration, text: str, stops: Sequence[str], on_text: Callable[[str], None]) -> None:

@@ -21,12 +21,16 @@ options either. This module reproduces that chain's meaning and order
 
 At temperature 0 the filters cannot change the argmax, so only the penalties
 are applied: greedy decoding stays as cheap as it was.
+
+`choose_token` is the whole choice of one token: the options above, then the
+argmax or a draw, then the output constraint (a grammar) if the generation has
+one; it reads nothing but its arguments, so a resumed run samples the same.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +42,13 @@ PENALTY_LAST_N = 64
 #: top-p looks at this many best tokens first and sorts the whole vocabulary only when their
 #: mass falls short: a full argsort of Gemma's 262k logits costs ~15 ms, several decodes' worth
 _TOP_P_FIRST = 512
+
+#: candidates tried against an output constraint (greedy) before scanning the whole vocabulary
+CONSTRAINT_TOPK = 64
+
+#: `allowed(ids, logits)`: the mask of the candidate tokens `ids` (with their logits) that an output
+#: constraint (grammar.GrammarFilter with a generation's grammar) allows
+Allowed = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def penalized(logits: np.ndarray, history: Sequence[int], args: ChatArgs) -> np.ndarray:
@@ -112,3 +123,54 @@ def shaped(logits: np.ndarray, history: Sequence[int], args: ChatArgs) -> np.nda
     if args.temperature > 0:
         out = filtered(out, args)
     return out
+
+
+def choose_token(logits: np.ndarray, args: ChatArgs, history: Sequence[int], rng: np.random.Generator | None,
+                 allowed: Allowed | None) -> int:
+    """Greedy or temperature sampling from `logits`, filtered by the output constraint if any; -1 when the
+    constraint allows no token.
+
+    `history` is the completion so far (the penalties read its tail).  The
+    constraint is consulted on the chosen token first, then (greedy) on the
+    64 best, and on the whole vocabulary only when none of those is allowed:
+    scanning 262k tokens through a grammar costs 30-100 ms, several decodes.
+    At temperature > 0 a rejected draw is redrawn from the constraint-filtered
+    distribution with the same RNG (the scheme llama.cpp's own sampler uses).
+    """
+    temp = args.temperature
+    if args.sampling_set():
+        logits = shaped(logits, history[-PENALTY_LAST_N:], args)
+    tok = int(logits.argmax()) if temp <= 0 else draw(logits, temp, rng)
+    if allowed is None:
+        return tok
+    if allowed(np.array([tok], dtype=np.int32), logits[tok:tok + 1])[0]:
+        return tok
+    if temp <= 0:
+        # Greedy: if any of the K best tokens is allowed, the best allowed one is
+        # the global answer, at a fraction of the cost of a full-vocabulary scan.
+        top = np.argpartition(logits, -CONSTRAINT_TOPK)[-CONSTRAINT_TOPK:]
+        top = top[np.lexsort((top, -logits[top]))]
+        in_top = allowed(top, logits[top])
+        if in_top.any():
+            return int(top[in_top.argmax()])
+    mask = allowed(np.arange(len(logits), dtype=np.int32), logits)
+    if not mask.any():
+        return -1
+    if temp <= 0:
+        return int(np.where(mask, logits, -np.inf).argmax())
+    return draw(logits, temp, rng, mask)
+
+
+def draw(logits: np.ndarray, temperature: float, rng: np.random.Generator | None,
+         allowed: np.ndarray | None = None) -> int:
+    """One token drawn from softmax(logits / temperature), restricted to `allowed` when given."""
+    assert rng is not None
+    x = logits.astype(np.float64)
+    if allowed is not None:
+        x[~allowed] = -np.inf
+    x /= temperature
+    x -= x.max()
+    np.exp(x, out=x)
+    cdf = np.cumsum(x)
+    u = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))

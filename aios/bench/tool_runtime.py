@@ -1,7 +1,7 @@
 """Timing figures of the tool runtime (a command that prints figures; tests never assert on speed).
 
-    python -m aios.managers.tools.bench [--n 30] [--json] [--mcp "python tests/support/mcp_server.py"]
-    python -m aios.managers.tools.bench --calibrate     # RLIMIT_AS a worker needs (binary search)
+    python -m aios.bench.tool_runtime [--n 30] [--json] [--mcp "python tests/support/mcp_server.py"]
+    python -m aios.bench.tool_runtime --calibrate     # RLIMIT_AS a worker needs (binary search)
 
 Measures, on this machine, with the shipped tools:
 - validation only: checking arguments against a tool's JSON schema (rejects before any worker);

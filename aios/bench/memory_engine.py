@@ -1,6 +1,8 @@
-"""Figures for the memory engine: `python -m aios.managers.memory.bench [what ...]`.
+"""Figures for the memory engine, in process: `python -m aios.bench.memory_engine [what ...]`.
 
-- compression: raw/stored bytes on the workloads of workloads.py.
+(`aios bench memory` measures the memory manager through a real kernel instead.)
+
+- compression: raw/stored bytes on the workloads of memory_workloads.py.
 - speed: add, get, search and swap-in operations per second, in process.
 - rss: the RSS growth of a process whose store, with a tiny budget, is written
   ten times its budget (write-through to a SQLite file, so evicted entries
@@ -12,10 +14,9 @@
   object sizes) and against RSS growth with no frees, per workload (the
   figures under eviction churn come from `rss`).
 
-`SqliteBacking` stands in for the storage service here and in the RSS test:
-the real manager's backing calls the storage service (another process), so
-evicted entries must leave this process for the RSS figure to mean anything;
-a SQLite file does that with a small, bounded page cache.
+`SqliteBacking` (memory_backings.py) stands in for the storage service in the
+speed and RSS figures: evicted entries must leave this process for the RSS
+figure to mean anything.
 """
 from __future__ import annotations
 
@@ -23,99 +24,18 @@ import argparse
 import gc
 import json
 import random
-import sqlite3
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import msgpack
-
-from aios.managers.memory.bm25 import query_terms
-from aios.managers.memory.store import MemoryStore, MemoryRecord
-from aios.managers.memory.workloads import (TextGen, conversation_logs, distinct_notes, prompt_replays,
-                                            templated_notes)
+from aios.bench.memory_backings import NullBacking, SqliteBacking
+from aios.bench.memory_workloads import TextGen, conversation_logs, distinct_notes, prompt_replays, templated_notes
+from aios.managers.memory.store import MemoryStore
 
 MIB = 1024 * 1024
-
-
-class SqliteBacking:
-    """A Backing on one SQLite file (benchmarks and tests; see the module docstring).
-    With `fts`, it also searches with an FTS5 index ranked by bm25, as a storage service would."""
-
-    def __init__(self, path: str | Path, cache_kib: int = 512, fts: bool = False) -> None:
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE IF NOT EXISTS entries (agent TEXT, id TEXT, content TEXT, meta BLOB, "
-                         "created REAL, updated REAL, PRIMARY KEY (agent, id))")
-        self.fts = fts
-        if fts:
-            self._db.execute("CREATE VIRTUAL TABLE IF NOT EXISTS entries_fts USING fts5(content, agent UNINDEXED, "
-                             "id UNINDEXED)")
-        self._lock = threading.Lock()
-        self.puts = self.gets = 0
-
-    def put(self, agent: str, record: MemoryRecord, via: Any) -> None:
-        meta = msgpack.packb(record.metadata) if record.metadata else None
-        with self._lock:
-            self.puts += 1
-            self._db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-                             (agent, record.id, record.content, meta, record.created, record.updated))
-            if self.fts:
-                self._db.execute("DELETE FROM entries_fts WHERE agent=? AND id=?", (agent, record.id))
-                self._db.execute("INSERT INTO entries_fts VALUES (?, ?, ?)", (record.content, agent, record.id))
-
-    def get(self, agent: str, entry_id: str, via: Any) -> MemoryRecord | None:
-        with self._lock:
-            self.gets += 1
-            row = self._db.execute("SELECT content, meta, created, updated FROM entries WHERE agent=? AND id=?",
-                                   (agent, entry_id)).fetchone()
-        if row is None:
-            return None
-        return MemoryRecord(entry_id, row[0], msgpack.unpackb(row[1]) if row[1] else {}, row[2], row[3])
-
-    def delete(self, agent: str, entry_id: str, via: Any) -> bool:
-        with self._lock:
-            if self.fts:
-                self._db.execute("DELETE FROM entries_fts WHERE agent=? AND id=?", (agent, entry_id))
-            return self._db.execute("DELETE FROM entries WHERE agent=? AND id=?", (agent, entry_id)).rowcount > 0
-
-    def list(self, agent: str, offset: int, limit: int, via: Any) -> tuple[list[dict[str, Any]], int]:
-        with self._lock:
-            rows = self._db.execute("SELECT id, meta, created, updated, length(CAST(content AS BLOB)) FROM entries "
-                                    "WHERE agent=? ORDER BY created, id LIMIT ? OFFSET ?",
-                                    (agent, limit, offset)).fetchall()
-            total = self._db.execute("SELECT count(*) FROM entries WHERE agent=?", (agent,)).fetchone()[0]
-        return [{"id": r[0], "metadata": msgpack.unpackb(r[1]) if r[1] else {}, "created": r[2],
-                 "updated": r[3], "size": r[4]} for r in rows], total
-
-    def search(self, agent: str, query: str, limit: int, via: Any) -> list[tuple[MemoryRecord, float]] | None:
-        if not self.fts:
-            return None  # no index: the store ranks what it has in RAM
-        terms = query_terms(query)
-        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT e.id, e.content, e.meta, e.created, e.updated, bm25(entries_fts) AS rank "
-                "FROM entries_fts JOIN entries e ON e.agent = entries_fts.agent AND e.id = entries_fts.id "
-                "WHERE entries_fts MATCH ? AND entries_fts.agent = ? ORDER BY rank LIMIT ?",
-                (match, agent, limit)).fetchall()
-        # FTS5's bm25 is negated (lower is better): flip it so higher is better
-        return [(MemoryRecord(r[0], r[1], msgpack.unpackb(r[2]) if r[2] else {}, r[3], r[4]), -r[5]) for r in rows]
-
-    def key_at(self, rowid: int) -> tuple[str, str]:
-        """(agent, id) of the rowid-th entry written (benchmark bookkeeping without RAM)."""
-        with self._lock:
-            row = self._db.execute("SELECT agent, id FROM entries WHERE rowid=?", (rowid,)).fetchone()
-        return row[0], row[1]
-
-    def close(self) -> None:
-        self._db.close()
 
 
 # ------------------------------------------------------------------ compression
@@ -304,7 +224,7 @@ def _calibrate_tracemalloc(name: str, texts: Callable[[], Iterator[str]], backin
     gc.collect()
     tracemalloc.start()
     # with a backing that forgets, only the store's own objects stay (LRU-K state included)
-    store = MemoryStore(1 << 34, backing=_NullBacking() if backing else None)
+    store = MemoryStore(1 << 34, backing=NullBacking() if backing else None)
     agents = ["agent-0", "agent-1", "agent-2"]
     gc.collect()
     start = tracemalloc.get_traced_memory()[0]
@@ -316,14 +236,6 @@ def _calibrate_tracemalloc(name: str, texts: Callable[[], Iterator[str]], backin
     objects = store.object_bytes()
     return {"workload": name, "write_through": backing, "entries": store.stats()["entries_in_ram"],
             "traced": traced, "object_bytes": objects, "object_bytes_over_traced": round(objects / traced, 3)}
-
-
-class _NullBacking:
-    def put(self, agent: str, record: MemoryRecord, via: Any) -> None: ...
-    def get(self, agent: str, entry_id: str, via: Any) -> None: return None
-    def delete(self, agent: str, entry_id: str, via: Any) -> bool: return False
-    def list(self, agent: str, offset: int, limit: int, via: Any) -> tuple[list, int]: return [], 0
-    def search(self, agent: str, query: str, limit: int, via: Any) -> None: return None
 
 
 def rss_static(workload: str, target_mb: float = 64.0) -> dict[str, Any]:
@@ -361,7 +273,7 @@ def calibrate() -> dict[str, Any]:
     ]
     rss = []
     for workload in ("short", "medium", "long"):
-        out = subprocess.run([sys.executable, "-m", "aios.managers.memory.bench", "_rss_static", workload],
+        out = subprocess.run([sys.executable, "-m", "aios.bench.memory_engine", "_rss_static", workload],
                              capture_output=True, text=True, check=True)
         rss.append(json.loads(out.stdout))
     return {"tracemalloc": rows, "rss": rss}
@@ -369,13 +281,13 @@ def calibrate() -> dict[str, Any]:
 
 def rss_subprocess(budget_mb: float = 8.0, factor: float = 10.0) -> dict[str, Any]:
     import subprocess
-    out = subprocess.run([sys.executable, "-m", "aios.managers.memory.bench", "_rss_run", str(budget_mb),
+    out = subprocess.run([sys.executable, "-m", "aios.bench.memory_engine", "_rss_run", str(budget_mb),
                           str(factor)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m aios.managers.memory.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m aios.bench.memory_engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="*", default=["compression", "speed", "rss"],
                         help="compression, speed, rss, calibrate, index")

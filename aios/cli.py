@@ -138,7 +138,7 @@ def status_main(args: argparse.Namespace) -> int:
         print()
         order = [p["name"] for p in st["processes"]]
         details = dict(sorted(st["details"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
-        for line in detail_lines(details, {m["name"]: m["service"] for m in k.get("managers", [])}):
+        for line in detail_lines(details):
             print(line)
     return 0
 

@@ -14,7 +14,14 @@ from), built by `Config.manager_specs()` from three spellings:
   default, `enabled = false` turns one off, the other keys are its options;
 - `[[managers]]` entries: any Manager subclass by import path.
 Each class's `Options` model validates its options at start
-(`aios.managers.runner.resolve_managers`), and errors name the place.
+(`aios.managers.runner.resolve_managers`), and errors name the place. Rules
+that span managers ("memory keeps its entries in storage", "the prefix cache
+fits the context budget", which LLM core serves requests naming no model) are
+the manager classes' own hooks (`Manager.check_kernel`, `Manager.complete_options`),
+run there too, not code here.
+
+Each component declares its options in a leaf module: `[scheduler]` in
+`aios.scheduler.options`, `[[llm]]` and `[context]` in `aios.managers.llm.options`.
 Adding a built-in manager that is on by default is one module plus one entry
 in `BUILTIN_MANAGERS`.
 
@@ -33,9 +40,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aios.managers.llm.options import NAME_PATTERN, LLMCoreConfig
+from aios.managers.llm.options import NAME_PATTERN, ContextConfig, LLMCoreConfig
+from aios.scheduler.options import SchedulerConfig
 
-__all__ = ["Config", "ConfigError", "LLMCoreConfig", "ManagerSpec", "load_config", "dump_toml", "BUILTIN_MANAGERS"]
+__all__ = ["Config", "ConfigError", "ContextConfig", "LLMCoreConfig", "ManagerSpec", "SchedulerConfig", "load_config",
+           "dump_toml", "BUILTIN_MANAGERS"]
 
 LLM_CORE_TARGET = "aios.managers.llm.core:LLMCore"
 
@@ -80,34 +89,6 @@ class KernelConfig(_Strict):
         return self
 
 
-class SchedulerConfig(_Strict):
-    policy: str = "fifo"
-    time_slice_tokens: int = Field(default=32, ge=1)
-    weights: dict[str, float] = Field(default_factory=dict, description="per-agent weights for fair-share policies")
-    max_queued_per_agent: int = Field(default=1000, ge=0,
-                                      description="queued requests one agent may have (0: no limit); "
-                                                  "more are refused with a retryable OVERLOADED")
-    max_requeues: int = Field(default=2, ge=0, description="times a request is re-queued after its manager died")
-    admission: str | None = Field(default=None, description="extra admission step, 'package.module:Class'")
-    admission_options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, v: str) -> str:
-        from aios.scheduler.policies import POLICIES  # imported here: policies import this module
-        if v not in POLICIES:
-            raise ValueError(f"unknown scheduling policy {v!r}; choose one of {sorted(POLICIES)}")
-        return v
-
-    @field_validator("weights")
-    @classmethod
-    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {a: w for a, w in v.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)}
-        if bad:
-            raise ValueError(f"weights must be positive numbers; not {bad}")
-        return v
-
-
 class SupervisorConfig(_Strict):
     start_timeout_s: float = Field(default=120.0, gt=0)
     stop_timeout_s: float = Field(default=5.0, gt=0)
@@ -115,13 +96,6 @@ class SupervisorConfig(_Strict):
     backoff_max_s: float = Field(default=8.0, ge=0)
     fast_crash_s: float = Field(default=5.0, ge=0, description="a process that dies sooner than this counts as a fast crash")
     max_fast_crashes: int = Field(default=5, ge=1, description="consecutive fast crashes before the process is FATAL")
-
-
-class ContextConfig(_Strict):
-    """Where preempted generations live while they wait for their next slice."""
-
-    ram_budget_mb: float = Field(default=256.0, ge=0)
-    disk_budget_mb: float = Field(default=4096.0, ge=0)
 
 
 class ManagerConfig(_Strict):
@@ -191,17 +165,6 @@ class Config(_Strict):
                 value = table.get(key)
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                     raise ValueError(f"[{name}] {key} must be a positive integer")
-        def on(name: str) -> bool:
-            return bool(self.builtin.get(name, {}).get("enabled", True))
-        if on("memory") and self.builtin.get("memory", {}).get("storage", True) and not on("storage"):
-            raise ValueError("[memory] keeps its entries in the storage service, which [storage] turns off: "
-                             "enable [storage], or set [memory] storage = false (RAM only, nothing survives a restart)")
-        for i, core in enumerate(self.llm):
-            if core.prefix_cache_mb is not None and core.prefix_cache_mb > self.context.ram_budget_mb:
-                raise ValueError(f'[[llm]] #{i + 1} (name "{core.name}"): prefix_cache_mb = {core.prefix_cache_mb:g} '
-                                 f'exceeds [context] ram_budget_mb = {self.context.ram_budget_mb:g}; the prefix '
-                                 f'cache is part of the context RAM budget: lower prefix_cache_mb or raise '
-                                 f'ram_budget_mb')
         names = [s.name for s in self.manager_specs()]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -210,6 +173,10 @@ class Config(_Strict):
             raise ValueError("'scheduler' is reserved for the scheduler process")
         return self
 
+    def builtin_enabled(self, name: str) -> bool:
+        """Whether the built-in manager `name` runs (its table does not say `enabled = false`)."""
+        return bool(self.builtin.get(name, {}).get("enabled", True))
+
     def manager_specs(self) -> list[ManagerSpec]:
         """Every manager process, in start order: LLM cores, built-in managers, then [[managers]]."""
         specs = [ManagerSpec(c.name, LLM_CORE_TARGET, c.model_dump(), None, f'[[llm]] #{i + 1} (name "{c.name}")',
@@ -217,7 +184,7 @@ class Config(_Strict):
                  for i, c in enumerate(self.llm)]
         for name, target in BUILTIN_MANAGERS.items():
             table = self.builtin.get(name, {})
-            if table.get("enabled", True):
+            if self.builtin_enabled(name):
                 options = {k: v for k, v in table.items() if k not in ("enabled", "capacity", "memory_limit_mb")}
                 specs.append(ManagerSpec(name, target, options, table.get("capacity"), f"[{name}]",
                                          table.get("memory_limit_mb")))

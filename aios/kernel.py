@@ -162,7 +162,8 @@ def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False,
 
     With `verbose`, "kernel" holds the scheduler's own `kernel.status` (queues,
     managers, per-service counts) when it answers. With `details`, "details"
-    holds each manager's own figures, by process name (`MANAGER_DETAILS`).
+    holds, by process name, what each registered manager answers to the
+    standard `status` op: its figures and its one-line "summary".
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     pid = rd.supervisor_pid()
@@ -175,52 +176,53 @@ def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False,
     return out
 
 
-#: what `aios status -v` asks each kind of manager: (service, op, the part of the result to keep)
-MANAGER_DETAILS: dict[str, tuple[str, str | None]] = {
-    "llm": ("info", None),          # backend, batching, prefix cache, context store
-    "memory": ("stats", "store"),   # raw vs stored bytes, budget, evictions, swap-ins
-    "storage": ("status", None),    # database size, writes per commit, checkpoints
-    "tools": ("status", None),      # isolation, workers, MCP servers
-}
-
-
 def _kernel_status(rd: RunDir, details: bool) -> dict[str, Any]:
     from aios.sdk import AIOSError, connect
     out: dict[str, Any] = {"kernel": None}
     try:
         with connect(rd, agent="aios-cli", timeout=2.0) as client:
-            out["kernel"] = client.call("kernel", "status")
+            out["kernel"] = ks = client.call("kernel", "status")
             if details:
-                out["details"] = {m["name"]: _manager_details(client, m) for m in out["kernel"].get("managers", [])
-                                  if m.get("service") in MANAGER_DETAILS}
-                _add_per_target(out["kernel"], out["details"])
+                managers = ks.get("managers", [])
+                out["details"] = {m["name"]: _manager_status(client, ks, m, managers) for m in managers}
     except AIOSError:
         pass
     return out
 
 
-def _add_per_target(ks: dict[str, Any], details: dict[str, dict[str, Any]]) -> None:
-    """For managers with per-target limits (the tool manager): each target's limit, instances
-    running and requests queued, from the scheduler's own view."""
-    for m in ks.get("managers", []):
-        if m.get("limits") and m["name"] in details and "error" not in details[m["name"]]:
-            queued = ks.get("queued_by_target", {}).get(m["service"], {})
-            details[m["name"]]["per_target"] = {
-                t: {"limit": limit, "running": m.get("running", {}).get(t, 0), "queued": queued.get(t, 0)}
-                for t, limit in sorted(m["limits"].items())}
+def _per_target(ks: dict[str, Any], manager: dict[str, Any]) -> dict[str, dict[str, int]] | None:
+    """For a manager with per-target limits (the tool manager): each target's limit, instances
+    running and requests queued, from the scheduler's own view (a manager cannot see its queue)."""
+    if not manager.get("limits"):
+        return None
+    queued = ks.get("queued_by_target", {}).get(manager["service"], {})
+    return {t: {"limit": limit, "running": manager.get("running", {}).get(t, 0), "queued": queued.get(t, 0)}
+            for t, limit in sorted(manager["limits"].items())}
 
 
-def _manager_details(client: Any, manager: dict[str, Any]) -> dict[str, Any]:
+def _route(manager: dict[str, Any], managers: list[dict[str, Any]]) -> str | None:
+    """The target that reaches this very manager: none when it is its service's only one; else
+    one of its targets (the scheduler routes by target), preferably one without a concurrency
+    limit, so the question never waits behind a saturated target (LLM cores: a model they serve)."""
+    if sum(1 for m in managers if m.get("service") == manager.get("service")) < 2:
+        return None
+    targets, limits = manager.get("targets") or [], manager.get("limits") or {}
+    return next((t for t in targets if t not in limits), targets[0] if targets else None)
+
+
+def _manager_status(client: Any, ks: dict[str, Any], manager: dict[str, Any],
+                    managers: list[dict[str, Any]]) -> dict[str, Any]:
     from aios.sdk import AIOSError
-    service = manager["service"]
-    op, part = MANAGER_DETAILS[service]
-    # an LLM core is reached through a model it serves; other services have one manager each
-    target = (manager.get("targets") or [None])[0] if service == "llm" else None
+    per_target = _per_target(ks, manager)
+    args = {"per_target": per_target} if per_target is not None else {}
     try:
-        result = client.request(service, op, {}, target=target, timeout=5.0, idempotent=True).result
+        result = client.request(manager["service"], "status", args, target=_route(manager, managers), timeout=5.0,
+                                idempotent=True).result
     except AIOSError as exc:
         return {"error": f"{exc.code}: {exc.message}"}
-    return result.get(part, {}) if part else result
+    if per_target is not None and isinstance(result, dict):
+        result.setdefault("per_target", per_target)
+    return result
 
 
 __all__ += ["ConfigError", "RunDirError"]

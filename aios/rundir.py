@@ -2,7 +2,8 @@
 
     <run dir>/            mode 0700
         key               HMAC key, mode 0600
-        config.json       the resolved configuration every process reads
+        config.json       the resolved configuration every kernel process reads
+        endpoint.json     how to reach the scheduler (`aios.endpoint`): what agents read
         supervisor.pid    pid of the supervisor
         processes.json    the supervisor's process table (name, pid, state, restarts)
         logs/             one log file per process
@@ -27,7 +28,10 @@ from typing import Any
 
 import zmq
 
+from pydantic import ValidationError
+
 from aios.config import Config, config_from_json, config_to_json
+from aios.endpoint import ENDPOINT_FILE, Endpoint
 from aios.protocol import KEY_BYTES, new_key
 
 IPC_PATH_LIMIT = 100
@@ -60,6 +64,10 @@ class RunDir:
     @property
     def config_file(self) -> Path:
         return self.path / "config.json"
+
+    @property
+    def endpoint_file(self) -> Path:
+        return self.path / ENDPOINT_FILE
 
     @property
     def pid_file(self) -> Path:
@@ -161,6 +169,7 @@ class RunDir:
                     _write_private(secret_file, secret)
                     write_atomic(public_file, public.decode())
         write_atomic(self.config_file, config_to_json(config))
+        write_atomic(self.endpoint_file, self.endpoint(config).model_dump_json(indent=2) + "\n")
 
     @staticmethod
     def _private_file_ok(path: Path, size: int) -> bool:
@@ -189,6 +198,39 @@ class RunDir:
             raise FileNotFoundError(f"no kernel configuration in {self.path} (is a kernel running there?)") from None
 
     # --- endpoints ----------------------------------------------------------
+    def endpoint(self, config: Config) -> Endpoint:
+        """The description of how to reach this kernel (what `create` writes to `endpoint.json`)."""
+        k = config.kernel
+        curve = self.uses_curve(config)
+        return Endpoint(transport=k.transport, frontend=self.frontend_endpoint(config),
+                        backend=self.backend_endpoint(config), curve=curve,
+                        curve_server_key_file=self.curve_public_file.name if curve else None,
+                        high_water_mark=k.high_water_mark, max_message_bytes=k.max_message_bytes,
+                        heartbeat_interval_s=k.heartbeat_interval_s, heartbeat_liveness=k.heartbeat_liveness)
+
+    def read_endpoint(self) -> Endpoint:
+        """The endpoint description the supervisor wrote. An ipc address's directory is checked
+        (a real directory of ours, mode 0700: see `ipc_dir`) before anyone connects to it.
+
+        Raises FileNotFoundError when there is none (no kernel was started here, or one by an
+        AIOS older than the file: restart it), RunDirError when it cannot be used."""
+        try:
+            text = self.endpoint_file.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"no endpoint description ({ENDPOINT_FILE}) in {self.path}: no kernel was "
+                                    f"started there, or one by an older AIOS (restart it)") from None
+        except PermissionError:
+            raise RunDirError(f"cannot read {self.endpoint_file} (permission denied)") from None
+        try:
+            endpoint = Endpoint.model_validate_json(text)
+        except ValidationError as exc:
+            raise RunDirError(f"{self.endpoint_file} is not a valid endpoint description "
+                              f"({exc.errors()[0].get('msg', 'invalid')}); restart the kernel") from None
+        if endpoint.transport == "ipc":
+            for address in (endpoint.frontend, endpoint.backend):
+                verify_private_dir(Path(address[len("ipc://"):]).parent)
+        return endpoint
+
     def frontend_endpoint(self, config: Config, bind: bool = False) -> str:
         k = config.kernel
         if k.transport == "tcp":
@@ -223,17 +265,19 @@ class RunDir:
         return self.path / "curve-manager.public"
 
     @staticmethod
-    def uses_curve(config: Config) -> bool:
+    def uses_curve(config: Config | Endpoint) -> bool:
+        if isinstance(config, Endpoint):
+            return config.curve
         return config.kernel.transport == "tcp" and config.kernel.curve
 
-    def secure_server(self, sock: zmq.Socket, config: Config, role: str = "frontend") -> None:
+    def secure_server(self, sock: zmq.Socket, config: Config | Endpoint, role: str = "frontend") -> None:
         """A scheduler socket: a CURVE server whose ZAP domain is its role (see `Broker`)."""
         if self.uses_curve(config):
             sock.curve_secretkey = self.curve_secret_file.read_bytes()
             sock.curve_server = True
             sock.zap_domain = role.encode()
 
-    def secure_client(self, sock: zmq.Socket, config: Config, role: str = "agent") -> None:
+    def secure_client(self, sock: zmq.Socket, config: Config | Endpoint, role: str = "agent") -> None:
         """An agent gets a fresh key pair per socket (any agent key is accepted; the HMAC signature
         authenticates it); a manager uses the kernel's manager key pair, the only key the backend admits."""
         if self.uses_curve(config):
@@ -242,9 +286,12 @@ class RunDir:
                 secret = self.manager_secret_file.read_bytes()
             else:
                 public, secret = zmq.curve_keypair()
+            server_key = self.curve_public_file
+            if isinstance(config, Endpoint) and config.curve_server_key_file:
+                server_key = self.path / config.curve_server_key_file
             sock.curve_publickey = public
             sock.curve_secretkey = secret
-            sock.curve_serverkey = self.curve_public_file.read_bytes().strip()
+            sock.curve_serverkey = server_key.read_bytes().strip()
 
     def ipc_files(self) -> list[Path]:
         try:

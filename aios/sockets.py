@@ -6,12 +6,17 @@ a maximum message size on sockets that read untrusted input,
 `ROUTER_MANDATORY` on routers (an unroutable reply is an error we see, not a
 silent drop), quick reconnects on dealers, and CurveZMQ when the transport is
 tcp with `curve = true`.
+
+Each factory takes either the kernel's `Config` (the scheduler and the
+managers, which read it anyway) or the run directory's `Endpoint`
+description (agents: `RunDir.read_endpoint()`); both say the same.
 """
 from __future__ import annotations
 
 import zmq
 
 from aios.config import Config
+from aios.endpoint import Endpoint
 from aios.rundir import RunDir
 
 #: dealers retry a lost connection after 50 ms, backing off to 1 s (the scheduler restarts in well under that)
@@ -19,28 +24,33 @@ RECONNECT_IVL_MS = 50
 RECONNECT_IVL_MAX_MS = 1000
 
 
-def router(ctx: zmq.Context, run_dir: RunDir, config: Config, *, max_message_bytes: int,
+def high_water_mark(source: Config | Endpoint) -> int:
+    """The bound on queued messages per socket direction (`[kernel] high_water_mark`)."""
+    return source.high_water_mark if isinstance(source, Endpoint) else source.kernel.high_water_mark
+
+
+def router(ctx: zmq.Context, run_dir: RunDir, config: Config | Endpoint, *, max_message_bytes: int,
            role: str) -> zmq.Socket:
     """A scheduler-side ROUTER. `role` is "frontend" (agents) or "backend" (managers)."""
     s = ctx.socket(zmq.ROUTER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
     s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    s.setsockopt(zmq.SNDHWM, config.kernel.high_water_mark)
-    s.setsockopt(zmq.RCVHWM, config.kernel.high_water_mark)
+    s.setsockopt(zmq.SNDHWM, high_water_mark(config))
+    s.setsockopt(zmq.RCVHWM, high_water_mark(config))
     run_dir.secure_server(s, config, role)
     return s
 
 
-def dealer(ctx: zmq.Context, run_dir: RunDir, config: Config, *, role: str, identity: bytes | None = None,
-           max_message_bytes: int | None = None) -> zmq.Socket:
+def dealer(ctx: zmq.Context, run_dir: RunDir, config: Config | Endpoint, *, role: str,
+           identity: bytes | None = None, max_message_bytes: int | None = None) -> zmq.Socket:
     """A DEALER for an agent (`role="agent"`) or a manager (`role="manager"`), not yet connected."""
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-    s.setsockopt(zmq.SNDHWM, config.kernel.high_water_mark)
-    s.setsockopt(zmq.RCVHWM, config.kernel.high_water_mark)
+    s.setsockopt(zmq.SNDHWM, high_water_mark(config))
+    s.setsockopt(zmq.RCVHWM, high_water_mark(config))
     if max_message_bytes is not None:
         s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     if identity is not None:

@@ -176,7 +176,7 @@ def test_altered_body(raw: Raw) -> None:
 
 def test_sdk_with_wrong_key_times_out(k: Kernel) -> None:
     c = sdk.connect(k.run_dir, agent="forger", timeout=5.0)
-    c._endpoint.codec = Codec(os.urandom(32))
+    c._link.codec = Codec(os.urandom(32))
     try:
         # the rejection carries no id (the header was never trusted), so the client times out
         with pytest.raises(sdk.KernelTimeout):

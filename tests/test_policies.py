@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from aios.config import SchedulerConfig
+from aios.scheduler.options import SchedulerConfig
 from aios.scheduler.policies import (
     POLICIES,
     FifoPolicy,

@@ -50,10 +50,9 @@ def test_a_saturated_tool_never_runs_past_its_limit_and_others_pass_it(k: Kernel
         fast_done = time.monotonic()
     # what `aios status -v` shows meanwhile: the slow tool full, its queue deep (it drains over ~3 s)
     from aios import kernel as lifecycle
-    from aios.status_view import tools_line
     seen = lifecycle.status(k.run_dir, details=True)["details"]["tools"]
     assert seen["per_target"]["slow2"]["running"] == 2 and seen["per_target"]["slow2"]["queued"] > 0
-    assert "slow2 2/2 running" in tools_line(seen)
+    assert "slow2 2/2 running" in seen["summary"]
     for t in threads:
         t.join(60)
     assert fast["value"] == 42

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aios.config import Config
+from aios.config import Config, ManagerSpec
 from aios.protocol import ErrorCode, Status
 from aios.rundir import RunDir
 
@@ -288,6 +288,52 @@ class Manager:
         """Deferred upkeep, on the socket thread: after each batch of requests once their replies
         have gone out (`idle` False: keep it short, the next batch waits meanwhile), and when no
         message came for a poll interval (`idle` True). An exception here is logged."""
+
+    # ------------------------------ the kernel around it: configuration rules, the standard `status` op
+    @classmethod
+    def check_kernel(cls, spec: ManagerSpec, options: Any, config: Config) -> list[str]:
+        """Problems with how this manager fits the rest of the configuration, for rules that span
+        managers (memory keeps its entries in storage, so `[storage]` must be on): one line each,
+        naming its place in the file (`spec.where`). Run for every configured manager once its
+        options validated (`aios.managers.runner.resolve_managers`: `aios config check`, start).
+        Default: none."""
+        return []
+
+    @classmethod
+    def complete_options(cls, spec: ManagerSpec, options: Any, config: Config) -> Any:
+        """The validated options completed from the whole configuration, decided once where every
+        manager is visible (which LLM core serves requests that name no model), so that a running
+        manager never reads its siblings' settings. Default: unchanged."""
+        return options
+
+    class StatusArgs(BaseModel):
+        """`per_target`: the scheduler's view of this manager's targets ({target: {limit, running,
+        queued}}); `aios status` passes it in, as only the scheduler knows what is queued."""
+
+        model_config = ConfigDict(extra="forbid")
+        per_target: dict[str, dict[str, int]] | None = None
+
+    @op(StatusArgs, idempotent=True)
+    def status(self, args: "Manager.StatusArgs", ctx: RequestContext) -> dict[str, Any]:
+        """The op every manager answers, for `aios status -v`: its figures (`status_figures`, with
+        `per_target` when given) and "summary", the one line that describes them (`status_line`)."""
+        figures = dict(self.status_figures())
+        if args.per_target is not None:
+            figures["per_target"] = args.per_target
+        try:
+            summary = self.status_line(figures)
+        except (KeyError, TypeError, ValueError, AttributeError):  # figures of an unexpected shape
+            self.log.exception("status_line failed; showing the generic line")
+            summary = Manager.status_line(self, figures)
+        return {**figures, "summary": summary}
+
+    def status_figures(self) -> dict[str, Any]:
+        """This manager's own figures (`aios status --json -v`); never an agent's data. Default: none."""
+        return {}
+
+    def status_line(self, figures: dict[str, Any]) -> str:
+        """`figures` as one line: what an operator needs at a glance, not every counter."""
+        return f"{self.service} service, capacity {self.capacity}; ops: {', '.join(sorted(self.ops))}"
 
     # ------------------------------------------------------------ running
     def stop(self) -> None:

@@ -1,9 +1,11 @@
 """Building manager processes: one path for every manager, and the process entry point.
 
-`resolve_managers(config)` imports each configured manager's class and
-validates its options against the class's `Options` model, so a bad target or
-a misspelled option is reported at `aios-start` (and by `aios config check`),
-one line per problem, naming its place in the configuration. `build_manager`
+`resolve_managers(config)` imports each configured manager's class,
+validates its options against the class's `Options` model and runs the class's
+rules about the rest of the configuration (`Manager.check_kernel`), so a bad
+target, a misspelled option or a missing companion service is reported at
+`aios-start` (and by `aios config check`), one line per problem, naming its
+place in the configuration. `build_manager`
 does the same inside the manager process, and `main` runs it:
 `python -m aios.managers.runner --run-dir D --name N`.
 
@@ -66,8 +68,10 @@ def load_manager_class(target: str) -> type[Manager]:
     return cls
 
 
-def resolve(spec: ManagerSpec) -> ResolvedManager:
-    """Import the spec's class and validate its options; ConfigError names the place on failure."""
+def resolve(spec: ManagerSpec, config: Config) -> ResolvedManager:
+    """Import the spec's class, validate its options and check how it fits the rest of the
+    configuration (`Manager.check_kernel`); ConfigError names the place on failure. The options
+    come back completed from the whole configuration (`Manager.complete_options`)."""
     try:
         cls = load_manager_class(spec.target)
     except ValueError as exc:
@@ -88,7 +92,10 @@ def resolve(spec: ManagerSpec) -> ResolvedManager:
                                           f"; {cls.__name__} options: {', '.join(sorted(cls.Options.model_fields)) or 'none'}")
             lines.append(f'{spec.where}, key "{key}": {msg}')
         raise ConfigError("\n".join(lines)) from None
-    return ResolvedManager(spec, cls, options)
+    problems = cls.check_kernel(spec, options, config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return ResolvedManager(spec, cls, cls.complete_options(spec, options, config))
 
 
 def resolve_managers(config: Config) -> list[ResolvedManager]:
@@ -96,7 +103,7 @@ def resolve_managers(config: Config) -> list[ResolvedManager]:
     resolved, problems = [], []
     for spec in config.manager_specs():
         try:
-            resolved.append(resolve(spec))
+            resolved.append(resolve(spec, config))
         except ConfigError as exc:
             problems.append(str(exc))
     if problems:
@@ -108,7 +115,7 @@ def build_manager(name: str, run_dir: RunDir, config: Config) -> Manager:
     spec = config.manager_spec(name)
     if spec is None:
         raise ValueError(f"no manager named {name!r} in the configuration")
-    r = resolve(spec)
+    r = resolve(spec, config)
     return r.cls(name, run_dir, config, r.options, spec.capacity)
 
 

@@ -32,7 +32,7 @@ import itertools
 from collections import defaultdict
 from typing import Any, Callable, ClassVar, Iterator
 
-from aios.config import SchedulerConfig
+from aios.scheduler.options import SchedulerConfig
 from aios.scheduler.request import Job
 
 Placement = tuple[Any, Any]  # (target, affinity): str | None, bytes | None

@@ -37,7 +37,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from aios import messages
-from aios.config import Config
+from aios.endpoint import Endpoint
 from aios.rundir import RunDir
 from aios.calls import (
     DEFAULT_TIMEOUT_S,
@@ -67,8 +67,9 @@ _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
-class _Endpoint:
-    """Run directory -> signing codec and frontend address."""
+class _Link:
+    """Run directory -> signing codec and the kernel's endpoint description (`endpoint.json`,
+    written by the supervisor: the client never reads the kernel's whole configuration)."""
 
     def __init__(self, run_dir: str | Path | RunDir | None) -> None:
         from aios.protocol import Codec
@@ -76,20 +77,20 @@ class _Endpoint:
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         try:
             key = self.run_dir.load_key()
-            config: Config = self.run_dir.load_config()
+            endpoint: Endpoint = self.run_dir.read_endpoint()
         except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             raise KernelUnavailable("UNAVAILABLE", f"no kernel running in {self.run_dir.path} ({exc})",
                                     retryable=True) from None
         self.codec = Codec(key)
-        self.config = config
-        self.address = self.run_dir.frontend_endpoint(config)
+        self.endpoint = endpoint
+        self.address = endpoint.frontend
         if self.kernel_gone():
             raise KernelUnavailable("UNAVAILABLE", self.gone_message(), retryable=True)
 
     def kernel_gone(self) -> bool:
         """Whether this machine's kernel for the run directory is certainly not running. Over tcp
         the kernel may be on another machine, so only its silence can tell."""
-        return self.config.kernel.transport == "ipc" and self.run_dir.supervisor_pid() is None
+        return self.endpoint.transport == "ipc" and self.run_dir.supervisor_pid() is None
 
     def gone_message(self) -> str:
         return f"no kernel running in {self.run_dir.path} (start one with: aios start --run-dir {self.run_dir.path})"
@@ -112,8 +113,8 @@ class _ClientBase(abc.ABC):
         self.agent = agent or f"agent-{os.getpid()}"
         self.timeout = timeout
         self.retry_interval = retry_interval
-        self._endpoint = _Endpoint(run_dir)
-        self.run_dir = self._endpoint.run_dir
+        self._link = _Link(run_dir)
+        self.run_dir = self._link.run_dir
         self.llm = LLMService(self)
         self.kernel = KernelService(self)
         self.storage = StorageService(self)
@@ -146,7 +147,7 @@ class _ClientBase(abc.ABC):
         if idempotent is None:
             idempotent = bool(self._is_idempotent(service, op))
         header = messages.Request(id="", service=service, op=op, agent=self.agent, target=target)
-        return PendingCall(self._endpoint.codec, header, args or {}, timeout=timeout, idempotent=idempotent,
+        return PendingCall(self._link.codec, header, args or {}, timeout=timeout, idempotent=idempotent,
                            now=time.monotonic(), resend_interval=self.retry_interval, on_partial=on_partial,
                            where=f"the kernel at {self.run_dir.path}")
 
@@ -169,9 +170,9 @@ class Client(_ClientBase):
                  timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 1.0) -> None:
         super().__init__(run_dir, agent, timeout=timeout, retry_interval=retry_interval)
         self._ctx = zmq.Context.instance()
-        self._sock = dealer(self._ctx, self.run_dir, self._endpoint.config, role="agent")
+        self._sock = dealer(self._ctx, self.run_dir, self._link.endpoint, role="agent")
         self._monitor = self._sock.get_monitor_socket(_MONITOR_EVENTS)
-        self._sock.connect(self._endpoint.address)
+        self._sock.connect(self._link.address)
         self._rcvtimeo = -1  # the socket's RCVTIMEO in ms, set by _recv_until only when it changes
 
     def call(self, service: str, op: str, /, **args: Any) -> Any:
@@ -191,7 +192,7 @@ class Client(_ClientBase):
         if idempotent is None and self._is_idempotent(service, op) is None:
             self._fetch_ops()
         call = self._new_call(service, op, args, timeout, idempotent, target, on_partial)
-        codec = self._endpoint.codec
+        codec = self._link.codec
         while True:
             step = call.step(time.monotonic())
             if type(step) is Send:
@@ -234,8 +235,8 @@ class Client(_ClientBase):
 
     def _check_kernel(self, call: PendingCall) -> None:
         """Not connected: fail at once if the kernel is gone (otherwise the scheduler is restarting)."""
-        if self._endpoint.kernel_gone():
-            raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._endpoint.gone_message()}", retryable=True)
+        if self._link.kernel_gone():
+            raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._link.gone_message()}", retryable=True)
 
     def _recv_until(self, until: float) -> list[bytes] | None:
         remaining_ms = int((until - time.monotonic()) * 1000)
@@ -275,9 +276,9 @@ class AsyncClient(_ClientBase):
                  timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 1.0) -> None:
         super().__init__(run_dir, agent, timeout=timeout, retry_interval=retry_interval)
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = dealer(self._ctx, self.run_dir, self._endpoint.config, role="agent")
+        self._sock = dealer(self._ctx, self.run_dir, self._link.endpoint, role="agent")
         self._monitor = self._sock.get_monitor_socket(_MONITOR_EVENTS)
-        self._sock.connect(self._endpoint.address)
+        self._sock.connect(self._link.address)
         self._waiters: dict[str, asyncio.Queue[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -305,8 +306,8 @@ class AsyncClient(_ClientBase):
             while True:
                 step = call.step(time.monotonic())
                 if type(step) is Send:
-                    if not self._connected and self._endpoint.kernel_gone():
-                        raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._endpoint.gone_message()}",
+                    if not self._connected and self._link.kernel_gone():
+                        raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._link.gone_message()}",
                                                 retryable=True)
                     if call.rid != rid:
                         self._waiters.pop(rid, None)
@@ -321,9 +322,9 @@ class AsyncClient(_ClientBase):
                         except asyncio.TimeoutError:
                             continue
                         if msg is _LOST:
-                            if self._endpoint.kernel_gone():
+                            if self._link.kernel_gone():
                                 raise KernelUnavailable("UNAVAILABLE",
-                                                        f"{call.what}: {self._endpoint.gone_message()}",
+                                                        f"{call.what}: {self._link.gone_message()}",
                                                         retryable=True)
                             call.connection_lost(time.monotonic())
                         elif match_id(msg) == call.rid:
@@ -338,7 +339,7 @@ class AsyncClient(_ClientBase):
 
     async def _read(self) -> None:
         """Route every incoming reply to the task waiting for its id (decoded once, here)."""
-        codec = self._endpoint.codec
+        codec = self._link.codec
         while True:
             msg = decode(codec, await self._sock.recv_multipart())
             waiter = self._waiters.get(match_id(msg) or "")

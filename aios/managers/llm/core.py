@@ -15,7 +15,8 @@ has its request retried on the restarted core):
 - `chat`: messages -> message, with temperature, max_tokens, stop, stream.
 - `json`: like chat, output constrained to JSON valid for `json_schema`.
 - `tools`: like chat, the model answers with OpenAI-style tool calls.
-- `info`: the model names, backend and context-store figures.
+- `info`: the model names, backend and context-store figures (also the standard
+  `status` op's figures, with the one line `aios status -v` prints).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aios.config import Config
+from aios.config import Config, ManagerSpec
 from aios.managers.base import Manager, OpError, RequestContext, Preempt, op
 from aios.managers.llm.backends.sim import SimBackend
 from aios.managers.llm.context import ContextStore
@@ -33,6 +34,7 @@ from aios.managers.llm.options import LLMCoreConfig
 from aios.managers.llm.types import Backend, BackendError, ChatArgs, ChatResult, Generation, ToolName, ToolSpec
 from aios.protocol import ErrorCode
 from aios.rundir import RunDir
+from aios.status_view import mb
 
 #: how many tokens run between checks for cancellation
 CANCEL_CHECK_TOKENS = 16
@@ -128,6 +130,25 @@ class LLMCore(Manager):
             model_mb = 1024
         return 2048 + 4 * model_mb + ram
 
+    @classmethod
+    def check_kernel(cls, spec: ManagerSpec, options: Any, config: Config) -> list[str]:
+        core: LLMCoreConfig = options
+        budget = config.context.ram_budget_mb
+        if core.prefix_cache_mb is not None and core.prefix_cache_mb > budget:
+            return [f'{spec.where}: prefix_cache_mb = {core.prefix_cache_mb:g} exceeds [context] ram_budget_mb = '
+                    f'{budget:g}; the prefix cache is part of the context RAM budget: lower prefix_cache_mb or '
+                    f'raise ram_budget_mb']
+        return []
+
+    @classmethod
+    def complete_options(cls, spec: ManagerSpec, options: Any, config: Config) -> Any:
+        """`default` settled: the cores marked `default = true` serve requests that name no model,
+        or, when none is marked, the first `[[llm]]` entry does."""
+        core: LLMCoreConfig = options
+        marked = [c.name for c in config.llm if c.default]
+        default = core.name in marked if marked else bool(config.llm) and core.name == config.llm[0].name
+        return core if core.default == default else core.model_copy(update={"default": default})
+
     def setup(self) -> None:
         t0 = time.monotonic()
         self.backend = make_backend(self.core, self.config.context.ram_budget_mb)
@@ -136,8 +157,7 @@ class LLMCore(Manager):
         self.contexts.reserve(int(getattr(self.backend, "prefix_cache_budget_bytes", 0)))
         self.models = list(self.backend.models)
         self.targets = list(self.models)
-        marked = [c.name for c in self.config.llm if c.default]
-        self.default_target = self.name in marked if marked else self.name == self.config.llm[0].name
+        self.default_target = self.core.default  # settled by `complete_options`
         self.log.info("%s backend ready in %.2fs, models %s, capacity %d", self.core.backend,
                       time.monotonic() - t0, self.models, self.capacity)
         self._watch_health()
@@ -199,12 +219,32 @@ class LLMCore(Manager):
 
     @op(InfoArgs, idempotent=True)
     def info(self, args: InfoArgs, ctx: RequestContext) -> dict[str, Any]:
+        return self.status_figures()
+
+    def status_figures(self) -> dict[str, Any]:
         stats = self.backend.stats() if self.backend is not None else {}
         return {"core": self.name, "backend": self.core.backend, "models": self.models,
                 "embeddings": bool(self.backend is not None and self.backend.embeddings),
                 "capacity": self.capacity, "context": self.contexts.stats(stats.get("prefix_cache")),
                 "batching": {k: v for k, v in stats.items() if k != "prefix_cache"},
                 "switch_s": round(self.switch_s, 6), "generate_s": round(self.generate_s, 6)}
+
+    def status_line(self, figures: dict[str, Any]) -> str:
+        b, ctx = figures.get("batching", {}), figures.get("context", {})
+        parts = [f"{figures.get('backend')} {', '.join(figures.get('models', [])[:1])}, "
+                 f"capacity {figures.get('capacity')}"]
+        if "max_batch" in b:
+            parts.append(f"max_batch {b['max_batch']}{' (exact)' if b.get('exact') else ''}, "
+                         f"mean decode batch {b.get('mean_batch')}")
+        pc = ctx.get("prefix_cache")
+        if pc:
+            parts.append(f"prefix cache {pc['entries']} entries, {mb(pc['bytes'])} of {mb(pc['budget_bytes'])}, "
+                         f"{pc['hits']}/{pc['lookups']} lookups hit, {pc['tokens_reused']} tokens reused")
+        parts.append(f"preempted contexts {ctx.get('in_ram', 0)} in RAM ({mb(ctx.get('ram_bytes'))}), "
+                     f"{ctx.get('on_disk', 0)} on disk")
+        if figures.get("embeddings"):
+            parts.append("embeddings")
+        return "; ".join(parts)
 
     @property
     def switch_s(self) -> float:

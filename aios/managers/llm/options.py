@@ -1,4 +1,5 @@
-"""Settings of one LLM core: one `[[llm]]` entry of the configuration, and `LLMCore.Options`.
+"""Settings of the LLM cores: one `[[llm]]` entry of the configuration (`LLMCore.Options`), and
+the `[context]` table every core's context store is sized from.
 
 Kept in a module of its own with no heavy imports, because the configuration
 loader reads it (the `[[llm]]` table is the user-facing spelling of an LLM
@@ -20,6 +21,16 @@ MAX_BATCH_LIMIT = 64
 DEFAULT_MAX_INFLIGHT = 32
 #: `[[llm]]` keys that only the embedded llama.cpp backend understands
 LLAMACPP_KEYS = ("max_batch", "prefix_cache_mb", "prefill_chunk", "prefill_budget", "n_batch", "extra_buffer_types")
+
+
+class ContextConfig(BaseModel):
+    """`[context]`: where preempted generations live while they wait for their next slice (each
+    core's context store; the llama.cpp prefix cache is part of the RAM budget)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ram_budget_mb: float = Field(default=256.0, ge=0)
+    disk_budget_mb: float = Field(default=4096.0, ge=0)
 
 
 class LLMCoreConfig(BaseModel):

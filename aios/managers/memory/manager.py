@@ -36,10 +36,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aios.config import Config, ManagerSpec
 from aios.managers.base import Manager, OpError, RequestContext, op
 from aios.managers.memory.fusion import fuse
 from aios.managers.memory.store import MemoryStore, MemoryRecord
 from aios.protocol import ErrorCode
+from aios.status_view import mb
 
 #: how long the answer to "does an LLM core offer embeddings?" is trusted
 EMBEDDINGS_CHECK_S = 30.0
@@ -145,6 +147,13 @@ class MemoryManager(Manager):
                                          description="the most recent entries compared by meaning")
         semantic_batch: int = Field(default=32, ge=1, le=64, description="new entries embedded per search")
         semantic_cache_mb: float = Field(default=8.0, ge=0, description="RAM for cached entry vectors")
+
+    @classmethod
+    def check_kernel(cls, spec: ManagerSpec, options: Any, config: Config) -> list[str]:
+        if options.storage and not config.builtin_enabled("storage"):
+            return [f"{spec.where} keeps its entries in the storage service, which [storage] turns off: enable "
+                    f"[storage], or set {spec.where} storage = false (RAM only, nothing survives a restart)"]
+        return []
 
     def setup(self) -> None:
         o = self.options
@@ -254,6 +263,19 @@ class MemoryManager(Manager):
         return {**mine, "entries": total if total is not None else mine["entries_in_ram"],
                 "entries_evicted": (total - mine["entries_in_ram"]) if total is not None else 0,
                 "store": self.store.stats()}
+
+
+    def status_figures(self) -> dict[str, Any]:
+        """The store's figures: raw vs stored bytes, budget, evictions, swap-ins (what `stats` has as "store")."""
+        return self.store.stats()
+
+    def status_line(self, figures: dict[str, Any]) -> str:
+        d, ratio = figures, figures.get("compression_ratio")
+        return (f"{d.get('mode')}, {d.get('entries_in_ram')} entries in RAM for {d.get('agents_in_ram')} agents, "
+                f"{d.get('raw_bytes')} B raw stored in {d.get('stored_bytes')} B "
+                f"({f'{ratio}x' if ratio else 'no entries'}), {mb(d.get('accounted_bytes'))} of "
+                f"{mb(d.get('budget_bytes'))} budget, {d.get('evictions', 0)} evictions, "
+                f"{d.get('swap_ins', 0)} swap-ins")
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

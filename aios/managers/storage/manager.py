@@ -38,6 +38,7 @@ from aios.managers.base import Deferred, Manager, OpError, RequestContext, op
 from aios.managers.storage.engine import MiB, StorageEngine, StorageError, StorageOpenError
 from aios.managers.storage.writer import WriteFn
 from aios.protocol import ErrorCode
+from aios.status_view import mb
 
 log = logging.getLogger("aios.storage")
 H = TypeVar("H", bound=Callable[..., Any])
@@ -271,11 +272,17 @@ class StorageManager(Manager):
         """This agent's figures (files, versions, raw and stored bytes, quota use)."""
         return self.engine.stats(ctx.agent)
 
-    @engine_op(NoArgs, idempotent=True)
-    def status(self, args: NoArgs, ctx: RequestContext) -> dict:
-        """The engine's own figures, for `aios status -v`: database size, commits and writes per
+    def status_figures(self) -> dict[str, Any]:
+        """The engine's own figures, for the `status` op: database size, commits and writes per
         commit, checkpoints. No agent's data (names, paths, contents) is in them."""
         return self.engine.activity()
+
+    def status_line(self, figures: dict[str, Any]) -> str:
+        d, per_commit = figures, figures.get("writes_per_commit")
+        return (f"{d.get('path')} ({mb(d.get('database_bytes'))}, synchronous={d.get('synchronous')}); "
+                f"{d.get('write_operations', 0)} writes in {d.get('commits', 0)} commits"
+                f"{f' ({per_commit} per commit)' if per_commit else ''}, {d.get('checkpoints') or 0} checkpoints, "
+                f"{d.get('index_pending') or 0} index changes pending")
 
     # -------------------------------------------------------------- records
     def _owner(self, ctx: RequestContext) -> str:

@@ -108,7 +108,16 @@ class ToolManager(Manager):
             out.append(info.function)
         return {"functions": out}
 
-    @op(NoArgs, idempotent=True)
-    def status(self, args: NoArgs, ctx: RequestContext) -> dict:
+    def status_figures(self) -> dict[str, Any]:
         """Isolation in force, tools that did not load, workers, MCP servers."""
         return self.runtime.status()
+
+    def status_line(self, figures: dict[str, Any]) -> str:
+        d, w = figures, figures.get("workers", {})
+        isolation = "complete" if d.get("isolation_complete") else "INCOMPLETE: " + "; ".join(d.get("problems", []))
+        servers = ", ".join(d.get("mcp", {})) or "none"
+        # per_target (limit, running, queued per tool) is the scheduler's view, passed in by `aios status`
+        active = {t: c for t, c in d.get("per_target", {}).items() if c["running"] or c["queued"]}
+        in_use = ", ".join(f"{t} {c['running']}/{c['limit']} running, {c['queued']} queued" for t, c in active.items())
+        return (f"isolation {isolation}; workers {w.get('warm', 0)} warm, {w.get('idle', 0)} idle, "
+                f"{w.get('cold', 0)} cold starts; MCP servers: {servers}; in use: {in_use or 'none'}")

@@ -101,9 +101,8 @@ class Probe:
     one reply or a timeout. A fresh socket after every failure, so a restarted scheduler
     is reached at once."""
 
-    def __init__(self, run_dir: RunDir, config: Config) -> None:
+    def __init__(self, run_dir: RunDir) -> None:
         self.run_dir = run_dir
-        self.config = config
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
         self.codec: Codec | None = None
@@ -112,8 +111,9 @@ class Probe:
         from aios.sockets import dealer
         if self.sock is None:
             self.codec = Codec(self.run_dir.load_key())
-            self.sock = dealer(self.ctx, self.run_dir, self.config, role="agent")
-            self.sock.connect(self.run_dir.frontend_endpoint(self.config))
+            endpoint = self.run_dir.read_endpoint()
+            self.sock = dealer(self.ctx, self.run_dir, endpoint, role="agent")
+            self.sock.connect(endpoint.frontend)
         assert self.codec is not None
         call = PendingCall(self.codec, messages.Request(id="", service="kernel", op="status", agent="supervisor"),
                            {}, timeout=timeout, idempotent=False, now=time.monotonic(), where="the scheduler")
@@ -247,7 +247,7 @@ class Supervisor:
         if sched.popen is None or sched.popen.poll() is not None:
             return
         if self._probe is None:
-            self._probe = Probe(self.run_dir, self.config)
+            self._probe = Probe(self.run_dir)
         status = self._probe.status()
         if status is None:
             return

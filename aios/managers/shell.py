@@ -46,7 +46,9 @@ class ManagerShell:
 
     def __init__(self, manager: "Manager") -> None:
         self.manager = manager
-        self.run_dir, self.config = manager.run_dir, manager.config
+        self.run_dir = manager.run_dir
+        # how to reach the scheduler: the endpoint description the supervisor wrote, not the whole config
+        self.endpoint = self.run_dir.read_endpoint()
         self.log = manager.log
         self.codec = Codec(self.run_dir.load_key())
         self.zctx = zmq.Context()
@@ -57,7 +59,7 @@ class ManagerShell:
         self.loop_thread = threading.current_thread()
         pool = ThreadPoolExecutor(max_workers=min(manager.pool_threads or manager.capacity, manager.capacity),
                                   thread_name_prefix=manager.name)
-        self.sock = dealer(self.zctx, self.run_dir, self.config, role="manager", identity=manager.identity)
+        self.sock = dealer(self.zctx, self.run_dir, self.endpoint, role="manager", identity=manager.identity)
         self.core = ManagerCore(manager, self, self.codec, pool)
 
     # ---------------------------------------------------------------- outbox
@@ -83,12 +85,12 @@ class ManagerShell:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         m, core = self.manager, self.core
-        k = self.config.kernel
         # The connection monitor tells us at once when the scheduler goes away and comes back, so we
         # re-register within milliseconds of its restart instead of after a heartbeat expiry.
         monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(self.run_dir.backend_endpoint(self.config))
-        hb_interval, hb_expiry = k.heartbeat_interval_s, k.heartbeat_interval_s * k.heartbeat_liveness
+        self.sock.connect(self.endpoint.backend)
+        e = self.endpoint
+        hb_interval, hb_expiry = e.heartbeat_interval_s, e.heartbeat_interval_s * e.heartbeat_liveness
         last_heard = last_beat = time.monotonic()
         self.send(core.ready_message())
         poller = zmq.Poller()

@@ -1,14 +1,14 @@
-"""Fixtures for real-process kernel tests.
+"""A real kernel for system tests: the `Kernel` handle and the `KernelFactory` behind the fixtures.
 
-`kernel` is a factory: `k = kernel()` writes a TOML config into a fresh short
-run directory under /tmp, starts it with the lifecycle library
-(`aios.kernel.start`, which runs the supervisor detached, as `aios-start
---detach` does) and returns a `Kernel` handle. At teardown every kernel the
-test started is stopped with `aios.kernel.stop`, and the test fails if any process that ever
-belonged to it (supervisor, scheduler, managers, including restarted
-incarnations) is still alive, or if an ipc endpoint file was left behind.
+`KernelFactory()` (the `kernel` fixture of tests/system/conftest.py) writes a TOML
+config into a fresh short run directory under /tmp, starts it with the lifecycle
+library (`aios.kernel.start`, which runs the supervisor detached, as `aios-start
+--detach` does) and returns a `Kernel` handle. `close()` stops every kernel it
+started with `aios.kernel.stop`, and fails if any process that ever belonged to
+one (supervisor, scheduler, managers, including restarted incarnations) is still
+alive, or if an ipc endpoint file was left behind.
 
-No fixed sleeps: tests synchronise with `wait_until(predicate, ...)`.
+No fixed sleeps: tests synchronise with `tests.support.waiting.wait_until`.
 """
 from __future__ import annotations
 
@@ -16,84 +16,23 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
-import pytest
 
 from aios.config import BUILTIN_MANAGERS, dump_toml
 from aios.rundir import RunDir
-
-REPO = Path(__file__).resolve().parents[1]
-AIOS_START = REPO / "bin" / "aios-start"
-AIOS = REPO / "bin" / "aios"
+from tests.support.paths import AIOS, AIOS_START, REPO
+from tests.support.waiting import wait_until
 
 ECHO_TARGET = "tests.support.echo_manager:EchoManager"
 
 
-# --------------------------------------------------------------------- helpers
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-               message: str | Callable[[], str] = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy; return that value.
-
-    Exceptions raised by the predicate count as "not yet" (the last one is
-    reported if time runs out).
-    """
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - a predicate may race with a restarting process
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            what = message() if callable(message) else message
-            extra = f" (last error: {last_exc!r})" if last_exc is not None else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run `fn` in a started thread; the dict gets "result" or "error", and "elapsed" seconds."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
-            out["error"] = exc
-        out["elapsed"] = time.monotonic() - t0
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
-
-
-def op_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """The OpError that `fn(*args, **kwargs)` raises (the test fails if it raises none)."""
-    from aios.managers.base import OpError
-    with pytest.raises(OpError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
+# ------------------------------------------------------------------- processes
 def processes_of(run_dir: RunDir) -> list[psutil.Process]:
     """Every live process whose command line names this run directory."""
     needle = str(run_dir.path)
@@ -301,23 +240,3 @@ class KernelFactory:
             RunDir(d).remove_external_ipc_dir()
             shutil.rmtree(d, ignore_errors=True)
         assert not problems, "\n".join(problems)
-
-
-@pytest.fixture
-def kernel(tmp_path: Path) -> Iterator[KernelFactory]:
-    """Factory: `k = kernel(capacity=2, managers=[...], supervisor={...})` starts a kernel."""
-    factory = KernelFactory(tmp_path)
-    try:
-        yield factory
-    finally:
-        factory.close()
-
-
-@pytest.fixture(scope="module")
-def module_kernel_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelFactory]:
-    """A factory whose kernels live for a whole test module (for tests that share one kernel)."""
-    factory = KernelFactory(tmp_path_factory.mktemp("kernels"))
-    try:
-        yield factory
-    finally:
-        factory.close()

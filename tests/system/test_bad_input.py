@@ -17,7 +17,8 @@ import zmq
 
 from aios import sdk
 from aios.protocol import VERSION, Codec, ErrorCode, Message, ProtocolError, new_request_id, pack
-from tests.conftest import Kernel, wait_until
+from tests.support.kernel import Kernel
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import AIOS, REPO
+from tests.support.paths import AIOS, REPO
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -11,18 +11,18 @@ import psutil
 import pytest
 
 from aios.config import NO_BUILTINS
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 AGENTS, CALLS = 4, 50
 
 
 @pytest.mark.timeout(120)
 def test_bench_syscall_json() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bin" / "aios"), "bench", "syscall",
+        [sys.executable, str(REPO / "bin" / "aios"), "bench", "syscall",
          "--agents", str(AGENTS), "--calls", str(CALLS), "--json"],
-        capture_output=True, text=True, timeout=110, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=110, cwd=REPO, env=env,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # one JSON object and nothing else on stdout
@@ -47,9 +47,9 @@ def test_bench_syscall_json() -> None:
 
 def test_bench_syscall_refuses_a_run_dir_without_a_kernel(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bin" / "aios"), "bench", "syscall", "--run-dir", str(tmp_path / "none"),
+        [sys.executable, str(REPO / "bin" / "aios"), "bench", "syscall", "--run-dir", str(tmp_path / "none"),
          "--agents", "1", "--calls", "1"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert proc.returncode == 1
     assert "no kernel running" in proc.stderr

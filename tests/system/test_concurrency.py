@@ -12,7 +12,8 @@ import pytest
 
 from aios import sdk
 from aios.sdk import KernelTimeout
-from tests.conftest import Kernel, wait_until
+from tests.support.kernel import Kernel
+from tests.support.waiting import wait_until
 
 AGENTS = 32
 CALLS = 200

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AIOS, REPO
+from tests.support.paths import AIOS, REPO
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from aios import sdk
-from tests.conftest import AIOS, AIOS_START, REPO, in_thread, wait_until
+from tests.support.paths import AIOS, AIOS_START, REPO
+from tests.support.waiting import in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,7 +8,7 @@ import pytest
 
 from aios import sdk
 from aios.managers.base import op
-from tests.conftest import in_thread, wait_until
+from tests.support.waiting import in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

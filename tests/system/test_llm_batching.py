@@ -19,7 +19,7 @@ import pytest
 from aios.managers.llm.backends.llamacpp import LlamaCppBackend
 from aios.managers.llm.prefix_cache import PrefixCache
 from aios.managers.llm.types import BackendError, ChatArgs, ChatMessage, ChatResult, Generation
-from tests.conftest import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

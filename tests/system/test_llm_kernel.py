@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from aios import sdk
-from tests.conftest import KernelFactory, wait_until
+from tests.support.kernel import KernelFactory
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

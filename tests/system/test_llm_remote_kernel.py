@@ -1,9 +1,9 @@
 """The kernel with an `openai` core, against a REAL OpenAI-compatible server.
 
 The server is llama-cpp-python's own `llama_cpp.server` serving the default
-Gemma file (started by the `server` fixture of test_openai_backend). One
-kernel runs two cores: the local llama.cpp core (default) and an `openai`
-core named "remote-gemma"; requests reach the core of the model they name.
+Gemma file (the `llama_server` fixture). One kernel runs two cores: the local
+llama.cpp core (default) and an `openai` core named "remote-gemma"; requests
+reach the core of the model they name.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 from aios.managers.llm.backends.openai_backend import OpenAIBackend
 from aios.managers.llm.types import ChatArgs
-from tests.conftest import KernelFactory
-from tests.test_openai_backend import server  # noqa: F401 - the real llama_cpp.server fixture
+from tests.support.kernel import KernelFactory
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -23,10 +23,10 @@ REMOTE = {"repeat_penalty": 1.0}  # see test_openai_backend: llama.cpp's penalty
 
 
 @pytest.fixture(scope="module")
-def two_cores(module_kernel_factory: KernelFactory, server: str) -> Any:  # noqa: F811
+def two_cores(module_kernel_factory: KernelFactory, llama_server: str) -> Any:
     cores = [
         {"name": "llm-0", "backend": "llamacpp"},
-        {"name": "llm-remote", "backend": "openai", "base_url": server, "model": "remote-gemma",
+        {"name": "llm-remote", "backend": "openai", "base_url": llama_server, "model": "remote-gemma",
          "mode": "completion", "options": {"extra_body": REMOTE}},
     ]
     return module_kernel_factory(echo=False, llm=cores, scheduler={"policy": "rr", "time_slice_tokens": 4})
@@ -42,8 +42,8 @@ def test_requests_reach_the_core_of_the_model_they_name(two_cores: Any) -> None:
     assert remote["usage"]["completion_tokens"] > 0
 
 
-def test_remote_generation_preempted_every_four_tokens_resumes_exactly(two_cores: Any, server: str) -> None:  # noqa: F811
-    direct = OpenAIBackend(base_url=server, model="remote-gemma", mode="completion", extra_body=REMOTE)
+def test_remote_generation_preempted_every_four_tokens_resumes_exactly(two_cores: Any, llama_server: str) -> None:
+    direct = OpenAIBackend(base_url=llama_server, model="remote-gemma", mode="completion", extra_body=REMOTE)
     gen = direct.start(ChatArgs(messages=[{"role": "user", "content": PROMPT}], max_tokens=24))
     direct.advance(gen, None, lambda s: None)
     expected = direct.finish(gen).message.content
@@ -62,7 +62,6 @@ def test_unknown_model_is_refused_by_the_scheduler(two_cores: Any) -> None:
 
 def test_a_request_naming_no_model_waits_for_the_default_core(two_cores: Any) -> None:
     import threading
-    from tests.conftest import wait_until
     long_reply: dict[str, Any] = {}
     t = threading.Thread(target=lambda: long_reply.setdefault("r", two_cores.client("long").chat(
         "Write an essay about the history of painting.", max_tokens=48, stop=[], ignore_eos=True)))
@@ -76,7 +75,7 @@ def test_a_request_naming_no_model_waits_for_the_default_core(two_cores: Any) ->
 
 
 def test_a_remote_core_keeps_at_most_max_inflight_requests_open_and_resumes_from_text(
-        kernel: KernelFactory, server: str) -> None:  # noqa: F811
+        kernel: KernelFactory, llama_server: str) -> None:
     """Eight agents at once against a core with max_inflight = 4, rr slices of 4 tokens: the server
     (the real llama_cpp.server, behind a proxy that counts open requests) never sees more than four,
     does see four (the core uses its concurrency), and every preempted generation, resumed from its
@@ -88,13 +87,13 @@ def test_a_remote_core_keeps_at_most_max_inflight_requests_open_and_resumes_from
     # questions the base model answers at length (measured: 40-80 characters in 16 tokens)
     prompts = ["Why is the sky blue?", "Why is the sea salty?", "Why do leaves fall?", "Why is snow white?",
                "Why do cats purr?", "Why is grass green?", "Why does ice float?", "Tell me about rivers."]
-    direct = OpenAIBackend(base_url=server, model="remote-gemma", mode="completion", extra_body=REMOTE)
+    direct = OpenAIBackend(base_url=llama_server, model="remote-gemma", mode="completion", extra_body=REMOTE)
     expected = {}
     for p in prompts:
         gen = direct.start(ChatArgs(messages=[{"role": "user", "content": p}], max_tokens=16, stop=[]))
         direct.advance(gen, None, lambda s: None)
         expected[p] = direct.finish(gen).message.content
-    with CountingProxy(server) as proxy:
+    with CountingProxy(llama_server) as proxy:
         core = {"name": "llm-remote", "backend": "openai", "base_url": proxy.url, "model": "remote-gemma",
                 "mode": "completion", "max_inflight": 4, "options": {"extra_body": REMOTE}}
         k = kernel(echo=False, llm=[core], scheduler={"policy": "rr", "time_slice_tokens": 4})

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from aios import sdk
-from tests.conftest import Kernel, wait_until
+from tests.support.kernel import Kernel
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

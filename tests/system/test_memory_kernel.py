@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from aios import sdk
-from tests.conftest import Kernel
+from tests.support.kernel import Kernel
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -108,15 +109,14 @@ def test_kill9_of_memory_then_storage_under_load_loses_no_acknowledged_entry(ker
     threads = [threading.Thread(target=agent, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    import tests.conftest as cf
     for name in ("memory", "storage"):
-        cf.wait_until(lambda: len(acked) >= 10, timeout=20, message="adds under way")
+        wait_until(lambda: len(acked) >= 10, timeout=20, message="adds under way")
         pid = k.wait_running(name)
         os.kill(pid, signal.SIGKILL)
         k.wait_running(name, other_than=pid, timeout=20)
         with lock:
             acked_before = len(acked)
-        cf.wait_until(lambda: len(acked) > acked_before + 5, timeout=20, message=f"the load going on after {name}")
+        wait_until(lambda: len(acked) > acked_before + 5, timeout=20, message=f"the load going on after {name}")
     stop.set()
     for t in threads:
         t.join(60)

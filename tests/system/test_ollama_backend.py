@@ -21,8 +21,8 @@ import pytest
 
 from aios.managers.llm.backends.ollama_backend import OllamaBackend
 from aios.managers.llm.types import BackendError, ChatArgs
-from tests.conftest import free_port
 from tests.support.llm_driver import q, run
+from tests.support.network import free_port
 
 pytestmark = pytest.mark.timeout(30)
 

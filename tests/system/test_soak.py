@@ -17,7 +17,8 @@ from collections import Counter
 import pytest
 
 from aios import sdk
-from tests.conftest import Kernel, wait_until
+from tests.support.kernel import Kernel
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(300)]
 

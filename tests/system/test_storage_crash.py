@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from aios.managers.storage import StorageEngine
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO
 
 CHILD = r"""
 import sys, threading

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from aios import sdk
-from tests.conftest import Kernel, wait_until
+from tests.support.kernel import Kernel
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

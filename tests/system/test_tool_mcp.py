@@ -9,16 +9,16 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from aios.managers.tools.runtime import ToolRuntime
 from aios.protocol import ErrorCode
-from tests.conftest import op_error
+from tests.support.errors import op_error
+from tests.support.paths import SUPPORT
 
-SERVER = str(Path(__file__).parent / "support" / "mcp_server.py")
+SERVER = str(SUPPORT / "mcp_server.py")
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,10 +21,11 @@ from aios.managers.base import OpError
 from aios.managers.tools.manifest import ManifestError, load_manifest
 from aios.managers.tools.runtime import SHIPPED_TOOLS_DIR, ToolRuntime, ToolRuntimeOptions
 from aios.protocol import ErrorCode
-from tests.conftest import op_error, wait_until
+from tests.support.errors import op_error
+from tests.support.paths import REPO, SUPPORT
+from tests.support.waiting import wait_until
 
-SUPPORT_TOOLS = Path(__file__).parent / "support" / "tools"
-REPO = Path(__file__).resolve().parents[1]
+SUPPORT_TOOLS = SUPPORT / "tools"
 
 pytestmark = pytest.mark.timeout(60)
 

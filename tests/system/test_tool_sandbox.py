@@ -23,9 +23,9 @@ import psutil
 import pytest
 
 from aios.managers.tools.runtime import ToolRuntime
-from tests.conftest import wait_until
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ["root", "userns"] if os.geteuid() == 0 else ["userns"]
 
 pytestmark = pytest.mark.timeout(90)

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from aios import sdk
-from tests.conftest import REPO, Kernel
+from tests.support.kernel import Kernel
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -147,8 +149,7 @@ def test_kill9_of_the_tool_manager_mid_call(kernel, tmp_path: Path) -> None:
     threads = [threading.Thread(target=run, args=(n,)) for n in ("slow2", "once")]
     for t in threads:
         t.start()
-    import tests.conftest as cf
-    cf.wait_until(lambda: (m := kk.manager_info("tools")) is not None and m["busy"] == 2, timeout=20,
+    wait_until(lambda: (m := kk.manager_info("tools")) is not None and m["busy"] == 2, timeout=20,
                   message="both calls running")
     pid = kk.pid("tools")
     os.kill(pid, signal.SIGKILL)

@@ -12,7 +12,7 @@ import pytest
 
 from aios.managers.tools.runtime import SHIPPED_TOOLS_DIR, ToolRuntime
 from aios.protocol import ErrorCode
-from tests.conftest import op_error
+from tests.support.errors import op_error
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,7 +148,7 @@ def test_hotels_by_city_and_price(rt: ToolRuntime) -> None:
 
 # ---------------------------------------------------------------------- files
 # The files tool calls the storage service; it is tested end to end through the real kernel (tool
-# manager + storage manager) in tests/test_tools_kernel.py. Here: what needs no storage at all.
+# manager + storage manager) in tests/system/test_tools_kernel.py. Here: what needs no storage at all.
 
 
 def test_files_tool_validates_before_calling_storage(rt: ToolRuntime) -> None:

@@ -278,7 +278,7 @@ def test_make_admission_from_config() -> None:
     default = make_admission(make_config())
     assert isinstance(default, Chain) and [type(s) for s in default.steps] == [QueueQuota]
     assert default.steps[0].limit == 1000
-    cfg = make_config(scheduler={"max_queued_per_agent": 5, "admission": "tests.test_admission:Gate",
+    cfg = make_config(scheduler={"max_queued_per_agent": 5, "admission": "tests.unit.test_admission:Gate",
                                  "admission_options": {"held_ops": ["write"], "denied_agents": ["eve"]}})
     chain = make_admission(cfg)
     assert isinstance(chain, Chain) and [type(s) for s in chain.steps] == [QueueQuota, Gate]
@@ -288,7 +288,7 @@ def test_make_admission_from_config() -> None:
 
 @pytest.mark.parametrize("target,why", [
     ("no.such.module:Gate", "cannot load admission step"),
-    ("tests.test_admission:NoSuchClass", "cannot load admission step"),
+    ("tests.unit.test_admission:NoSuchClass", "cannot load admission step"),
     ("aios.scheduler.admission:Decision", "is not an aios.scheduler.admission.Admission subclass"),
     ("aios.scheduler.admission:ALLOW", "is not an aios.scheduler.admission.Admission subclass"),
 ])

@@ -22,8 +22,8 @@ from aios.managers.memory.bench import SqliteBacking
 from aios.managers.memory.store import BUDGET_KEY, MemoryStore, MemoryRecord
 from aios.managers.memory.workloads import conversation_logs, distinct_notes, templated_notes
 from aios.protocol import ErrorCode
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 KIB = 1024
 
 

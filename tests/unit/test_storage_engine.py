@@ -17,7 +17,7 @@ from aios.managers.storage import MiB, StorageEngine, StorageOpenError
 from aios.managers.storage import chunks as ch
 from aios.managers.storage.schema import MIGRATIONS
 from aios.protocol import ErrorCode
-from tests.conftest import wait_until
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from aios import sdk
-from aios.managers.base import op
 from tests.support.waiting import in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -82,11 +81,6 @@ def test_an_inline_op_cannot_call_another_service(kernel) -> None:
             c.call("echo", "inline_call", text="x")
         assert time.monotonic() - t0 < 5
         assert c.call("echo", "echo", text="after")["text"] == "after"
-
-
-def test_an_inline_op_cannot_be_preemptible() -> None:
-    with pytest.raises(ValueError, match="inline op cannot be preemptible"):
-        op(None, inline=True, preemptible=True)
 
 
 def test_pool_threads_bound_the_pool_not_the_requests_in_hand(kernel) -> None:

@@ -1,8 +1,8 @@
 """The embedded llama.cpp backend against the real Gemma 3 270M model.
 
 Small max_tokens and temperature 0 (except the seeded-sampling resume test), one
-model load for the whole module.  The pure streaming helpers are tested first,
-without the model.
+model load for the whole module. The pure streaming helpers are tested without the
+model in tests/unit/test_llamacpp_backend.py.
 """
 from __future__ import annotations
 
@@ -10,61 +10,21 @@ import json
 import pickle
 from typing import Callable
 
+import jsonschema
 import pytest
 
-from aios.managers.llm.backends.prompting import StopStream, Utf8Stream, json_complete, parse_tool_call
-from aios.managers.llm.types import BackendError, ChatArgs, ChatMessage, ChatResult, Generation, ToolSpec
-
-import jsonschema  # noqa: E402
-
-from aios.managers.llm.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from aios.managers.llm.backends.llamacpp import LlamaCppBackend
+from aios.managers.llm.types import BackendError, ChatArgs, ChatMessage, ChatResult, Generation
+from tests.support.llm_driver import TOOLS
 
 LONG_PROMPT = (
     "Write a long story about a dragon who learns to cook. Describe every dish she makes, "
     "every mistake, and every friend she meets, in great detail."
 )
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                     "required": ["city"]}}},
-    {"type": "function", "function": {"name": "add", "description": "Add two numbers",
-                                      "parameters": {"type": "object", "properties": {"a": {"type": "number"},
-                                                                                      "b": {"type": "number"}},
-                                                     "required": ["a", "b"]}}},
-]
 
 
 def user(text: str, **kw: object) -> ChatArgs:
     return ChatArgs(messages=[ChatMessage(role="user", content=text)], **kw)
-
-
-# --------------------------------------------------------------------------- no model
-
-
-def test_stop_stream_holds_back_partial_stops() -> None:
-    s = StopStream(stops=("###", "END"))
-    out = [s.feed(c) for c in "  Hello world.\n\n##"]
-    assert "".join(out) == "Hello world."  # leading/trailing whitespace and "##" held back
-    assert s.feed("#") == "" and s.stopped
-    s = StopStream(stops=("###",))
-    assert s.feed("a #") == "a" and s.feed("b") == " #b"  # "#" was not a stop after all
-    assert s.flush() == "" and not s.stopped
-
-
-def test_utf8_stream_joins_split_characters() -> None:
-    u = Utf8Stream()
-    data = "é€".encode()
-    assert u.feed(data[:1]) == "" and u.feed(data[1:3]) == "é" and u.feed(data[3:]) == "€"
-
-
-def test_json_complete_and_tool_parsing() -> None:
-    assert json_complete('{"a": "}"} ') and not json_complete('{"a": 1') and not json_complete("12")
-    tools = [ToolSpec.model_validate(t) for t in TOOLS]
-    call = parse_tool_call('Sure: ```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```', tools)
-    assert call is not None and call.function["name"] == "add"
-    assert json.loads(call.function["arguments"]) == {"a": 1, "b": 2}
-    assert parse_tool_call('{"name": "nope", "arguments": {}}', tools) is None
-
 
 # --------------------------------------------------------------------------- real model
 
@@ -284,16 +244,6 @@ def test_tool_call_output(backend: LlamaCppBackend) -> None:
         assert isinstance(args["a"], (int, float)) and isinstance(args["b"], (int, float))
     else:
         assert isinstance(args["city"], str)
-
-
-@pytest.mark.parametrize("schema", [{"type": "foo"}, {"type": "object", "properties": 5}],
-                         ids=["schema-type", "schema-properties"])
-def test_invalid_schemas_are_refused_before_any_backend(schema: dict) -> None:
-    """Schema checks live in ChatArgs, so every backend (and the simulated one) refuses the same requests."""
-    import pydantic
-    with pytest.raises(pydantic.ValidationError) as ei:
-        user("Hi", json_schema=schema)
-    assert "not a valid JSON schema" in str(ei.value)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ import psutil
 import pytest
 
 from aios.managers.base import OpError
-from aios.managers.tools.manifest import ManifestError, load_manifest
 from aios.managers.tools.runtime import SHIPPED_TOOLS_DIR, ToolRuntime, ToolRuntimeOptions
 from aios.protocol import ErrorCode
 from tests.support.errors import op_error
@@ -95,20 +94,6 @@ def test_a_user_tool_folder_is_discovered_and_called() -> None:
         assert runtime.problems == [] and [t.name for t in runtime.list()] == ["word_count"]
         out = runtime.call("word_count", {"text": "the cat and the hat\nthe end", "top": 1}, agent="u")
         assert out == {"words": 7, "lines": 2, "characters": 27, "top": [{"word": "the", "count": 3}]}
-
-
-def test_manifest_errors_name_the_field(tmp_path: Path) -> None:
-    folder = tmp_path / "demo"
-    folder.mkdir()
-    (folder / "tool.py").write_text("def run(a): return a\n")
-    (folder / "tool.toml").write_text('name = "demo"\ndescription = "d"\ntimeout_s = -1\nlimit = 0\n'
-                                      '[parameters]\ntype = "object"\n')
-    with pytest.raises(ManifestError) as info:
-        load_manifest(folder / "tool.toml")
-    assert "limit:" in str(info.value) and "timeout_s:" in str(info.value)
-    (folder / "tool.toml").write_text('name = "demo"\ndescription = "d"\nsurprise = 1\n[parameters]\ntype = "object"\n')
-    with pytest.raises(ManifestError, match="surprise"):
-        load_manifest(folder / "tool.toml")
 
 
 # ----------------------------------------------------------------- validation

@@ -4,8 +4,6 @@ searches first (read your writes), by `flush_index`, at close, and when it grows
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -109,27 +107,6 @@ def test_the_log_is_bounded_when_nobody_flushes(db: Path, monkeypatch: pytest.Mo
             assert logged(e) < 10 + 2
         assert e.integrity_check() == "ok"
         assert indexed_text(e, "a", "n0") == "note 39"
-
-
-_CRASH = """
-import os, sys
-from aios.managers.storage import StorageEngine
-e = StorageEngine(sys.argv[1])
-e.write("a", "kept.md", b"written just before the crash")
-e.write("a", "kept.md", b"rewritten just before the crash")
-os._exit(0)  # no close: the log is not applied
-"""
-
-
-def test_changes_logged_before_a_crash_are_applied_after_it(db: Path) -> None:
-    db.parent.mkdir(parents=True)
-    done = subprocess.run([sys.executable, "-c", _CRASH, str(db)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    with StorageEngine(db) as e:
-        assert e.index_pending == 3  # found in the log at open
-        assert [h.version for h in e.search("a", "rewritten crash")] == [2]
-        assert e.search("a", "written") == []  # the first version's text is no longer indexed
-        assert e.integrity_check() == "ok"
 
 
 def test_changes_logged_after_a_flush_in_the_same_batch_still_count(db: Path) -> None:

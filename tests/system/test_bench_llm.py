@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.paths import AIOS, REPO
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(240)]
 
 
 def test_bench_llm_sim_json_has_every_policy_and_class() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.paths import AIOS, REPO
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(240)]
 
 
 def test_bench_llm_concurrency_sim_prints_one_json_object() -> None:
@@ -40,6 +40,7 @@ def test_bench_llm_concurrency_sim_report_is_labelled() -> None:
     assert "goals:" not in out.stdout  # goals are about the real model, not the simulation
 
 
+@pytest.mark.model
 def test_raw_llamacpp_reference_runs_the_workload_without_a_kernel() -> None:
     """The reference the batched core's goal is stated against: the real model, straight on llama.cpp."""
     out = subprocess.run([sys.executable, "-m", "aios.bench.llamacpp_raw", "--levels", "1,2", "--tokens", "4"],
@@ -52,6 +53,7 @@ def test_raw_llamacpp_reference_runs_the_workload_without_a_kernel() -> None:
     assert data["speedup"]["2"] == pytest.approx(data["batched"]["2"] / data["one_at_a_time"]["2"], rel=0.01)
 
 
+@pytest.mark.model
 @pytest.mark.timeout(400)
 def test_bench_llm_concurrency_real_model_reports_the_raw_reference() -> None:
     out = subprocess.run(

@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.paths import AIOS, REPO
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(240)]
 
 
 def test_bench_storage_json() -> None:

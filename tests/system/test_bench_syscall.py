@@ -13,6 +13,8 @@ import pytest
 from aios.config import NO_BUILTINS
 from tests.support.paths import REPO
 
+pytestmark = pytest.mark.bench
+
 AGENTS, CALLS = 4, 50
 
 

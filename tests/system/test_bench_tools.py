@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.paths import AIOS, REPO
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(180)]
 
 
 def test_bench_tools_json_shape_and_limits() -> None:

@@ -13,6 +13,7 @@ from tests.support.paths import AIOS, REPO
 pytestmark = pytest.mark.timeout(240)
 
 
+@pytest.mark.model
 def test_demo_runs_agents_on_the_real_model_and_cleans_up() -> None:
     before = {p.name for p in Path("/tmp").glob("aios-demo-*")}
     out = subprocess.run([sys.executable, str(AIOS), "demo", "--policy", "rr", "--agents", "qa,summarizer"],

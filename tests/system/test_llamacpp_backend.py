@@ -17,6 +17,8 @@ from aios.managers.llm.backends.llamacpp import LlamaCppBackend
 from aios.managers.llm.types import BackendError, ChatArgs, ChatMessage, ChatResult, Generation
 from tests.support.llm_driver import TOOLS
 
+pytestmark = pytest.mark.model
+
 LONG_PROMPT = (
     "Write a long story about a dragon who learns to cook. Describe every dish she makes, "
     "every mistake, and every friend she meets, in great detail."

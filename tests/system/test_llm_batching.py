@@ -20,7 +20,7 @@ from aios.managers.llm.backends.llamacpp import LlamaCppBackend
 from aios.managers.llm.types import BackendError, ChatArgs, ChatMessage, ChatResult, Generation
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
 
 #: a shared system prompt of about 260 tokens (tool descriptions, like many agents share)
 SYSTEM = "\n".join(

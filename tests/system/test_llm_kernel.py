@@ -19,7 +19,7 @@ from aios import sdk
 from tests.support.kernel import KernelFactory
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
 
 CORE = {"name": "llm-0", "backend": "llamacpp", "max_batch": 1}
 #: a shared system prompt of about 260 tokens, so that prompts have a cacheable common prefix

@@ -16,7 +16,7 @@ from aios.managers.llm.types import ChatArgs
 from tests.support.kernel import KernelFactory
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.model, pytest.mark.timeout(180)]
 
 PROMPT = "Why is the sky blue?"
 REMOTE = {"repeat_penalty": 1.0}  # see test_openai_backend: llama.cpp's penalty is not resume-safe

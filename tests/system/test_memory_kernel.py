@@ -169,6 +169,7 @@ def test_aios_memory_command(kernel, tmp_path: Path) -> None:
     assert other.returncode == 1 and "NOT_FOUND" in other.stderr
 
 
+@pytest.mark.model
 def test_search_by_meaning_is_merged_and_says_which_ranking_found_each_hit(kernel, tmp_path: Path) -> None:
     """With the embedded model's LLM core (which offers `llm.embed`), search ranks by keywords and by
     meaning and merges them; each hit names the rankings that produced it."""

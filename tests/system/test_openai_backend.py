@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 DETERMINISTIC = {"repeat_penalty": 1.0}
 
 
+@pytest.mark.model
 def test_chat_answers_paris_with_usage(llama_server: str) -> None:
     b = OpenAIBackend(llama_server, "gemma-3-270m", stop=["###"], extra_body=DETERMINISTIC)
     res, pieces, _ = run(b, q(max_tokens=24))
@@ -33,6 +34,7 @@ def test_chat_answers_paris_with_usage(llama_server: str) -> None:
     assert res.model == "gemma-3-270m"
 
 
+@pytest.mark.model
 def test_completion_mode_answers_and_streams(llama_server: str) -> None:
     b = OpenAIBackend(llama_server, "gemma", name="remote-gemma", mode="completion", extra_body=DETERMINISTIC)
     res, pieces, _ = run(b, q(max_tokens=24))
@@ -42,6 +44,7 @@ def test_completion_mode_answers_and_streams(llama_server: str) -> None:
     assert res.model == "remote-gemma"
 
 
+@pytest.mark.model
 def test_length_limit(llama_server: str) -> None:
     b = OpenAIBackend(llama_server, "gemma", mode="completion", extra_body=DETERMINISTIC)
     res, _, _ = run(b, q("Who was Napoleon?", max_tokens=5))
@@ -49,6 +52,7 @@ def test_length_limit(llama_server: str) -> None:
     assert res.usage.completion_tokens == 5
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("prompt", ["Why is the sky blue?", "Who was Napoleon?"])
 def test_completion_mode_resume_equals_uninterrupted(llama_server: str, prompt: str) -> None:
     b = OpenAIBackend(llama_server, "gemma", mode="completion", extra_body=DETERMINISTIC)
@@ -61,6 +65,7 @@ def test_completion_mode_resume_equals_uninterrupted(llama_server: str, prompt: 
     assert sliced.usage.completion_tokens == whole.usage.completion_tokens
 
 
+@pytest.mark.model
 def test_chat_mode_replay_resume_equals_uninterrupted(llama_server: str) -> None:
     b = OpenAIBackend(llama_server, "gemma", chat_resume="replay", extra_body=DETERMINISTIC)
     whole, _, _ = run(b, q("Why is the sky blue?", max_tokens=12))
@@ -69,6 +74,7 @@ def test_chat_mode_replay_resume_equals_uninterrupted(llama_server: str) -> None
     assert sliced.message.content == whole.message.content == "".join(pieces)
 
 
+@pytest.mark.model
 def test_json_schema_response_format(llama_server: str) -> None:
     # llama_cpp.server rejects {"type": "json_schema"} (HTTP 500, pydantic literal error) but accepts
     # {"type": "json_object", "schema": ...}; the backend negotiates down to that.
@@ -82,6 +88,7 @@ def test_json_schema_response_format(llama_server: str) -> None:
     assert slices > 1 and sliced.parsed == res.parsed
 
 
+@pytest.mark.model
 def test_forced_tool_call_is_mapped(llama_server: str) -> None:
     # The alpaca chat format has no native tool calling; llama_cpp.server produces a call when the
     # tool is forced, which exercises the streamed tool_calls parsing.
@@ -111,6 +118,7 @@ def test_connection_refused_is_unavailable() -> None:
     assert not gen.done
 
 
+@pytest.mark.model
 def test_wrong_endpoint_404_is_invalid_argument(llama_server: str) -> None:
     b = OpenAIBackend(llama_server.removesuffix("/v1"), "gemma")  # no /v1: the server answers 404
     gen = b.start(q(max_tokens=4))
@@ -119,6 +127,7 @@ def test_wrong_endpoint_404_is_invalid_argument(llama_server: str) -> None:
     assert ei.value.code == "INVALID_ARGUMENT" and "404" in ei.value.message
 
 
+@pytest.mark.model
 def test_prompt_too_long_is_a_backend_error(llama_server: str) -> None:
     # Quirk: llama_cpp.server answers a streamed request whose prompt exceeds n_ctx with
     # HTTP 200 and an empty event stream (the ValueError only reaches its log), so the backend

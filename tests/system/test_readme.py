@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.paths import REPO
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.model, pytest.mark.timeout(180)]
 
 
 def readme_agent_example() -> str:

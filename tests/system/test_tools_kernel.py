@@ -161,6 +161,7 @@ def test_kill9_of_the_tool_manager_mid_call(kernel, tmp_path: Path) -> None:
     assert kk.processes()["tools"]["restarts"] == 1
 
 
+@pytest.mark.model
 def test_the_model_calls_a_registered_tool_by_name(kernel, tmp_path: Path) -> None:
     """`tools=["calculator"]`: the LLM core asks the tool manager for the schema (a call between
     managers), the real model picks the tool, and `tools.step` runs it through the kernel."""

@@ -53,6 +53,7 @@ def test_measure_compression_reports_raw_and_stored() -> None:
     assert out["raw_over_stored"] == round(out["raw_bytes"] / out["stored_bytes"], 1)
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(120)
 def test_compare_command_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert S.main(["--ops", "40", "--threads", "3", "--rounds", "1"]) == 0

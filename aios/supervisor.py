@@ -4,6 +4,7 @@ Process states follow supervisord's: STARTING (spawned, not yet READY),
 RUNNING (said READY: the scheduler answers ping, a manager is registered
 with the scheduler under its current pid), BACKOFF (crashed, waiting to
 restart), FATAL (crashed too often too fast; given up), STOPPING, STOPPED.
+Every change of state is a checked move along `PROCESS_MOVES` (see there).
 
 - Each child runs in its own process group (so a stop can SIGKILL the group)
   and gets PR_SET_PDEATHSIG plus a parent watchdog, so children exit when the
@@ -47,6 +48,7 @@ from aios.procutil import SUPERVISOR_PID_ENV, set_parent_death_signal
 from aios.errors import AIOSError
 from aios.protocol import Codec, ProtocolError
 from aios.rundir import RunDir, write_atomic
+from aios.scheduler.request import IllegalTransition
 
 log = logging.getLogger("aios.supervisor")
 
@@ -62,6 +64,29 @@ class ProcessState(str, enum.Enum):
     STOPPING = "STOPPING"
     STOPPED = "STOPPED"
     FATAL = "FATAL"
+
+
+#: The moves a supervised process may make, checked like a request's (scheduler/request.py):
+#:
+#:     STOPPED ──▶ STARTING                          spawned
+#:     STARTING ──▶ RUNNING                          said READY
+#:     STARTING, RUNNING ──▶ BACKOFF ──▶ STARTING    crashed; restarted after its backoff
+#:     STARTING, RUNNING ──▶ FATAL                   crashed too often too fast, or died before READY
+#:     STARTING, RUNNING ──▶ STOPPING ──▶ STOPPED    stopped: asked, then SIGTERM, then SIGKILL
+#:     STARTING, RUNNING, BACKOFF ──▶ STOPPED        a stop found it already gone
+#:
+#: FATAL is final (it stays visible after a stop). Any other move is a bug: `Proc.move` raises
+#: `IllegalTransition`, and the supervisor logs it and leaves the process's books as they were.
+PROCESS_MOVES: dict[ProcessState, frozenset[ProcessState]] = {
+    ProcessState.STOPPED: frozenset({ProcessState.STARTING}),
+    ProcessState.STARTING: frozenset({ProcessState.RUNNING, ProcessState.BACKOFF, ProcessState.FATAL,
+                                      ProcessState.STOPPING, ProcessState.STOPPED}),
+    ProcessState.RUNNING: frozenset({ProcessState.BACKOFF, ProcessState.FATAL, ProcessState.STOPPING,
+                                     ProcessState.STOPPED}),
+    ProcessState.BACKOFF: frozenset({ProcessState.STARTING, ProcessState.STOPPED}),
+    ProcessState.STOPPING: frozenset({ProcessState.STOPPED}),
+    ProcessState.FATAL: frozenset(),
+}
 
 
 @dataclass(eq=False)
@@ -84,6 +109,15 @@ class Proc:
     @property
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None
+
+    def can_move(self, to: ProcessState) -> bool:
+        return to in PROCESS_MOVES[self.state]
+
+    def move(self, to: ProcessState) -> None:
+        """Change state along `PROCESS_MOVES`; an illegal move raises `IllegalTransition` and changes nothing."""
+        if not self.can_move(to):
+            raise IllegalTransition(f"process {self.name} cannot go from {self.state.value} to {to.value}")
+        self.state = to
 
     def row(self) -> dict[str, Any]:
         return {"name": self.name, "service": self.service, "memory_limit_mb": self.memory_limit_mb,
@@ -197,20 +231,23 @@ class Supervisor:
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
 
+    # -------------------------------------------------------------- states
+    def _move(self, proc: Proc, to: ProcessState) -> bool:
+        """Move `proc` to `to`. An illegal move is logged as an error and leaves its books as they were."""
+        try:
+            proc.move(to)
+        except IllegalTransition as exc:
+            log.error("%s", exc)
+            return False
+        return True
+
     # ----------------------------------------------------------- spawning
     def spawn(self, proc: Proc) -> None:
-        env = dict(os.environ)
-        env[SUPERVISOR_PID_ENV] = str(os.getpid())
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        logfile = open(self.run_dir.log_dir / f"{proc.name}.log", "ab")
-        try:
-            proc.popen = subprocess.Popen(
-                proc.argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=set_parent_death_signal, close_fds=True,
-            )
-        finally:
-            logfile.close()
-        proc.state = ProcessState.STARTING
+        if not proc.can_move(ProcessState.STARTING):  # checked first: a live child is never replaced
+            log.error("not starting %s: it is %s", proc.name, proc.state.value)
+            return
+        proc.popen = self._launch(proc)
+        self._move(proc, ProcessState.STARTING)
         proc.started_at = time.monotonic()
         proc.unseen_since = None
         proc.message = ""
@@ -218,12 +255,26 @@ class Supervisor:
         log.info("started %s (pid %d)", proc.name, proc.popen.pid)
         self.write_state()
 
+    def _launch(self, proc: Proc) -> subprocess.Popen[bytes]:
+        """Start the process itself: its own session, its log file, and death with the supervisor."""
+        env = dict(os.environ)
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        logfile = open(self.run_dir.log_dir / f"{proc.name}.log", "ab")
+        try:
+            return subprocess.Popen(
+                proc.argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=set_parent_death_signal, close_fds=True,
+            )
+        finally:
+            logfile.close()
+
     def _wait_ready(self, procs: list[Proc], deadline: float, progress: Callable[[str], None]) -> None:
         while True:
             for proc in procs:
                 if proc.state == ProcessState.STARTING and proc.popen is not None and proc.popen.poll() is not None:
                     tail = self.log_tail(proc.name)
-                    proc.state = ProcessState.FATAL
+                    self._move(proc, ProcessState.FATAL)
                     proc.message = f"exited with code {proc.popen.returncode} before it was ready"
                     self.write_state()
                     raise StartupError(f"{proc.name} {proc.message}; last log lines:\n{tail}")
@@ -254,7 +305,7 @@ class Supervisor:
         self.last_status = status
         changed = False
         if sched.state == ProcessState.STARTING:
-            sched.state, changed = ProcessState.RUNNING, True
+            changed = self._move(sched, ProcessState.RUNNING)
         registered = {(m["name"], m["pid"]) for m in status.get("managers", [])}
         sched_age = now - sched.started_at
         expiry = self.config.kernel.heartbeat_interval_s * self.config.kernel.heartbeat_liveness
@@ -264,7 +315,7 @@ class Supervisor:
             if (proc.name, proc.popen.pid) in registered:
                 proc.unseen_since = None
                 if proc.state == ProcessState.STARTING:
-                    proc.state, changed = ProcessState.RUNNING, True
+                    changed = self._move(proc, ProcessState.RUNNING) or changed
             elif proc.state == ProcessState.RUNNING:
                 proc.unseen_since = proc.unseen_since or now
                 if now - proc.unseen_since > 2 * expiry and sched_age > 2 * expiry:
@@ -311,14 +362,16 @@ class Supervisor:
 
     def _crashed(self, proc: Proc, code: int, now: float) -> None:
         ran = now - proc.started_at
-        proc.fast_crashes = proc.fast_crashes + 1 if ran < self.cfg.fast_crash_s else 1
-        if proc.fast_crashes > self.cfg.max_fast_crashes:
-            proc.state = ProcessState.FATAL
+        fast_crashes = proc.fast_crashes + 1 if ran < self.cfg.fast_crash_s else 1
+        fatal = fast_crashes > self.cfg.max_fast_crashes
+        if not self._move(proc, ProcessState.FATAL if fatal else ProcessState.BACKOFF):
+            return
+        proc.fast_crashes = fast_crashes
+        if fatal:
             proc.message = f"crashed {proc.fast_crashes} times within {self.cfg.fast_crash_s}s of starting; gave up"
             log.error("%s is FATAL: %s", proc.name, proc.message)
         else:
             delay = min(self.cfg.backoff_initial_s * 2 ** (proc.fast_crashes - 1), self.cfg.backoff_max_s)
-            proc.state = ProcessState.BACKOFF
             proc.next_start = now + delay
             why = proc.kill_reason or f"exited with code {code}"
             proc.last_exit = f"{why} after {ran:.1f}s"
@@ -352,10 +405,11 @@ class Supervisor:
     def _stop(self, proc: Proc) -> None:
         p = proc.popen
         if p is None or p.poll() is not None:
-            proc.state = ProcessState.STOPPED if proc.state != ProcessState.FATAL else proc.state
+            if proc.state not in (ProcessState.STOPPED, ProcessState.FATAL):  # FATAL stays visible
+                self._move(proc, ProcessState.STOPPED)
             self._signal_group(proc, signal.SIGKILL)  # any grandchildren it left behind
             return
-        proc.state = ProcessState.STOPPING
+        self._move(proc, ProcessState.STOPPING)
         self.write_state()
         budget = self.cfg.stop_timeout_s
         for sig, share in ((signal.SIGINT, 0.5), (signal.SIGTERM, 0.5)):
@@ -374,7 +428,7 @@ class Supervisor:
             p.wait(timeout=5)
         else:
             self._signal_group(proc, signal.SIGKILL)
-        proc.state = ProcessState.STOPPED
+        self._move(proc, ProcessState.STOPPED)
         proc.message = ""
 
     @staticmethod

@@ -6,6 +6,18 @@ from typing import Any
 from aios.managers.llm.types import Backend, ChatArgs, ChatResult, Generation
 
 
+#: two function tools in the OpenAI format, for tool-calling tests
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                      "parameters": {"type": "object", "properties": {"a": {"type": "number"},
+                                                                                      "b": {"type": "number"}},
+                                                     "required": ["a", "b"]}}},
+]
+
+
 def q(text: str = "What is the capital of France?", **kw: Any) -> ChatArgs:
     return ChatArgs(messages=[{"role": "user", "content": text}], **kw)
 

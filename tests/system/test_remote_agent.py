@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aios import sdk
-from tests.conftest import free_port
+from tests.support.network import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

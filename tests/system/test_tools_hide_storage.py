@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import KernelFactory
+from tests.support.kernel import KernelFactory
 
 STRATEGIES = ["root", "userns"] if os.geteuid() == 0 else ["userns"]
 

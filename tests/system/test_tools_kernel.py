@@ -1,0 +1,175 @@
+"""The tool manager through the real kernel: per-tool limits enforced by the scheduler without
+head-of-line blocking, validation before running, isolation failures that leave everyone else
+running, kill -9 mid-call, the files tool on the real storage service, MCP, and `aios tools`."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aios import sdk
+from tests.support.kernel import Kernel
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+TOOL_DIRS = [str(REPO / "tests/support/kernel_tools"), str(REPO / "tests/support/tools")]
+
+
+@pytest.fixture(scope="module")
+def k(module_kernel_factory, tmp_path_factory) -> Kernel:
+    data = tmp_path_factory.mktemp("data")
+    return module_kernel_factory(echo=False, builtins={
+        "tools": {"dirs": TOOL_DIRS, "mcp": [{"name": "mcpt", "command": [sys.executable, str(REPO / "tests/support/mcp_server.py")]}]},
+        "storage": {"path": str(data / "storage.sqlite3")}})
+
+
+def test_a_saturated_tool_never_runs_past_its_limit_and_others_pass_it(k: Kernel) -> None:
+    """20 concurrent calls to a tool limited to 2: never more than 2 at once, all complete; a call to
+    another tool made meanwhile finishes before the slow tool's queue drains."""
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def slow(i: int) -> None:
+        with k.client(f"slow-{i}", timeout=60) as c:
+            r = c.tools.call("slow2", seconds=0.3)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=slow, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # let the slow tool's queue fill (the assertion below is about order, not time)
+    with k.client("fast", timeout=30) as c:
+        fast = c.tools.call("calculator", expression="6*7")
+        fast_done = time.monotonic()
+    # what `aios status -v` shows meanwhile: the slow tool full, its queue deep (it drains over ~3 s)
+    from aios import kernel as lifecycle
+    seen = lifecycle.status(k.run_dir, details=True)["details"]["tools"]
+    assert seen["per_target"]["slow2"]["running"] == 2 and seen["per_target"]["slow2"]["queued"] > 0
+    assert "slow2 2/2 running" in seen["summary"]
+    for t in threads:
+        t.join(60)
+    assert fast["value"] == 42
+    assert len(results) == 20
+    events = sorted([(r["started"], 1) for r in results] + [(r["ended"], -1) for r in results])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak == 2, f"the slow tool ran {peak} at once (limit 2)"
+    assert fast_done < max(r["ended"] for r in results), "the fast call waited for the slow queue to drain"
+    status = k.kernel_status()
+    tools_mgr = next(m for m in status["managers"] if m["name"] == "tools")
+    assert tools_mgr["limits"]["slow2"] == 2 and tools_mgr["limits"]["calculator"] == 4
+
+
+@pytest.mark.parametrize("tool, args, code, needle", [
+    ("calculator", {"expression": 5}, "INVALID_ARGUMENT", "arguments.expression"),
+    ("no_such_tool", {}, "UNKNOWN_TARGET", "no_such_tool"),
+    ("raiser", {}, "BACKEND_ERROR", "ValueError"),
+    ("sleeper", {"seconds": 100}, "INVALID_ARGUMENT", "maximum"),
+    ("sleeper", {"seconds": 5}, "DEADLINE_EXCEEDED", "timeout_s"),
+    ("hog", {"mb": 400}, "QUOTA_EXCEEDED", "memory limit of 64 MB"),
+    ("exiter", {"status": 3}, "BACKEND_ERROR", "status 3"),
+    ("bad_schema", {}, "UNKNOWN_TARGET", "bad_schema"),
+])
+def test_failing_tools_get_clear_errors_and_the_next_call_succeeds(k: Kernel, tool: str, args: dict,
+                                                                   code: str, needle: str) -> None:
+    with k.client("tester", timeout=30) as c:
+        with pytest.raises(sdk.AIOSError) as info:
+            c.tools.call(tool, **args)
+        assert info.value.code == code and needle in info.value.message, info.value
+        assert c.tools.call("calculator", expression="1+1")["value"] == 2
+    assert k.processes()["tools"]["restarts"] == 0
+
+
+def test_malformed_manifests_are_reported_and_the_rest_load(k: Kernel) -> None:
+    out = k.aios("tools")
+    assert out.returncode == 0, out.stderr
+    assert "calculator" in out.stdout and "slow2" in out.stdout and "mcpt__add" in out.stdout
+    assert "not loaded:" in out.stdout and "broken_toml" in out.stdout and "bad_schema" in out.stdout
+    one = k.aios("tools", "calculator")
+    assert one.returncode == 0 and '"expression"' in one.stdout and "limit 4 at once" in one.stdout
+
+
+def test_the_files_tool_reaches_only_the_callers_storage(k: Kernel) -> None:
+    with k.client("tool-user", timeout=30) as c, k.client("other", timeout=30) as o:
+        written = c.tools.call("files", op="write", path="notes/n.txt", data="from a tool")
+        assert written["version"] == 1
+        assert c.storage.read_text("notes/n.txt") == "from a tool"  # the same namespace as the agent's own
+        assert c.tools.call("files", op="read", path="notes/n.txt")["text"] == "from a tool"
+        with pytest.raises(sdk.NotFound):
+            o.tools.call("files", op="read", path="notes/n.txt")
+        with pytest.raises(sdk.InvalidArgument):  # validated before storage is ever called
+            c.tools.call("files", op="write", path="x.txt")
+
+
+def test_mcp_tools_are_called_like_local_ones(k: Kernel) -> None:
+    with k.client("mcp-user", timeout=30) as c:
+        assert c.tools.call("mcpt__add", a=2, b=3) == {"result": 5.0}
+        assert c.tools.call("mcpt__echo", text="via mcp") == {"result": "via mcp"}
+        with pytest.raises(sdk.InvalidArgument):
+            c.tools.call("mcpt__add", a="two", b=3)
+
+
+def test_the_python_tool_cannot_read_the_run_directorys_key(k: Kernel) -> None:
+    key = k.run_dir.key_file
+    code = (f"import pathlib\ntry:\n    print('READ', pathlib.Path({str(key)!r}).read_bytes().hex())\n"
+            f"except Exception as e:\n    print('REFUSED', type(e).__name__)")
+    with k.client("snoop", timeout=60) as c:
+        out = c.tools.call("python", code=code)
+    text = str(out)
+    assert "REFUSED" in text and key.read_bytes().hex() not in text
+
+
+@pytest.mark.timeout(120)
+def test_kill9_of_the_tool_manager_mid_call(kernel, tmp_path: Path) -> None:
+    """A call marked safe to repeat completes on the restarted manager; one that is not gets a
+    retryable error, never a silent second run."""
+    kk = kernel(echo=False, builtins={"tools": {"dirs": TOOL_DIRS}}, kernel={"heartbeat_interval_s": 0.25},
+                supervisor={"backoff_initial_s": 0.05})
+    out: dict[str, Any] = {}
+
+    def run(name: str) -> None:
+        with kk.client(f"agent-{name}", timeout=60) as c:
+            try:
+                out[name] = c.tools.call(name, seconds=2)
+            except sdk.AIOSError as exc:
+                out[name] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("slow2", "once")]
+    for t in threads:
+        t.start()
+    wait_until(lambda: (m := kk.manager_info("tools")) is not None and m["busy"] == 2, timeout=20,
+                  message="both calls running")
+    pid = kk.pid("tools")
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert isinstance(out["slow2"], dict) and out["slow2"]["pid"] != pid, out  # re-run on the new manager
+    err = out["once"]
+    assert isinstance(err, sdk.AIOSError) and err.code == "MANAGER_DIED" and err.retryable, err
+    assert kk.processes()["tools"]["restarts"] == 1
+
+
+@pytest.mark.model
+def test_the_model_calls_a_registered_tool_by_name(kernel, tmp_path: Path) -> None:
+    """`tools=["calculator"]`: the LLM core asks the tool manager for the schema (a call between
+    managers), the real model picks the tool, and `tools.step` runs it through the kernel."""
+    k2 = kernel(echo=False, llm=[{"name": "llm-0", "backend": "llamacpp", "n_ctx": 1024}],
+                builtins={"storage": {"path": str(tmp_path / "storage.sqlite3")}, "tools": {}})
+    with k2.client("stepper", timeout=60) as c:
+        step = c.tools.step("What is 12 times 7?", tools=["calculator"])
+        assert step["call"]["function"]["name"] == "calculator"
+        assert step["result"]["value"] == 84
+        with pytest.raises(sdk.AIOSError) as err:
+            c.llm.tools("What is 12 times 7?", tools=["no_such_tool"])
+    assert "no_such_tool" in err.value.message and err.value.code in ("NOT_FOUND", "INVALID_ARGUMENT")

@@ -354,10 +354,12 @@ class Reply:
         client = h.get("client")
         if client is not None and type(client) is not bytes:
             raise _bad("header field 'client' must be bytes", h)
-        timing = h.get("timing")
-        return cls(id=rid, status=status, client=client, tokens=_int(h, "tokens"),
-                   timing=Timing.from_wire(timing, h) if timing is not None else None,
-                   reset=_bool(h, "reset"))
+        timing, tokens, reset = h.get("timing"), h.get("tokens", 0), h.get("reset", False)
+        if type(tokens) is not int or not 0 <= tokens <= 1 << 31:
+            tokens = _int(h, "tokens")  # raises, naming the field
+        if type(reset) is not bool:
+            reset = _bool(h, "reset")
+        return cls(rid, status, client, tokens, Timing.from_wire(timing, h) if timing is not None else None, reset)
 
 
 # --------------------------------------------------------------------------- manager control

@@ -264,7 +264,6 @@ class MemoryManager(Manager):
                 "entries_evicted": (total - mine["entries_in_ram"]) if total is not None else 0,
                 "store": self.store.stats()}
 
-
     def status_figures(self) -> dict[str, Any]:
         """The store's figures: raw vs stored bytes, budget, evictions, swap-ins (what `stats` has as "store")."""
         return self.store.stats()

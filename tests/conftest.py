@@ -8,7 +8,10 @@ test started is stopped with `aios.kernel.stop`, and the test fails if any proce
 belonged to it (supervisor, scheduler, managers, including restarted
 incarnations) is still alive, or if an ipc endpoint file was left behind.
 
-No fixed sleeps: tests synchronise with `wait_until(predicate, ...)`.
+No fixed sleeps: tests synchronise with `wait_until(predicate, ...)`, and a test that needs
+a handler to be still running when it looks holds it at a gate (`gates`, tests/support/gates.py)
+instead of starting a sleep and hoping to look in time. Timeouts here are deadlines for
+something that will happen, generous enough for a machine whose CPUs are all busy.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import pytest
 
 from aios.config import BUILTIN_MANAGERS, dump_toml
 from aios.rundir import RunDir
+from tests.support.gates import Gates
 
 REPO = Path(__file__).resolve().parents[1]
 AIOS_START = REPO / "bin" / "aios-start"
@@ -200,7 +204,7 @@ class Kernel:
         for p in processes_of(self.run_dir):
             self.seen_pids.add(p.pid)
 
-    def wait_running(self, name: str, other_than: int | None = None, timeout: float = 15.0) -> int:
+    def wait_running(self, name: str, other_than: int | None = None, timeout: float = 30.0) -> int:
         """Wait until `name` is RUNNING (with a pid other than `other_than`); return its pid."""
         def ready() -> int | None:
             row = self.processes().get(name, {})
@@ -211,7 +215,7 @@ class Kernel:
         return wait_until(ready, timeout, message=lambda: f"{name} RUNNING: {self.processes().get(name)}")
 
     def kernel_status(self) -> dict[str, Any]:
-        with self.client("test-status", timeout=5.0) as c:
+        with self.client("test-status", timeout=20.0) as c:
             return c.call("kernel", "status")
 
     def manager_info(self, name: str) -> dict[str, Any] | None:
@@ -286,7 +290,7 @@ class KernelFactory:
             k.stop()
             try:
                 wait_until(lambda: not any(pid_running(p) for p in k.seen_pids) and not processes_of(k.run_dir),
-                           timeout=10.0, message="kernel processes to exit")
+                           timeout=20.0, message="kernel processes to exit")
             except AssertionError:
                 alive = sorted({p for p in k.seen_pids if pid_running(p)} | {p.pid for p in processes_of(k.run_dir)})
                 problems.append(f"{k.run_dir.path}: processes survived `aios stop`: {alive}")
@@ -321,3 +325,14 @@ def module_kernel_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def gates() -> Iterator[Gates]:
+    """Gates that hold a handler until the test opens them (tests/support/gates.py). Ask for it after
+    `kernel`: it is then torn down first, and removing its folder releases every handler still held."""
+    g = Gates()
+    try:
+        yield g
+    finally:
+        g.close()

@@ -12,6 +12,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from aios.managers.base import Manager, RequestContext, op
+from tests.support.gates import wait_at_gate
 
 
 class Text(BaseModel):
@@ -27,6 +28,8 @@ class Burn(BaseModel):
 class Sleep(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seconds: float = Field(ge=0, le=30)
+    #: a gate (tests/support/gates.py) to wait at before sleeping
+    gate: str = Field(default="", max_length=4096)
 
 
 class Alpha(Manager):
@@ -52,7 +55,7 @@ class Alpha(Manager):
     @op(Sleep)
     def wait_on_beta(self, args: Sleep, ctx: RequestContext) -> dict:
         """Call beta.sleep; bounded by this request's own deadline."""
-        return ctx.call("beta", "sleep", seconds=args.seconds)
+        return ctx.call("beta", "sleep", seconds=args.seconds, gate=args.gate)
 
 
 class Beta(Manager):
@@ -74,6 +77,7 @@ class Beta(Manager):
 
     @op(Sleep)
     def sleep(self, args: Sleep, ctx: RequestContext) -> dict:
+        wait_at_gate(args.gate, ctx.cancelled)
         end = time.monotonic() + args.seconds
         while time.monotonic() < end and not ctx.cancelled.is_set():
             time.sleep(0.01)

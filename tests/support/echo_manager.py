@@ -1,7 +1,8 @@
 """A small manager for process-tree tests, declared with the manager base like any real one.
 
 It exercises what the scheduler must get right before the real managers land:
-dispatch (echo), backpressure and capacity (sleep), and partial replies (count);
+dispatch (echo), backpressure and capacity (sleep, held at a gate until the test opens it),
+and partial replies (count);
 and the base's inline ops and batches (`hold`, `tally`, `inline_call`) and housekeeping (`upkeep`).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from aios.managers.base import Deferred, Manager, OpError, RequestContext, op
+from tests.support.gates import wait_at_gate
 
 
 class EchoArgs(BaseModel):
@@ -26,6 +28,8 @@ class SleepArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seconds: float = Field(ge=0, le=60)
     tag: str = ""
+    #: a gate (tests/support/gates.py) to wait at before sleeping: the op runs until the test opens it
+    gate: str = Field(default="", max_length=4096)
 
 
 class CountArgs(BaseModel):
@@ -62,6 +66,7 @@ class EchoManager(Manager):
     def hold(self, args: SleepArgs, ctx: RequestContext) -> dict:
         """Block the socket thread (what an inline op must never do in earnest): requests arriving
         meanwhile queue up and form the next batch."""
+        wait_at_gate(args.gate, ctx.cancelled)
         time.sleep(args.seconds)
         return {"thread": threading.current_thread().name}
 
@@ -99,7 +104,8 @@ class EchoManager(Manager):
     @op(SleepArgs, idempotent=True)
     def sleep(self, args: SleepArgs, ctx: RequestContext) -> dict:
         started = time.monotonic()
-        end = started + args.seconds
+        wait_at_gate(args.gate, ctx.cancelled)
+        end = time.monotonic() + args.seconds
         while time.monotonic() < end and not ctx.cancelled.is_set():
             time.sleep(0.01)
         # started/ended are CLOCK_MONOTONIC, comparable across processes on one host
@@ -109,6 +115,7 @@ class EchoManager(Manager):
     @op(SleepArgs)
     def sleep_once(self, args: SleepArgs, ctx: RequestContext) -> dict:
         """Like sleep, but not safe to repeat: a crash must fail it, not re-run it."""
+        wait_at_gate(args.gate, ctx.cancelled)
         time.sleep(args.seconds)
         return {"slept": args.seconds}
 

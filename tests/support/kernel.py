@@ -8,7 +8,11 @@ started with `aios.kernel.stop`, and fails if any process that ever belonged to
 one (supervisor, scheduler, managers, including restarted incarnations) is still
 alive, or if an ipc endpoint file was left behind.
 
-No fixed sleeps: tests synchronise with `tests.support.waiting.wait_until`.
+No fixed sleeps: tests synchronise with `tests.support.waiting.wait_until`, and a test that
+needs a handler to be still running when it looks holds it at a gate (the `gates` fixture,
+tests/support/gates.py) instead of starting a sleep and hoping to look in time. Timeouts here
+are deadlines for something that will happen, generous enough for a machine whose CPUs are
+all busy.
 """
 from __future__ import annotations
 
@@ -139,7 +143,7 @@ class Kernel:
         for p in processes_of(self.run_dir):
             self.seen_pids.add(p.pid)
 
-    def wait_running(self, name: str, other_than: int | None = None, timeout: float = 15.0) -> int:
+    def wait_running(self, name: str, other_than: int | None = None, timeout: float = 30.0) -> int:
         """Wait until `name` is RUNNING (with a pid other than `other_than`); return its pid."""
         def ready() -> int | None:
             row = self.processes().get(name, {})
@@ -150,7 +154,7 @@ class Kernel:
         return wait_until(ready, timeout, message=lambda: f"{name} RUNNING: {self.processes().get(name)}")
 
     def kernel_status(self) -> dict[str, Any]:
-        with self.client("test-status", timeout=5.0) as c:
+        with self.client("test-status", timeout=20.0) as c:
             return c.call("kernel", "status")
 
     def manager_info(self, name: str) -> dict[str, Any] | None:
@@ -225,7 +229,7 @@ class KernelFactory:
             k.stop()
             try:
                 wait_until(lambda: not any(pid_running(p) for p in k.seen_pids) and not processes_of(k.run_dir),
-                           timeout=10.0, message="kernel processes to exit")
+                           timeout=20.0, message="kernel processes to exit")
             except AssertionError:
                 alive = sorted({p for p in k.seen_pids if pid_running(p)} | {p.pid for p in processes_of(k.run_dir)})
                 problems.append(f"{k.run_dir.path}: processes survived `aios stop`: {alive}")

@@ -35,9 +35,13 @@ def echo(text: str) -> str:
 
 
 @app.tool()
-def slow(seconds: float) -> str:
-    """Sleep for the given seconds."""
+def slow(seconds: float, gate: str = "") -> str:
+    """Sleep for the given seconds, after waiting at `gate` (a file path) if one is given."""
     _count()
+    # tests/support/gates.py's wait (this script runs with only its own folder on the path): until
+    # the test opens the gate (the file exists) or removes the gates' folder
+    while gate and not os.path.exists(gate) and os.path.isdir(os.path.dirname(gate)):
+        time.sleep(0.01)
     time.sleep(seconds)
     return "done"
 

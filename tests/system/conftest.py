@@ -10,6 +10,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.support.gates import Gates
 from tests.support.kernel import KernelFactory
 
 
@@ -39,3 +40,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from tests.support.llama_server import llama_server as running
     with running(tmp_path_factory.mktemp("llama_server")) as base:
         yield base
+
+
+@pytest.fixture
+def gates() -> Iterator[Gates]:
+    """Gates that hold a handler until the test opens them (tests/support/gates.py). Ask for it after
+    `kernel`: it is then torn down first, and removing its folder releases every handler still held."""
+    g = Gates()
+    try:
+        yield g
+    finally:
+        g.close()

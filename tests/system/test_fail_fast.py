@@ -31,23 +31,24 @@ def test_connecting_where_the_kernel_was_stopped_fails_at_once(kernel) -> None:
     t0 = time.monotonic()
     with pytest.raises(sdk.KernelUnavailable) as info:
         sdk.connect(k.run_dir, agent="late", timeout=60)
-    assert time.monotonic() - t0 < 1
+    assert time.monotonic() - t0 < 30  # a verdict from the run directory, not the end of the 60 s timeout
     assert info.value.code == "UNAVAILABLE" and f"no kernel running in {k.run_dir.path}" in info.value.message
 
 
 @pytest.mark.parametrize("op", ["sleep_once", "sleep"])  # not safe to repeat / safe to repeat
-def test_a_call_in_flight_when_the_kernel_stops_fails_at_once(kernel, op: str) -> None:
+def test_a_call_in_flight_when_the_kernel_stops_fails_at_once(kernel, gates, op: str) -> None:
     k = kernel()
+    gate = gates.new()  # never opened: the call is in flight when the kernel stops
     c = sdk.connect(k.run_dir, agent="mid", timeout=60)
-    t, out = in_thread(lambda: c.call("echo", op, seconds=20))
-    wait_until(lambda: (m := k.manager_info("echo")) is not None and m["busy"] == 1, timeout=10,
+    t, out = in_thread(lambda: c.call("echo", op, seconds=0, gate=gate.path))
+    wait_until(lambda: (m := k.manager_info("echo")) is not None and m["busy"] == 1, timeout=30,
                message="the call running")
     k.stop()
-    t.join(30)
+    t.join(60)
     err = out.get("error")
     assert isinstance(err, sdk.AIOSError), out
     assert err.code in ("SHUTTING_DOWN", "UNAVAILABLE") and err.retryable, err
-    assert out["elapsed"] < 15, "answered while the kernel stopped, not at the 60 s timeout"
+    assert out["elapsed"] < 45, "answered while the kernel stopped, not at the 60 s timeout"
     with pytest.raises(sdk.KernelUnavailable):
         c.call("kernel", "ping")
     c.close()
@@ -70,15 +71,16 @@ def test_a_crash_looping_manager_is_answered_at_once(kernel) -> None:
                kernel={"heartbeat_interval_s": 0.25},
                supervisor={"fast_crash_s": 10.0, "max_fast_crashes": 50, "backoff_initial_s": 0.2,
                            "backoff_max_s": 1.0})
-    with k.client("crasher", timeout=20) as c:
+    with k.client("crasher", timeout=60) as c:
         with pytest.raises(sdk.KernelError):
             c.call("flaky", "crash")
         # every restart now crashes in setup: after a couple of fast crashes it is crash-looping
-        wait_until(lambda: k.processes()["flaky"]["restarts"] >= 2, timeout=20, message="flaky restarted twice")
+        wait_until(lambda: k.processes()["flaky"]["restarts"] >= 2, timeout=60, message="flaky restarted twice")
         t0 = time.monotonic()
         with pytest.raises(sdk.KernelError) as info:
-            c.request("flaky", "ping", timeout=30.0, idempotent=True)
-        assert time.monotonic() - t0 < 2
+            c.request("flaky", "ping", timeout=60.0, idempotent=True)
+        # refused on arrival (a queued call would end in DEADLINE_EXCEEDED at 60 s instead)
+        assert time.monotonic() - t0 < 30
     assert info.value.code == "UNAVAILABLE" and "flaky is CRASH-LOOPING" in info.value.message
     assert "setup" in info.value.message or "exited with code" in info.value.message
 
@@ -104,7 +106,7 @@ def test_a_remote_llm_server_that_is_down_is_reported_at_start_and_fails_each_ch
             t0 = time.monotonic()
             with pytest.raises(sdk.KernelError) as info:
                 c.chat("hello?", max_tokens=4)
-            assert time.monotonic() - t0 < 5, "not the 119 s it once took"
+            assert time.monotonic() - t0 < 60, "not the 119 s it once took"
             assert info.value.code == "UNAVAILABLE" and info.value.retryable and "cannot reach" in info.value.message
 
 

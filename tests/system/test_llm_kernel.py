@@ -289,7 +289,7 @@ def test_batched_core_runs_requests_together(batched: Any) -> None:
     info = batched.client("probe").call("llm", "info")
     assert info["capacity"] == 4 and info["batching"]["max_batch"] == 4
     assert info["batching"]["decoded_tokens"] > info["batching"]["decode_calls"]  # several per decode call
-    wait_until(lambda: batched.client("probe").call("llm", "info")["batching"]["resident"] == 0, timeout=10,
+    wait_until(lambda: batched.client("probe").call("llm", "info")["batching"]["resident"] == 0, timeout=30,
                message="finished generations to free their sequences")
 
 

@@ -110,13 +110,13 @@ def test_kill9_of_memory_then_storage_under_load_loses_no_acknowledged_entry(ker
     for t in threads:
         t.start()
     for name in ("memory", "storage"):
-        wait_until(lambda: len(acked) >= 10, timeout=20, message="adds under way")
+        wait_until(lambda: len(acked) >= 10, timeout=60, message="adds under way")
         pid = k.wait_running(name)
         os.kill(pid, signal.SIGKILL)
-        k.wait_running(name, other_than=pid, timeout=20)
+        k.wait_running(name, other_than=pid, timeout=60)
         with lock:
             acked_before = len(acked)
-        wait_until(lambda: len(acked) > acked_before + 5, timeout=20, message=f"the load going on after {name}")
+        wait_until(lambda: len(acked) > acked_before + 5, timeout=60, message=f"the load going on after {name}")
     stop.set()
     for t in threads:
         t.join(60)

@@ -24,63 +24,74 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # ------------------------------------------------------- 1. capacity after a scheduler restart
-def test_capacity_is_not_lost_after_a_scheduler_restart(kernel) -> None:
-    """Two 3 s sleeps fill echo's two slots; the scheduler is killed. The manager re-registers
-    while still running them: they hold its slots until they finish, then both slots are usable
-    again. The SDK re-sends the (idempotent) calls, and they complete."""
+def test_capacity_is_not_lost_after_a_scheduler_restart(kernel, gates) -> None:
+    """Two sleeps held at a gate fill echo's two slots; the scheduler is killed. The manager
+    re-registers while still running them: they hold its slots until they finish, then both slots
+    are usable again. The SDK re-sends the (idempotent) calls, and they complete. (Gates, not
+    timed sleeps: the sleeps must still run when the test looks, on any machine.)"""
     k = kernel(capacity=2, kernel={"heartbeat_interval_s": 0.5})
-    calls = [in_thread(lambda i=i: k.client(f"sleeper-{i}", timeout=60).call("echo", "sleep", seconds=3,
-                                                                               tag=f"t{i}"))
+    first, second = gates.new(), gates.new()
+    calls = [in_thread(lambda i=i: k.client(f"sleeper-{i}", timeout=90).call("echo", "sleep", seconds=0,
+                                                                               tag=f"t{i}", gate=first.path))
              for i in range(2)]
-    wait_until(lambda: k.busy("echo") == 2, timeout=10, message="both sleeps running")
+    wait_until(lambda: k.busy("echo") == 2, timeout=30, message="both sleeps running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
     k.wait_running("scheduler", other_than=old)
+    # the restarted scheduler learns from the manager that both slots are still taken
+    wait_until(lambda: k.busy("echo") == 2, timeout=30, message="the running sleeps to hold both slots")
+    first.open()
     for t, out in calls:
-        t.join(40)
+        t.join(60)
         assert "error" not in out, out
     assert sorted(out["result"]["tag"] for _, out in calls) == ["t0", "t1"]
     # the capacity the kernel believes in matches what runs: nothing left busy
-    wait_until(lambda: k.busy("echo") == 0, timeout=3, message="echo idle after the restart")
+    wait_until(lambda: k.busy("echo") == 0, timeout=30, message="echo idle after the restart")
     # and both slots are usable at once again
-    more = [in_thread(lambda i=i: k.client(f"after-{i}", timeout=30).call("echo", "sleep", seconds=1))
+    more = [in_thread(lambda i=i: k.client(f"after-{i}", timeout=60).call("echo", "sleep", seconds=0,
+                                                                           gate=second.path))
             for i in range(2)]
-    wait_until(lambda: k.busy("echo") == 2, timeout=5, message="two new sleeps running side by side")
+    wait_until(lambda: k.busy("echo") == 2, timeout=30, message="two new sleeps running side by side")
+    second.open()
     for t, out in more:
-        t.join(20)
+        t.join(60)
         assert "error" not in out, out
 
 
 # ------------------------------------------------------- 2. calls in flight when the scheduler dies
-def test_a_non_idempotent_call_in_flight_gets_a_prompt_retryable_error(kernel) -> None:
+def test_a_non_idempotent_call_in_flight_gets_a_prompt_retryable_error(kernel, gates) -> None:
     k = kernel(kernel={"heartbeat_interval_s": 0.5})
+    gate = gates.new()  # opened only at teardown: the call is surely in flight when the scheduler dies
     c = k.client("once", timeout=60)
-    t, out = in_thread(lambda: c.call("echo", "sleep_once", seconds=3))
-    wait_until(lambda: k.busy("echo") == 1, timeout=10, message="sleep_once running")
+    t, out = in_thread(lambda: c.call("echo", "sleep_once", seconds=0, gate=gate.path))
+    wait_until(lambda: k.busy("echo") == 1, timeout=30, message="sleep_once running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
-    t.join(30)
+    t.join(60)
     err = out.get("error")
     assert isinstance(err, sdk.KernelError), out
     assert err.code == "UNAVAILABLE" and err.retryable
     assert "may or may not have taken effect" in err.message
-    assert out["elapsed"] < 5, "answered promptly, not at the 60 s timeout"
+    assert out["elapsed"] < 30, "answered promptly, not at the 60 s timeout"
     k.wait_running("scheduler", other_than=old)
     assert c.call("echo", "echo", text="after")["text"] == "after"  # the same client carries on
 
 
-def test_an_op_the_manager_declares_idempotent_is_resent_and_completes(kernel) -> None:
+def test_an_op_the_manager_declares_idempotent_is_resent_and_completes(kernel, gates) -> None:
     """echo.sleep is declared idempotent by its manager (not by the SDK's built-in list): the SDK
-    learns that from the kernel and re-sends it after the scheduler dies."""
+    learns that from the kernel and re-sends it after the scheduler dies, and it completes (within
+    the call's 60 s: a call that was not re-sent would end in TIMEOUT instead)."""
     k = kernel(kernel={"heartbeat_interval_s": 0.5})
+    gate = gates.new()
     c = k.client("resender", timeout=60)
-    t, out = in_thread(lambda: c.call("echo", "sleep", seconds=1, tag="again"))
-    wait_until(lambda: k.busy("echo") == 1, timeout=10, message="sleep running")
+    t, out = in_thread(lambda: c.call("echo", "sleep", seconds=0, tag="again", gate=gate.path))
+    wait_until(lambda: k.busy("echo") == 1, timeout=30, message="sleep running")
     old = k.pid("scheduler")
     os.kill(old, signal.SIGKILL)
-    t.join(40)
+    k.wait_running("scheduler", other_than=old)
+    gate.open()
+    t.join(60)
     assert out.get("result", {}).get("tag") == "again", out
-    assert out["elapsed"] < 15
 
 
 # ------------------------------------------------------------------ 8. a dead agent's work
@@ -89,69 +100,86 @@ import asyncio, sys
 from aios import sdk
 async def main():
     async with sdk.connect_async(sys.argv[1], agent="doomed", timeout=600) as c:
-        await asyncio.gather(*(c.call("echo", "sleep", seconds=2, tag=str(i)) for i in range(50)))
+        await asyncio.gather(*(c.call("echo", "sleep", seconds=0, tag=str(i), gate=sys.argv[2]) for i in range(50)))
 asyncio.run(main())
 """
 
 
-def test_a_dead_agents_queued_and_running_work_is_cancelled_promptly(kernel) -> None:
+def test_a_dead_agents_queued_and_running_work_is_cancelled_promptly(kernel, gates) -> None:
+    """The agent's 50 sleeps wait at a gate that never opens: none can finish on its own, so the
+    running and queued work going away can only be the kernel cancelling it (no stopwatch needed)."""
     import subprocess
     import sys
     k = kernel(capacity=2, kernel={"heartbeat_interval_s": 0.5})
-    agent = subprocess.Popen([sys.executable, "-c", AGENT_WITH_50_SLEEPS, str(k.run_dir.path)])
+    gate = gates.new()
+    agent = subprocess.Popen([sys.executable, "-c", AGENT_WITH_50_SLEEPS, str(k.run_dir.path), gate.path])
     try:
-        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) >= 40 and k.busy("echo") == 2,
-                   timeout=20, message="the agent's 50 sleeps queued and running")
+        wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) == 48 and k.busy("echo") == 2,
+                   timeout=60, message="the agent's 50 sleeps queued and running")
         agent.kill()
-        agent.wait(10)
-        t0 = time.monotonic()
+        agent.wait(30)
         wait_until(lambda: k.kernel_status()["queues"].get("echo", 0) == 0 and k.busy("echo") == 0,
-                   timeout=5, message="the dead agent's work cancelled")
-        gone_after = time.monotonic() - t0
+                   timeout=30, message="the dead agent's work cancelled")
     finally:
         agent.kill()
-    assert gone_after < 5  # not 50 sleeps x 2 s / 2 slots = 50 s
+    assert not gate.is_open
     status = k.kernel_status()
-    assert status["services"]["echo"]["completed"] <= 4  # at most the ones that finished before the kill
+    assert status["services"]["echo"]["completed"] == 0  # none ran to its end: all were cancelled
     with k.client("survivor", timeout=10) as c:
         assert c.call("echo", "echo", text="next")["text"] == "next"
 
 
 # ----------------------------------------------------------------------- 9. one agent's flood
-def test_one_agents_flood_is_capped_and_others_are_served(kernel) -> None:
+def test_one_agents_flood_is_capped_and_others_are_served(kernel, gates) -> None:
     """A 10,000-request flood from one agent under fifo: beyond [scheduler] max_queued_per_agent
     its requests are refused with a retryable OVERLOADED, so another agent's call does not wait
-    behind all of it, and kernel.ping stays answered."""
+    behind all of it, and kernel.ping stays answered. The flood's calls wait at a gate until the
+    test has looked, so how many of them the manager got through meanwhile does not depend on the
+    machine's speed: two run, 500 queue, the rest are refused."""
     import zmq
 
     from aios.protocol import Codec, new_request_id
     k = kernel(capacity=2, scheduler={"policy": "fifo", "max_queued_per_agent": 500})
+    gate = gates.new()
     codec = Codec(k.run_dir.load_key())
     ctx = zmq.Context()
     flood = ctx.socket(zmq.DEALER)
     flood.setsockopt(zmq.LINGER, 0)
     flood.connect(k.run_dir.frontend_endpoint(k.run_dir.load_config()))
-    try:
-        for _ in range(10_000):
-            flood.send_multipart(codec.encode({"kind": "request", "id": new_request_id(), "agent": "flooder",
-                                               "service": "echo", "op": "sleep_once"}, {"seconds": 0.001}))
-        with k.client("patient", timeout=30) as c:
-            assert c.call("kernel", "ping") == {"pong": True}
-            reply = c.request("echo", "echo", {"text": "my turn"})
-            assert reply.result["text"] == "my turn"
-            assert reply.timing["wait_s"] < 10  # behind at most 500 of the flood, not 10,000
-            assert c.call("kernel", "status")["queues"]["echo"] <= 500
-        answers: dict[str, int] = {}
-        first: dict[str, Any] | None = None
-        while sum(answers.values()) < 10_000 and flood.poll(20_000):
+    answers: dict[str, int] = {}
+    first: dict[str, Any] | None = None
+
+    def read_flood_answers(until: int) -> None:
+        nonlocal first
+        while sum(answers.values()) < until and flood.poll(30_000):
             msg = codec.decode(flood.recv_multipart())
+            if msg.header.get("kind") == "heartbeat":
+                continue  # the scheduler checking that the flooder is still there
             err = msg.body.get("error") if isinstance(msg.body, dict) else None
             code = err["code"] if err else "OK"
             answers[code] = answers.get(code, 0) + 1
             if code == "OVERLOADED" and first is None:
                 first = err
-        assert sum(answers.values()) == 10_000 and set(answers) == {"OK", "OVERLOADED"}, answers
-        assert answers["OVERLOADED"] > 8_000, answers  # every flood request answered, most refused at once
+
+    try:
+        for _ in range(10_000):
+            flood.send_multipart(codec.encode({"kind": "request", "id": new_request_id(), "agent": "flooder",
+                                               "service": "echo", "op": "sleep_once"},
+                                              {"seconds": 0.001, "gate": gate.path}))
+        read_flood_answers(10_000 - 502)  # every refusal comes at once
+        assert answers == {"OVERLOADED": 10_000 - 502}, answers
+        with k.client("patient", timeout=60) as c:
+            assert c.call("kernel", "ping") == {"pong": True}
+            status = c.call("kernel", "status")
+            assert status["queues"]["echo"] == 500 and status["managers"][0]["busy"] == 2
+            t, out = in_thread(lambda: c.request("echo", "echo", {"text": "my turn"}))
+            # behind at most 500 of the flood, not 10,000
+            wait_until(lambda: k.kernel_status()["queues"]["echo"] == 501, timeout=30, message="the patient queued")
+            gate.open()
+            t.join(60)
+            assert out["result"].result["text"] == "my turn", out
+        read_flood_answers(10_000)
+        assert answers == {"OK": 502, "OVERLOADED": 10_000 - 502}, answers  # every flood request answered
         assert first is not None and first["retryable"] and "max_queued_per_agent" in first["message"]
     finally:
         flood.close(0)
@@ -231,7 +259,7 @@ def test_a_peer_claiming_a_managers_routing_id_gets_none_of_its_work(kernel, tra
     if transport != "ipc":
         options = {"transport": "tcp", "curve": False, "frontend_port": free_port(), "backend_port": free_port()}
     k = kernel(echo=False, managers=[IDENTIFIED], kernel=options)
-    identity = wait_until(lambda: (k.run_dir.path / "echo.identity").read_bytes(), timeout=10)
+    identity = wait_until(lambda: (k.run_dir.path / "echo.identity").read_bytes(), timeout=30)
     config = k.run_dir.load_config()
     ctx = zmq.Context()
     impostor = ctx.socket(zmq.DEALER)
@@ -271,7 +299,7 @@ def test_over_curve_only_the_kernels_manager_key_may_connect_to_the_backend(kern
     outsider.connect(k.run_dir.backend_endpoint(config))
     try:
         from zmq.utils.monitor import recv_monitor_message
-        assert monitor.poll(5000), "no handshake outcome"
+        assert monitor.poll(30_000), "no handshake outcome"
         event = recv_monitor_message(monitor)["event"]
         assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH, event
         with k.client("agent", timeout=10) as c:  # agents (any key) are still welcome on the frontend
@@ -294,7 +322,7 @@ def test_a_request_that_blows_its_managers_memory_is_stopped_and_failed_with_the
     failed with an error that names the cause, and everyone else carries on."""
     k = kernel(managers=[HOG], kernel={"heartbeat_interval_s": 0.25}, scheduler={"max_requeues": 1},
                supervisor={"backoff_initial_s": 0.05, "fast_crash_s": 0.5})
-    with k.client("poisoner", timeout=60) as c:
+    with k.client("poisoner", timeout=120) as c:
         t0 = time.monotonic()
         with pytest.raises(sdk.KernelError) as info:
             c.call("hog", "hog", mb=400)
@@ -303,7 +331,7 @@ def test_a_request_that_blows_its_managers_memory_is_stopped_and_failed_with_the
     assert err.code == "RETRIES_EXHAUSTED" and not err.retryable  # repeating it would only kill it again
     assert "2 times" in err.message and "max_requeues = 1" in err.message
     assert "memory" in err.message and "200 MB" in err.message, err.message
-    assert elapsed < 30
+    assert elapsed < 60  # the kernel's verdict, not the end of the call's 120 s timeout
     assert k.processes()["hog"]["restarts"] == 2
     k.wait_running("hog")
     with k.client("bystander", timeout=10) as c:
@@ -328,11 +356,11 @@ def test_requests_that_would_cost_more_than_any_answer_are_refused_up_front(kern
     k = kernel(echo=False, llm=[{"name": "llm-0", "backend": "sim", "n_ctx": 2048}])
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **args}
     op = "json" if "json_schema" in args else "tools" if "tools" in args else "chat"
-    with k.client("poisoner", timeout=20) as c:
+    with k.client("poisoner", timeout=60) as c:
         t0 = time.monotonic()
         with pytest.raises(sdk.InvalidArgument) as info:
             c.request("llm", op, body)
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 30  # refused up front, not after work that runs out the 60 s
         assert info.value.code == "INVALID_ARGUMENT" and where in info.value.message, info.value.message
         assert c.chat("still fine?", max_tokens=3).result["usage"]["completion_tokens"] == 3
     assert k.processes()["llm-0"]["restarts"] == 0
@@ -383,7 +411,7 @@ def test_streams_restarted_by_a_dying_core_are_marked_and_never_show_text_twice(
             return reply.result["message"]["content"]
 
     threads = [in_thread(lambda i=i: chat(i)) for i in range(2)]
-    wait_until(lambda: all(len(s["tokens"]) >= 20 for s in streams) and len(streams) == 2, timeout=20,
+    wait_until(lambda: all(len(s["tokens"]) >= 20 for s in streams) and len(streams) == 2, timeout=60,
                message="both streams under way")
     old = k.pid("llm-0")
     os.kill(old, signal.SIGKILL)
@@ -410,7 +438,7 @@ def test_rejected_frames_are_summarised_not_logged_one_line_each(kernel) -> None
         for i in range(2000):
             sock.send_multipart([b"", b"AIOS1", b"s" * 32, b"\x80", f"junk {i}".encode()])
         with k.client("after-junk", timeout=10) as c:
-            wait_until(lambda: c.call("kernel", "status")["scheduler"]["rejected_frames"] >= 2000, timeout=10,
+            wait_until(lambda: c.call("kernel", "status")["scheduler"]["rejected_frames"] >= 2000, timeout=30,
                        message="all junk seen")
     finally:
         sock.close(0)

@@ -109,7 +109,7 @@ def test_soak_kills_of_scheduler_manager_and_core_lose_and_repeat_nothing(kernel
     for name in ("scheduler", "echo", "ledger", "llm-0"):
         k.wait_running(name, timeout=30)
     wait_until(lambda: all(m["busy"] == 0 for m in k.kernel_status()["managers"])
-               and len(k.kernel_status()["managers"]) == 3, timeout=10, message="all capacity free")
+               and len(k.kernel_status()["managers"]) == 3, timeout=30, message="all capacity free")
     with k.client("after-soak", timeout=20) as c:
         assert c.call("echo", "echo", text="done")["text"] == "done"
         assert c.chat("done?", max_tokens=3).result["usage"]["completion_tokens"] == 3

@@ -142,10 +142,10 @@ def test_kill9_of_storage_under_load_loses_no_acknowledged_write(kernel, tmp_pat
     for t in threads:
         t.start()
     for _ in range(2):
-        wait_until(lambda: len(acked) >= 8, timeout=20, message="writes under way")
+        wait_until(lambda: len(acked) >= 8, timeout=60, message="writes under way")
         pid = k.wait_running("storage")
         os.kill(pid, signal.SIGKILL)
-        k.wait_running("storage", other_than=pid, timeout=20)
+        k.wait_running("storage", other_than=pid, timeout=60)
     stop.set()
     for t in threads:
         t.join(60)
@@ -243,6 +243,6 @@ def test_an_idle_storage_manager_applies_the_index_log(kernel, tmp_path: Path) -
             time.sleep(0.6)  # stay quiet for longer than the manager's poll interval
             return c.call("storage", "status")["index_pending"] == 0
 
-        wait_until(applied, timeout=15, interval=0, message="the idle manager applying the index log")
+        wait_until(applied, timeout=60, interval=0, message="the idle manager applying the index log")
         assert c.call("storage", "status")["index_flushes"] >= 1
         assert len(c.storage.search("note number")) == 5

@@ -17,6 +17,7 @@ from aios.managers.tools.runtime import ToolRuntime
 from aios.protocol import ErrorCode
 from tests.support.errors import op_error
 from tests.support.paths import SUPPORT
+from tests.support.waiting import wait_until
 
 SERVER = str(SUPPORT / "mcp_server.py")
 
@@ -77,21 +78,31 @@ def test_mcp_timeout_then_healthy(rt: ToolRuntime) -> None:
     assert rt.call("demo__add", {"a": 1, "b": 2}, agent="m") == {"result": 3.0}
 
 
-def test_a_slow_mcp_call_does_not_hold_up_a_fast_one(rt: ToolRuntime) -> None:
+def test_a_slow_mcp_call_does_not_hold_up_a_fast_one(rt: ToolRuntime, gates) -> None:
+    """The slow call waits at a gate until three fast calls to the same server are done. On `capped`
+    (the default 30 s timeout), not `demo`: its 1.5 s timeout would end the slow call while a busy
+    machine is still making the fast ones."""
+    gate = gates.new()
     done = threading.Event()
+    slow_result: list[dict] = []
+    before = rt.call("capped__calls", {}, agent="m")["result"]
 
     def slow() -> None:
         try:
-            rt.call("demo__slow", {"seconds": 1.0}, agent="slow")
+            slow_result.append(rt.call("capped__slow", {"seconds": 0, "gate": gate.path}, agent="slow"))
         finally:
             done.set()
 
     t = threading.Thread(target=slow)
     t.start()
+    wait_until(lambda: rt.call("capped__calls", {}, agent="m")["result"] > before, timeout=30,
+               message="the slow call to reach the server")
     for _ in range(3):
-        assert rt.call("demo__add", {"a": 1, "b": 1}, agent="fast") == {"result": 2.0}
+        assert rt.call("capped__add", {"a": 1, "b": 1}, agent="fast") == {"result": 2.0}
     assert not done.is_set()
-    t.join(10)
+    gate.open()
+    t.join(60)
+    assert slow_result == [{"result": "done"}]
 
 
 def test_result_size_limit(rt: ToolRuntime) -> None:

@@ -188,57 +188,66 @@ def test_printing_to_stdout_does_not_corrupt_the_protocol(rt: ToolRuntime) -> No
     assert out["args"] == {"print_bytes": 300_000}
 
 
-def test_cancellation_kills_the_worker(rt: ToolRuntime) -> None:
+def test_cancellation_kills_the_worker(rt: ToolRuntime, gates) -> None:
+    """The call waits at a gate that never opens (`waiter`, timeout_s 60): only the cancel can end it."""
+    gate = gates.new()
     cancelled = threading.Event()
     errors: list[OpError] = []
 
     def call() -> None:
         try:
-            rt.call("sleeper", {"seconds": 1.2}, agent="c", cancelled=cancelled)
+            rt.call("waiter", {"seconds": 0, "gate": gate.path}, agent="c", cancelled=cancelled)
         except OpError as exc:
             errors.append(exc)
 
     worker = threading.Thread(target=call)
     worker.start()
-    wait_until(lambda: any(w.spec.name == "sleeper" and w.isolation for w in rt._pool._busy), timeout=10,
-               message="the sleeper worker to start")
-    busy = next(w for w in rt._pool._busy if w.spec.name == "sleeper")
+    wait_until(lambda: any(w.spec.name == "waiter" and w.isolation for w in rt._pool._busy), timeout=30,
+               message="the waiter worker to start")
+    busy = next(w for w in rt._pool._busy if w.spec.name == "waiter")
     cancelled.set()
-    worker.join(10)
+    worker.join(30)
     assert errors and errors[0].code == ErrorCode.CANCELLED
-    wait_until(lambda: busy.proc.poll() is not None, timeout=5, message="the cancelled worker to exit")
+    wait_until(lambda: busy.proc.poll() is not None, timeout=30, message="the cancelled worker to exit")
     healthy(rt)
 
 
 # ------------------------------------------------------- concurrency and reuse
-def test_a_slow_tool_never_holds_up_a_fast_one(rt: ToolRuntime) -> None:
+def test_a_slow_tool_never_holds_up_a_fast_one(rt: ToolRuntime, gates) -> None:
+    """The slow call waits at a gate until the three fast ones are done: they cannot be waiting for it."""
+    gate = gates.new()
     slow_done = threading.Event()
+    slow_result: list[dict] = []
 
     def slow() -> None:
         try:
-            rt.call("sleeper", {"seconds": 1.0}, agent="slow")
+            slow_result.append(rt.call("waiter", {"seconds": 0, "gate": gate.path}, agent="slow"))
         finally:
             slow_done.set()
 
     t = threading.Thread(target=slow)
     t.start()
-    wait_until(lambda: rt._pool._busy and any(w.spec.name == "sleeper" for w in rt._pool._busy), timeout=10,
+    wait_until(lambda: rt._pool._busy and any(w.spec.name == "waiter" for w in rt._pool._busy), timeout=30,
                message="the slow call to be running")
     for _ in range(3):
         assert rt.call("calculator", {"expression": "1+1"}, agent="fast")["value"] == 2
     assert not slow_done.is_set()  # three fast calls finished while the slow one was still running
-    t.join(10)
+    gate.open()
+    t.join(60)
+    assert slow_result and "ended" in slow_result[0]
 
 
 def test_the_runtime_keeps_a_tool_within_its_limit(rt: ToolRuntime) -> None:
-    """sleeper has limit 1: two calls at once run one after the other (the scheduler does this too)."""
+    """waiter has limit 1: two calls at once run one after the other (the scheduler does this too).
+    (Not sleeper: its 2.5 s timeout covers the wait for the slot and two cold worker starts, which a
+    busy machine can exceed.)"""
     spans: list[dict[str, float]] = []
-    threads = [threading.Thread(target=lambda: spans.append(rt.call("sleeper", {"seconds": 0.2}, agent=f"l{i}")))
+    threads = [threading.Thread(target=lambda i=i: spans.append(rt.call("waiter", {"seconds": 0.2}, agent=f"l{i}")))
                for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(20)
+        t.join(60)
     assert len(spans) == 2
     first, second = sorted(spans, key=lambda s: s["started"])
     assert second["started"] >= first["ended"]
@@ -261,10 +270,14 @@ def test_python_tool_gets_a_fresh_worker_every_call(rt: ToolRuntime) -> None:
 
 
 def test_idle_warm_workers_expire(tmp_path: Path) -> None:
-    with ToolRuntime([SUPPORT_TOOLS], {"shipped": False, "warm_idle_s": 0.2}) as runtime:
+    """A call leaves a warm worker; once idle for warm_idle_s it is closed. The idle time is shortened
+    only after the test has seen the warm worker (set to 0.2 s from the start, a busy machine could
+    take that long between the call and the look)."""
+    with ToolRuntime([SUPPORT_TOOLS], {"shipped": False, "warm_idle_s": 3600}) as runtime:
         runtime.call("probe", {}, agent="a")
         assert runtime._pool.idle_count("probe") == 1
-        wait_until(lambda: runtime._pool.idle_count("probe") == 0, timeout=10, message="the idle worker to expire")
+        runtime._pool.idle_s = 0.2  # the reaper reads it on every pass (at most 5 s apart)
+        wait_until(lambda: runtime._pool.idle_count("probe") == 0, timeout=30, message="the idle worker to expire")
 
 
 def test_closing_the_runtime_ends_every_worker() -> None:
@@ -306,4 +319,4 @@ def test_workers_die_with_the_tool_manager(tmp_path: Path) -> None:
                 pass
         return True
 
-    wait_until(gone, timeout=10, message="the orphaned workers to exit")
+    wait_until(gone, timeout=30, message="the orphaned workers to exit")

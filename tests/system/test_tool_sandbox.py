@@ -211,7 +211,7 @@ def test_processes_a_snippet_leaves_behind_are_killed(rt: ToolRuntime) -> None:
                 pass
         return found
 
-    wait_until(lambda: not orphans(), timeout=10, message="the snippet's background process to be gone")
+    wait_until(lambda: not orphans(), timeout=30, message="the snippet's background process to be gone")
 
 
 def test_sandbox_off_is_reported_as_reduced() -> None:

@@ -31,30 +31,38 @@ def k(module_kernel_factory, tmp_path_factory) -> Kernel:
         "storage": {"path": str(data / "storage.sqlite3")}})
 
 
-def test_a_saturated_tool_never_runs_past_its_limit_and_others_pass_it(k: Kernel) -> None:
+def test_a_saturated_tool_never_runs_past_its_limit_and_others_pass_it(k: Kernel, gates) -> None:
     """20 concurrent calls to a tool limited to 2: never more than 2 at once, all complete; a call to
-    another tool made meanwhile finishes before the slow tool's queue drains."""
+    another tool made meanwhile finishes before the slow tool's queue drains. The slow calls wait at
+    a gate until the fast one is done, so "meanwhile" holds on any machine."""
+    from aios import kernel as lifecycle
+
+    gate = gates.new()
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
 
     def slow(i: int) -> None:
-        with k.client(f"slow-{i}", timeout=60) as c:
-            r = c.tools.call("slow2", seconds=0.3)
+        with k.client(f"slow-{i}", timeout=90) as c:
+            r = c.tools.call("slow2", seconds=0.3, gate=gate.path)
             with lock:
                 results.append(r)
+
+    def slow2_seen() -> dict[str, Any]:
+        return lifecycle.status(k.run_dir, details=True)["details"]["tools"]
 
     threads = [threading.Thread(target=slow, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # let the slow tool's queue fill (the assertion below is about order, not time)
-    with k.client("fast", timeout=30) as c:
+    wait_until(lambda: (p := slow2_seen()["per_target"].get("slow2", {})).get("running") == 2
+               and p.get("queued") == 18, timeout=60, message="the slow tool full and its queue filled")
+    with k.client("fast", timeout=60) as c:
         fast = c.tools.call("calculator", expression="6*7")
         fast_done = time.monotonic()
-    # what `aios status -v` shows meanwhile: the slow tool full, its queue deep (it drains over ~3 s)
-    from aios import kernel as lifecycle
-    seen = lifecycle.status(k.run_dir, details=True)["details"]["tools"]
+    # what `aios status -v` shows meanwhile: the slow tool full, its queue deep
+    seen = slow2_seen()
     assert seen["per_target"]["slow2"]["running"] == 2 and seen["per_target"]["slow2"]["queued"] > 0
     assert "slow2 2/2 running" in seen["summary"]
+    gate.open()
     for t in threads:
         t.join(60)
     assert fast["value"] == 42
@@ -131,27 +139,31 @@ def test_the_python_tool_cannot_read_the_run_directorys_key(k: Kernel) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_kill9_of_the_tool_manager_mid_call(kernel, tmp_path: Path) -> None:
+def test_kill9_of_the_tool_manager_mid_call(kernel, gates, tmp_path: Path) -> None:
     """A call marked safe to repeat completes on the restarted manager; one that is not gets a
     retryable error, never a silent second run."""
     kk = kernel(echo=False, builtins={"tools": {"dirs": TOOL_DIRS}}, kernel={"heartbeat_interval_s": 0.25},
                 supervisor={"backoff_initial_s": 0.05})
     out: dict[str, Any] = {}
 
+    gate = gates.new()  # the calls wait here: both are surely running when the manager dies
+
     def run(name: str) -> None:
-        with kk.client(f"agent-{name}", timeout=60) as c:
+        with kk.client(f"agent-{name}", timeout=90) as c:
             try:
-                out[name] = c.tools.call(name, seconds=2)
+                out[name] = c.tools.call(name, seconds=0, gate=gate.path)
             except sdk.AIOSError as exc:
                 out[name] = exc
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("slow2", "once")]
     for t in threads:
         t.start()
-    wait_until(lambda: (m := kk.manager_info("tools")) is not None and m["busy"] == 2, timeout=20,
-                  message="both calls running")
+    wait_until(lambda: (m := kk.manager_info("tools")) is not None and m["busy"] == 2, timeout=60,
+               message="both calls running")
     pid = kk.pid("tools")
     os.kill(pid, signal.SIGKILL)
+    kk.wait_running("tools", other_than=pid, timeout=60)
+    gate.open()
     for t in threads:
         t.join(60)
     assert isinstance(out["slow2"], dict) and out["slow2"]["pid"] != pid, out  # re-run on the new manager

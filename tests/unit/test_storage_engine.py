@@ -771,7 +771,7 @@ def test_an_idle_writer_is_checkpointed(db: Path) -> None:
     with StorageEngine(db) as e:
         e.write("a", "f", b"one write")
         # idle_s after the last commit, the log is copied into the database file
-        wait_until(lambda: e.stats()["checkpoints"] >= 1, timeout=10, message="an idle checkpoint")
+        wait_until(lambda: e.stats()["checkpoints"] >= 1, timeout=30, message="an idle checkpoint")
         conn = sqlite3.connect(db)
         try:
             busy, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()

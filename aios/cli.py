@@ -17,10 +17,40 @@ from typing import Any
 
 
 from aios import kernel
-from aios.config import ConfigError
+from aios.config import ConfigError, closest
 from aios.rundir import RunDir, RunDirError
 
 RUN_DIR_HELP = "kernel run directory (default: $AIOS_RUN_DIR, else $XDG_RUNTIME_DIR/aios, else ~/.cache/aios/run)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser that refuses the arguments it does not know itself, naming the option a
+    misspelled one most likely meant. Plain argparse hands a subcommand's unknown arguments up to
+    the top-level parser, which answers `aios status --jsn` with its own usage (`aios [-h]
+    [--version] COMMAND ...`), no help at all; here the subcommand answers, with its usage and
+    "unrecognized arguments: --jsn (did you mean --json?)". Subparsers inherit the class."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unrecognized(extras))
+        return parsed, extras
+
+    def unrecognized(self, extras: list[str]) -> str:
+        """"unrecognized argument: --jsn; did you mean --json?" (with several: "... --json for --jsn")."""
+        options = [o for o in self._option_string_actions if o.startswith("--")]
+        guesses = {}
+        for arg in extras:
+            option = arg.split("=", 1)[0]
+            guess = closest(option, options) if option.startswith("--") else None
+            if guess:
+                guesses[option] = guess
+        msg = f"unrecognized argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"
+        if len(extras) == 1 and guesses:
+            return f"{msg}; did you mean {next(iter(guesses.values()))}?"
+        if guesses:
+            return f"{msg}; did you mean " + ", ".join(f"{g} for {o}" for o, g in guesses.items()) + "?"
+        return msg
 
 
 def version() -> str:
@@ -54,7 +84,7 @@ START_DESCRIPTION = (
 
 
 def start_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aios-start", description=START_DESCRIPTION)
+    p = CommandParser(prog="aios-start", description=START_DESCRIPTION)
     _start_args(p)
     return p
 
@@ -95,7 +125,8 @@ def status_main(args: argparse.Namespace) -> int:
     st = kernel.status(run_dir, verbose=args.verbose or human, details=args.verbose)
     if args.json:
         out = {k: st[k] for k in ("running", "run_dir", "supervisor_pid")}
-        out["processes"] = [{k: p.get(k) for k in ("name", "pid", "state", "restarts")} for p in st["processes"]]
+        out["processes"] = [{k: p.get(k) for k in ("name", "pid", "state", "restarts", "message")}
+                            for p in st["processes"]]
         if args.verbose:
             out["kernel"] = st.get("kernel")
             out["details"] = st.get("details", {})
@@ -104,10 +135,9 @@ def status_main(args: argparse.Namespace) -> int:
     if not st["running"]:
         print(f"no kernel running in {run_dir.path}")
         return 1
+    from aios.status_view import header_line
     k = st.get("kernel") or {}
-    sched = k.get("scheduler", {})
-    print(f"kernel in {run_dir.path} (supervisor pid {st['supervisor_pid']}), "
-          f"policy {sched.get('policy', '?')}, up {sched.get('uptime_s', 0):.0f}s")
+    print(header_line(st))
     managers = {m["name"]: m for m in k.get("managers", [])}
     print(f"{'NAME':<14}{'SERVICE':<10}{'PID':>8}  {'STATE':<10}{'RESTARTS':>9}  {'BUSY':>6}  DETAIL")
     for p in st["processes"]:
@@ -271,8 +301,10 @@ def files_main(args: argparse.Namespace) -> int:
                            lambda f: print(f"{f['path']}: v{args.version} restored as v{f['version']} ({f['size']} bytes)"))
     if a == "search":
         def show_hits(hits: list[dict[str, Any]]) -> None:
+            # significant digits, not decimals: bm25 scores of a small index are tiny (SQLite floors
+            # the weight of a word most files hold at 1e-6), and `.3f` printed every one as 0.000
             for h in hits:
-                print(f"{h['score']:8.3f}  {h['path']} (v{h['version']}): {h['snippet']}")
+                print(f"{h['score']:10.4g}  {h['path']} (v{h['version']}): {h['snippet']}")
             if not hits:
                 print("(no match)")
         return _agent_call(args, lambda c: c.storage.search(args.query, limit=args.limit), show_hits)
@@ -343,7 +375,7 @@ def tools_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aios", description="Run, control and measure an AIOS kernel.")
+    parser = CommandParser(prog="aios", description="Run, control and measure an AIOS kernel.")
     parser.add_argument("--version", action="version", version=f"aios {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("start", help="start the kernel (the same as aios-start)", description=START_DESCRIPTION)
@@ -351,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _start(a, prog="aios start"))
     p = sub.add_parser("status", help="show the kernel's processes, services and queues")
     _run_dir_arg(p)
-    p.add_argument("--json", action="store_true", help='print {"running", "processes": [{name, pid, state, restarts}]}')
+    p.add_argument("--json", action="store_true",
+                   help='print {"running", "processes": [{name, pid, state, restarts, message}]}')
     p.add_argument("-v", "--verbose", action="store_true", help="add each manager's figures (LLM batching and prefix cache, "
                         "memory compression and evictions, tool isolation); with --json, also the scheduler's status")
     p.set_defaults(func=status_main)

@@ -103,6 +103,10 @@ class ManagerConfig(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     target: str = Field(description="'package.module:ClassName' of a aios.managers.base.Manager subclass")
+    path: str | None = Field(default=None, description="a directory put on the import path for this manager, "
+                                                        "where its target's module lives (relative: to the "
+                                                        "current directory); default: the current directory "
+                                                        "and the installed packages")
     capacity: int | None = Field(default=None, ge=1)
     memory_limit_mb: int | None = Field(default=None, ge=16, description="kill and restart above this RSS")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -112,6 +116,14 @@ class ManagerConfig(_Strict):
     def _target_shape(cls, v: str) -> str:
         if v.count(":") != 1:
             raise ValueError("target must look like 'package.module:ClassName'")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_a_directory(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            where = "" if Path(v).expanduser().is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+            raise ValueError(f"{v!r} is not a directory{where}")
         return v
 
 
@@ -125,6 +137,7 @@ class ManagerSpec:
     capacity: int | None
     where: str  # the place in the configuration, for error messages
     memory_limit_mb: int | None = None
+    path: str | None = None  # a directory the target is imported from (`[[managers]] path`)
 
 
 class Config(_Strict):
@@ -189,7 +202,7 @@ class Config(_Strict):
                 specs.append(ManagerSpec(name, target, options, table.get("capacity"), f"[{name}]",
                                          table.get("memory_limit_mb")))
         specs += [ManagerSpec(m.name, m.target, dict(m.options), m.capacity,
-                              f'[[managers]] #{i + 1} (name "{m.name}")', m.memory_limit_mb)
+                              f'[[managers]] #{i + 1} (name "{m.name}")', m.memory_limit_mb, m.path)
                   for i, m in enumerate(self.managers)]
         return specs
 

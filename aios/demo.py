@@ -149,8 +149,7 @@ def _run_agents(run_dir: RunDir, names: list[str], stream: bool) -> tuple[list[d
                       f"{'...' if len(answer) > 300 else ''}", flush=True)
                 mid_line = False
             else:
-                print(f"[demo]   {event['agent']}: {event['request'][:60]} done after {event['turnaround_s']:.1f}s",
-                      flush=True)
+                print(finished_line(event), flush=True)
     ok = True
     for name, p in procs.items():
         code = p.wait()
@@ -159,6 +158,23 @@ def _run_agents(run_dir: RunDir, names: list[str], stream: bool) -> tuple[list[d
             err = p.stderr.read() if p.stderr else ""
             print(f"[demo] agent {name} exited with code {code}:\n{err[-2000:]}", file=sys.stderr)
     return rows, ok
+
+
+def times(n: float) -> str:
+    """`1 time`, `3 times`: a count of occurrences, spelled for a sentence."""
+    return f"{n:.0f} time" + ("" if round(n) == 1 else "s")
+
+
+def finished_line(event: dict[str, Any]) -> str:
+    """The line for one request of a run that is not streamed (the fifo baseline), printed as it
+    finishes: when it finished, counted from the agents' start, then, labelled, what that request
+    itself took (its turnaround, and how much of it was spent queued). Printed alone in completion
+    order, per-request turnarounds read like elapsed time, which they are not."""
+    took = [f"its turnaround {event['turnaround_s']:.1f}s" if event.get("turnaround_s") is not None else "",
+            f"{event['wait_s']:.1f}s of it queued" if event.get("wait_s") is not None else ""]
+    detail = ", ".join(t for t in took if t)
+    return (f"[demo]   at {event['done_at_s']:5.1f}s {event['agent']} finished: {event['request'][:60]}"
+            + (f" ({detail})" if detail else ""))
 
 
 def _per_agent(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -198,7 +214,7 @@ def _print_comparison(base: Run, main: Run) -> int:
         a = sum(after[n]["turnaround_s"] for n in short) / len(short)
         print(f"\nwhat {main.policy} did for the short agents ({', '.join(short)}): mean turnaround {a:.2f}s "
               f"against {b:.2f}s under fifo in the same run ({a / b:.2f}x; {b - a:.2f}s sooner), while the "
-              f"long agent ({longest}) was preempted {after[longest]['preemptions']:.0f} times")
+              f"long agent ({longest}) was preempted {times(after[longest]['preemptions'])}")
     identical = True
     checked = 0
     baseline = {(r["agent"], r["request"]): r["answer"] for r in base.rows}
@@ -211,8 +227,8 @@ def _print_comparison(base: Run, main: Run) -> int:
         checked += 1
         same = r["answer"] == uninterrupted
         identical &= same
-        print(f"exact resume: {r['agent']}'s answer to \"{r['request'][:50]}\" was preempted {r['preemptions']} "
-              f"times under {main.policy}; compared with the uninterrupted fifo run it is "
+        print(f"exact resume: {r['agent']}'s answer to \"{r['request'][:50]}\" was preempted "
+              f"{times(r['preemptions'])} under {main.policy}; compared with the uninterrupted fifo run it is "
               f"{'IDENTICAL' if same else 'DIFFERENT'} ({len(r['answer'])} characters)")
     if checked == 0:
         print(f"exact resume: no generation was preempted under {main.policy} in this run")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from aios.config import Config, ConfigError, dump_toml, load_config
-from aios.procutil import pid_alive
+from aios.procutil import SUPERVISOR_PID_ENV, pid_alive, set_parent_death_signal
 from aios.rundir import RunDir, RunDirError
 
 __all__ = ["KernelStartError", "start", "stop", "status", "load"]
@@ -62,12 +62,20 @@ class Started:
 
 def start(run_dir: RunDir | str | Path | None = None, config: str | Path | Mapping[str, Any] | None = None, *,
           policy: str | None = None, timeout: float | None = None,
-          progress: Any = None) -> Started:
+          progress: Any = None, exit_with_caller: bool = False) -> Started:
     """Start a kernel in the background and return once every process said READY.
 
     `config` is a TOML file, a mapping written out as TOML, or None for the
     defaults. Raises ConfigError (bad configuration), RunDirError (unusable run
     directory) or KernelStartError (a process failed to start).
+
+    By default the kernel outlives the caller (`aios start --detach`). With
+    `exit_with_caller` it stops, every process of it, when the calling process
+    ends, however it ends (even SIGKILL): the supervisor gets the same parent-death
+    signal and watchdog it gives its own children (`aios.procutil`), and stops its
+    tree in order. For owners a kernel must never outlive, such as test fixtures.
+    Linux sends that signal when the *thread* that started the kernel exits, so
+    call it from a thread that lives as long as the kernel should (the main thread).
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     cfg = load(config, policy)  # fail here, before any process exists
@@ -83,9 +91,14 @@ def start(run_dir: RunDir | str | Path | None = None, config: str | Path | Mappi
         cmd += ["--policy", policy]
     r, w = os.pipe()
     cmd += ["--ready-fd", str(w)]
+    env = dict(os.environ)
+    env.pop(SUPERVISOR_PID_ENV, None)  # a supervisor watches the parent named here: only when asked
+    if exit_with_caller:
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
     with open(rd.log_dir / "supervisor.log", "ab") as log:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, pass_fds=(w,), cwd=os.getcwd())
+                                 start_new_session=True, pass_fds=(w,), cwd=os.getcwd(), env=env,
+                                 preexec_fn=set_parent_death_signal if exit_with_caller else None)
     os.close(w)
     if progress is not None:
         progress(f"starting kernel in {rd.path} (supervisor pid {child.pid}) ...")

@@ -20,12 +20,18 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
         pass
 
 
-def exit_with_parent(poll_s: float = 0.5) -> None:
+def exit_with_parent(poll_s: float = 0.5, hard_exit_after_s: float | None = 3.0) -> None:
     """Make a supervised child exit when its supervisor is gone.
 
     PR_SET_PDEATHSIG (set before exec by the supervisor) delivers SIGTERM at
     once; the watchdog thread covers the race where the parent died before
-    that, and children whose SIGTERM handler cannot run (stuck in C code).
+    that, and children whose SIGTERM handler cannot run (stuck in C code):
+    `hard_exit_after_s` after the SIGTERM it exits outright. None leaves the
+    SIGTERM to do its work however long it takes: the supervisor itself, when
+    its caller asked it to die with it (`aios.kernel.start(exit_with_caller=True)`),
+    must stop its whole tree in order, which takes longer than a few seconds.
+
+    The parent is the pid in `SUPERVISOR_PID_ENV`; without it this does nothing.
     """
     expected = os.environ.get(SUPERVISOR_PID_ENV)
     if not expected:
@@ -40,7 +46,7 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
                 if orphaned_since is None:
                     orphaned_since = time.monotonic()
                     os.kill(os.getpid(), signal.SIGTERM)
-                elif time.monotonic() - orphaned_since > 3.0:
+                elif hard_exit_after_s is not None and time.monotonic() - orphaned_since > hard_exit_after_s:
                     os._exit(70)
             time.sleep(poll_s)
 

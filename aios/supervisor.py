@@ -44,7 +44,7 @@ import zmq
 from aios import messages
 from aios.calls import PendingCall, Send, Wait, decode, match_id
 from aios.config import Config, ConfigError, load_config
-from aios.procutil import SUPERVISOR_PID_ENV, set_parent_death_signal
+from aios.procutil import SUPERVISOR_PID_ENV, exit_with_parent, set_parent_death_signal
 from aios.errors import AIOSError
 from aios.protocol import Codec, ProtocolError
 from aios.rundir import RunDir, write_atomic
@@ -271,6 +271,8 @@ class Supervisor:
 
     def _wait_ready(self, procs: list[Proc], deadline: float, progress: Callable[[str], None]) -> None:
         while True:
+            if self.stopping:  # SIGTERM while starting (or the caller it exits with is gone): stop now
+                raise StartupError("asked to stop while starting")
             for proc in procs:
                 if proc.state == ProcessState.STARTING and proc.popen is not None and proc.popen.poll() is not None:
                     tail = self.log_tail(proc.name)
@@ -460,7 +462,10 @@ def run_supervisor(run_dir: RunDir, config: Config, ready_fd: int | None = None,
 
     def report(ok: bool, text: str) -> None:
         if ready_fd is not None:
-            os.write(ready_fd, json.dumps({"ok": ok, "message": text}).encode() + b"\n")
+            try:
+                os.write(ready_fd, json.dumps({"ok": ok, "message": text}).encode() + b"\n")
+            except OSError:
+                pass  # the caller waiting for the verdict is gone (it may be why we are stopping)
             os.close(ready_fd)
 
     try:
@@ -514,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int, help="write one JSON line {ok, message} here once ready (or failed)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
+    # started with `aios.kernel.start(exit_with_caller=True)`: stop the whole tree, in order, when
+    # that caller is gone (SIGTERM -> request_stop); no hard exit, the stop is bounded by its own timeouts
+    exit_with_parent(hard_exit_after_s=None)
     from aios.log import setup_logging
     setup_logging("supervisor")
     try:

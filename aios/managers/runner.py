@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 from pydantic import BaseModel, ValidationError
@@ -49,15 +50,25 @@ class ResolvedManager:
         return self.cls.service
 
 
-def load_manager_class(target: str) -> type[Manager]:
-    """Import 'package.module:ClassName' and check it is a Manager."""
+def load_manager_class(target: str, path: str | None = None) -> type[Manager]:
+    """Import 'package.module:ClassName' and check it is a Manager. The module is looked up in
+    `path` first when given (`[[managers]] path`, a directory put on the import path), then in
+    the current directory (plug-ins named relative to where the kernel was started), then in
+    the installed packages."""
     module_name, _, class_name = target.partition(":")
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # plug-ins named relative to where the kernel was started
+        sys.path.insert(0, os.getcwd())
+    if path is not None:
+        directory = str(Path(path).expanduser().absolute())
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import manager module {module_name!r}: {exc}") from None
+        hint = "" if path is not None else (f" (looked in the current directory, {os.getcwd()}, and the installed "
+                                            f"packages; for a module elsewhere, set path = \"DIR\" in its "
+                                            f"[[managers]] entry)")
+        raise ValueError(f"cannot import manager module {module_name!r}: {exc}{hint}") from None
     except Exception as exc:  # the module itself is broken: say so in one line, not a traceback
         raise ValueError(f"manager module {module_name!r} failed to import: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, class_name, None)
@@ -73,7 +84,7 @@ def resolve(spec: ManagerSpec, config: Config) -> ResolvedManager:
     configuration (`Manager.check_kernel`); ConfigError names the place on failure. The options
     come back completed from the whole configuration (`Manager.complete_options`)."""
     try:
-        cls = load_manager_class(spec.target)
+        cls = load_manager_class(spec.target, spec.path)
     except ValueError as exc:
         raise ConfigError(f"{spec.where}: {exc}") from None
     try:

@@ -3,7 +3,8 @@
 `KernelFactory()` (the `kernel` fixture of tests/system/conftest.py) writes a TOML
 config into a fresh short run directory under /tmp, starts it with the lifecycle
 library (`aios.kernel.start`, which runs the supervisor detached, as `aios-start
---detach` does) and returns a `Kernel` handle. `close()` stops every kernel it
+--detach` does, but bound to the test process: `exit_with_caller`, so an
+interrupted or killed pytest never leaves a kernel running) and returns a `Kernel` handle. `close()` stops every kernel it
 started with `aios.kernel.stop`, and fails if any process that ever belonged to
 one (supervisor, scheduler, managers, including restarted incarnations) is still
 alive, or if an ipc endpoint file was left behind.
@@ -73,11 +74,13 @@ class Kernel:
 
     # ------------------------------------------------------------ commands
     def start(self, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str] | None:
-        """Start with the lifecycle library (`aios.kernel.start`); with check=False, through
-        `bin/aios-start --detach` instead, returning its exit code and output for the test to inspect."""
+        """Start with the lifecycle library (`aios.kernel.start`), the kernel dying with this process
+        (`exit_with_caller`); with check=False, through `bin/aios-start --detach` instead, returning
+        its exit code and output for the test to inspect (that kernel outlives an interrupted test
+        run: `bin/aios-start` has exited, there is no caller left to die with)."""
         if check:
             from aios import kernel as lifecycle
-            lifecycle.start(self.run_dir, self.config_path, timeout=timeout)
+            lifecycle.start(self.run_dir, self.config_path, timeout=timeout, exit_with_caller=True)
             self.remember_pids()
             return None
         result = subprocess.run(

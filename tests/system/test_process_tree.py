@@ -30,8 +30,8 @@ def test_start_status_stop(kernel) -> None:
     rows = status["processes"]
     assert [p["name"] for p in rows] == ["scheduler", "echo", "echo2"]
     for p in rows:
-        assert set(p) == {"name", "pid", "state", "restarts"}
-        assert p["state"] == "RUNNING" and p["restarts"] == 0
+        assert set(p) == {"name", "pid", "state", "restarts", "message"}
+        assert p["state"] == "RUNNING" and p["restarts"] == 0 and p["message"] == ""
     pids = [p["pid"] for p in rows]
     assert len(set(pids + [k.supervisor_pid])) == len(pids) + 1  # each its own process
 

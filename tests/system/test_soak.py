@@ -1,9 +1,12 @@
-"""Soak: 16 agents making mixed calls while the scheduler, a manager and an LLM core are each
-killed several times. Bounded (about a minute); deselect with `-m "not soak"`.
+"""Soaks; deselect with `-m "not soak"`.
 
-Holds: every call is answered (a result or an error, never only the client's own timeout); no call
-that is not safe to repeat ran twice; calls safe to repeat completed; and at the end every process
-runs and every manager's capacity is free again.
+- Faults (about a minute): 16 agents making mixed calls while the scheduler, a manager and an LLM
+  core are each killed several times. Holds: every call is answered (a result or an error, never
+  only the client's own timeout); no call that is not safe to repeat ran twice; calls safe to repeat
+  completed; and at the end every process runs and every manager's capacity is free again.
+- Services (two minutes, issue 17's "must hold"): 40 agents using tools, memory, storage and the LLM
+  (the `sim` backend) at once, no faults. Holds: 0 errors, no process restarted, and each kernel
+  process's resident memory grows by under 100 MB and its open descriptors stay under 512.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
+import psutil
 import pytest
 
 from aios import sdk
-from tests.support.kernel import Kernel
+from tests.support.kernel import Kernel, KernelFactory
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(300)]
@@ -113,3 +118,128 @@ def test_soak_kills_of_scheduler_manager_and_core_lose_and_repeat_nothing(kernel
     with k.client("after-soak", timeout=20) as c:
         assert c.call("echo", "echo", text="done")["text"] == "done"
         assert c.chat("done?", max_tokens=3).result["usage"]["completion_tokens"] == 3
+
+
+# --------------------------------------------------------------------------- every service, no faults
+SERVICE_AGENTS = 40
+SERVICE_SOAK_S = 120.0
+RSS_GROWTH_LIMIT_MB = 100
+OPEN_FILES_LIMIT = 512
+KINDS = ("tool", "memory", "storage", "llm")
+#: memory entries an agent keeps (older ones are deleted), so memory holds a steady working set
+KEPT_ENTRIES = 20
+
+
+def _service_agent(k: Kernel, i: int, stop: threading.Event, done: Counter[str], errors: list[str]) -> None:
+    """One agent: calls of every service in a random order until stopped; each result is checked."""
+    rng = random.Random(1000 + i)
+    kept: deque[str] = deque()
+    mine: Counter[str] = Counter()
+    with k.client(f"soak-{i}", timeout=60) as c:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            kind = rng.choice(KINDS)
+            mark = f"mark{i}x{n}"  # a word only this call uses
+            try:
+                if kind == "tool":
+                    a, b = rng.randrange(1, 10_000), rng.randrange(1, 10_000)
+                    assert c.tools.call("calculator", expression=f"{a} * {b}")["value"] == a * b
+                elif kind == "memory":
+                    entry = c.memory.add(f"agent {i} noted {mark} about topic {rng.randrange(30)}")
+                    kept.append(entry["id"])
+                    assert entry["id"] in [h["id"] for h in c.memory.search(mark)]
+                    if len(kept) > KEPT_ENTRIES:
+                        c.memory.delete(kept.popleft())
+                elif kind == "storage":
+                    path, text = f"soak/{n % 8}.txt", f"agent {i} wrote {mark} in round {n}"
+                    c.storage.write(path, text)
+                    assert c.storage.read_text(path) == text
+                    assert [h["path"] for h in c.storage.search(mark)] == [path]
+                else:
+                    reply = c.chat(f"soak {mark}", max_tokens=8)
+                    assert reply.result["usage"]["completion_tokens"] == 8
+                mine[kind] += 1
+            except (sdk.AIOSError, AssertionError) as exc:
+                errors.append(f"agent {i} {kind}: {type(exc).__name__}: {exc}")
+    done.update(mine)  # Counter.update under the GIL, once per agent
+
+
+@dataclass
+class Footprint:
+    """What one kernel process used over the soak: resident memory at the start and at most, open
+    descriptors at most, and every pid it had (more than one: it was restarted)."""
+
+    rss_start: int
+    rss_max: int = 0
+    fds_max: int = 0
+    pids: set[int] = field(default_factory=set)
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.rss_max - self.rss_start) / 2**20
+
+
+def _kernel_processes(k: Kernel) -> dict[str, psutil.Process]:
+    procs = {"supervisor": psutil.Process(k.supervisor_pid)}
+    for name, row in k.processes().items():
+        if row.get("pid"):
+            procs[name] = psutil.Process(row["pid"])
+    return procs
+
+
+def _sample(k: Kernel, footprints: dict[str, Footprint], workers: list[int]) -> None:
+    for name, proc in _kernel_processes(k).items():
+        try:
+            rss, fds = proc.memory_info().rss, proc.num_fds()
+            if name == "tools":
+                workers.append(len(proc.children(recursive=True)))
+        except psutil.Error:
+            continue  # gone between the table and the look: the pid check below catches a restart
+        f = footprints.setdefault(name, Footprint(rss_start=rss))
+        f.rss_max, f.fds_max = max(f.rss_max, rss), max(f.fds_max, fds)
+        f.pids.add(proc.pid)
+
+
+@pytest.mark.timeout(480)
+def test_soak_forty_agents_use_every_service_for_two_minutes_without_an_error_or_a_leak(
+        kernel: KernelFactory, tmp_path) -> None:
+    k = kernel(echo=False,
+               builtins={"storage": {"path": str(tmp_path / "soak.sqlite3")}, "memory": {}, "tools": {}},
+               llm=[{"name": "llm-0", "backend": "sim", "sim_seconds_per_token": 0.005, "max_inflight": 8}])
+    footprints: dict[str, Footprint] = {}
+    workers: list[int] = []
+    _sample(k, footprints, workers)  # the start of every process's footprint: the kernel as it came up
+    stop, sampling = threading.Event(), threading.Event()
+    done: Counter[str] = Counter()
+    errors: list[str] = []
+
+    def sampler() -> None:
+        while not sampling.wait(1.0):
+            _sample(k, footprints, workers)
+
+    agents = [threading.Thread(target=_service_agent, args=(k, i, stop, done, errors)) for i in range(SERVICE_AGENTS)]
+    watcher = threading.Thread(target=sampler)
+    for t in agents + [watcher]:
+        t.start()
+    time.sleep(SERVICE_SOAK_S)  # the soak's length itself; everything inside is event-driven
+    stop.set()
+    for t in agents:
+        t.join(120)
+    sampling.set()
+    watcher.join(10)
+    _sample(k, footprints, workers)
+    assert not any(t.is_alive() for t in agents), "an agent's call was never answered"
+
+    table = {name: f"{f.growth_mb:+.1f} MB (from {f.rss_start / 2**20:.0f}), at most {f.fds_max} open files"
+             for name, f in footprints.items()}
+    print(f"soak: {sum(done.values())} calls {dict(done)}, {len(errors)} errors; tool workers at most "
+          f"{max(workers, default=0)}; per process: {table}")
+    assert errors == [], errors[:20]
+    assert set(done) == set(KINDS), done
+    assert set(footprints) == {"supervisor", "scheduler", "storage", "memory", "tools", "llm-0"}, footprints
+    for name, f in footprints.items():
+        assert len(f.pids) == 1, f"{name} was restarted: pids {sorted(f.pids)}"
+        assert f.growth_mb < RSS_GROWTH_LIMIT_MB, f"{name}: resident memory grew by {f.growth_mb:.0f} MB"
+        assert f.fds_max < OPEN_FILES_LIMIT, f"{name}: {f.fds_max} open files"
+    assert all(row["restarts"] == 0 for row in k.processes().values()), k.processes()

@@ -20,6 +20,8 @@ MAX_BATCH_LIMIT = 64
 #: slots, Ollama with OLLAMA_NUM_PARALLEL) batches them; one at a time would waste it
 DEFAULT_MAX_INFLIGHT = 32
 #: `[[llm]]` keys that only the embedded llama.cpp backend understands
+#: the first bytes of every GGUF file, the only model format llama.cpp loads
+GGUF_MAGIC = b"GGUF"
 LLAMACPP_KEYS = ("max_batch", "prefix_cache_mb", "prefill_chunk", "prefill_budget", "n_batch", "extra_buffer_types")
 
 
@@ -77,8 +79,21 @@ class LLMCoreConfig(BaseModel):
     @field_validator("model_path")
     @classmethod
     def _model_file_exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).expanduser().is_file():
+        """A model file that is missing, unreadable or not GGUF is refused in one line here (at `aios
+        config check` and start), not by llama.cpp's loader in the core's log after the kernel started."""
+        if v is None:
+            return v
+        path = Path(v).expanduser()
+        if not path.is_file():
             raise ValueError(f"model file {v!r} does not exist")
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(len(GGUF_MAGIC))
+        except OSError as exc:
+            raise ValueError(f"model file {v!r} cannot be read: {exc.strerror}") from None
+        if magic != GGUF_MAGIC:
+            raise ValueError(f"model file {v!r} is not a GGUF file (its first bytes are not \"GGUF\"); "
+                             "the llamacpp backend loads GGUF models only")
         return v
 
     @model_validator(mode="after")

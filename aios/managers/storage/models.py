@@ -55,7 +55,9 @@ class Deleted(_Out):
 
 
 class SearchHit(_Out):
-    """A file matching a search: `score` is -bm25 (higher is better), `snippet` marks hits with [ ]."""
+    """A file matching a search: `score` is -bm25 (higher is better), `snippet` marks hits with [ ].
+    Scores rank the hits of one search; their size means little: in a small index they are tiny
+    (SQLite's bm25 floors the weight of a word most rows hold at 1e-6)."""
 
     path: str
     version: int

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
@@ -74,6 +74,19 @@ class ToolRuntimeOptions(BaseModel):
     settings: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-tool settings, e.g. {web_fetch = {allow = ['https://example.org']}}")
     mcp: list[McpServerConfig] = Field(default_factory=list, description="MCP servers whose tools are mounted")
+
+    @field_validator("dirs")
+    @classmethod
+    def _dirs_exist(cls, dirs: list[str]) -> list[str]:
+        """A directory that is not there is a mistake (a typo, the wrong working directory): refused at
+        `aios config check` and start, rather than started without its tools and nothing said."""
+        for d in dirs:
+            path = Path(d).expanduser()
+            if not path.is_dir():
+                what = "is not a directory" if path.exists() else "does not exist"
+                where = "" if path.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+                raise ValueError(f"tool directory {d!r} {what}{where}")
+        return dirs
 
 
 class _BuiltinContext:

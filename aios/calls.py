@@ -20,7 +20,10 @@ driver routes only replies whose id is `call.rid` to `feed` (the id changes
 when the call is retried). `connection_lost()` is the driver's news
 that the kernel connection dropped (the scheduler restarted): idempotent
 calls are re-sent at once, and the others fail with a retryable error that
-says their outcome is unknown, instead of waiting for their timeout.
+says their outcome is unknown, instead of waiting for their timeout. A
+re-sent request says whether partials already arrived for it (`streamed`),
+so that the scheduler resets the stream only if it must run the call again;
+one still running on its manager it adopts instead (`aios.scheduler.adoption`).
 """
 from __future__ import annotations
 
@@ -155,6 +158,9 @@ class PendingCall:
             self.attempts += 1
             self.header.id = self.rid
             self.header.deadline = remaining
+            if isinstance(self.header, messages.Request):
+                # a scheduler that must run it again from the start then resets the stream first
+                self.header.streamed = bool(self.partials)
             if self.idempotent:
                 self._send_at = now + min(self._resend_every, remaining)
                 self._resend_every = min(self._resend_every * 2, MAX_RESEND_INTERVAL_S)

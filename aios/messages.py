@@ -137,7 +137,12 @@ def _deadline(h: dict[str, Any]) -> float | None:
 
 @dataclass(slots=True)
 class Request:
-    """agent -> scheduler: a system call. `deadline` is seconds from when the scheduler receives it."""
+    """agent -> scheduler: a system call. `deadline` is seconds from when the scheduler receives it.
+
+    `streamed`: the caller already holds partial replies for this request id (it is re-sending it,
+    after a scheduler restart). A scheduler that must run it again from the start sends a `reset`
+    first; one that finds it still running (and adopts it) sends none.
+    """
 
     KIND: ClassVar[str] = _REQUEST
     id: str
@@ -146,6 +151,7 @@ class Request:
     agent: str
     deadline: float | None = None
     target: str | None = None
+    streamed: bool = False
 
     def to_header(self) -> dict[str, Any]:
         h: dict[str, Any] = {"kind": _REQUEST, "id": self.id, "agent": self.agent,
@@ -154,6 +160,8 @@ class Request:
             h["deadline"] = self.deadline
         if self.target is not None:
             h["target"] = self.target
+        if self.streamed:
+            h["streamed"] = True
         return h
 
     @classmethod
@@ -164,11 +172,12 @@ class Request:
         deadline, target = h.get("deadline"), h.get("target")
         if (type(rid) is str and type(service) is str and type(op) is str and type(agent) is str
                 and 0 < len(rid) <= MAX_NAME and 0 < len(service) <= MAX_NAME and 0 < len(op) <= MAX_NAME
-                and 0 < len(agent) <= MAX_NAME and target is None
+                and 0 < len(agent) <= MAX_NAME and target is None and h.get("streamed") is None
                 and (deadline is None or (type(deadline) is float and 0.0 < deadline <= MAX_DEADLINE_S))):
             return cls(rid, service, op, agent, deadline, None)
         return cls(id=_name(h, "id"), service=_name(h, "service"), op=_name(h, "op"),
-                   agent=_name(h, "agent"), deadline=_deadline(h), target=_opt_name(h, "target"))
+                   agent=_name(h, "agent"), deadline=_deadline(h), target=_opt_name(h, "target"),
+                   streamed=_bool(h, "streamed"))
 
 
 @dataclass(slots=True)

@@ -7,11 +7,23 @@ a maximum message size on sockets that read untrusted input,
 silent drop), quick reconnects on dealers, and CurveZMQ when the transport is
 tcp with `curve = true`.
 
+Callers' dealers (the SDK, the supervisor's probe) keep one routing id for
+their lifetime, an unguessable one chosen here, instead of the one ZeroMQ
+generates per connection: a call re-sent after the scheduler restarted then
+comes from the address the managers know it by, so the new scheduler can
+bind it to the run still going on (`aios.scheduler.adoption`). The frontend
+router hands an id over to the newest connection claiming it (a caller that
+reconnects before the scheduler noticed its old connection die); claiming
+another caller's id takes knowing it: 128 random bits, never shown to
+callers.
+
 Each factory takes either the kernel's `Config` (the scheduler and the
 managers, which read it anyway) or the run directory's `Endpoint`
 description (agents: `RunDir.read_endpoint()`); both say the same.
 """
 from __future__ import annotations
+
+import os
 
 import zmq
 
@@ -22,6 +34,14 @@ from aios.rundir import RunDir
 #: dealers retry a lost connection after 50 ms, backing off to 1 s (the scheduler restarts in well under that)
 RECONNECT_IVL_MS = 50
 RECONNECT_IVL_MAX_MS = 1000
+#: first byte of a caller's routing id: never a zero byte (ZeroMQ's generated ids) nor "@" (the scheduler's
+#: prefix for calls between managers, `aios.scheduler.request.BACKEND_CLIENT`)
+CALLER_ID_PREFIX = b"c"
+
+
+def caller_identity() -> bytes:
+    """A routing id for one caller socket: the prefix and 128 random bits."""
+    return CALLER_ID_PREFIX + os.urandom(16)
 
 
 def high_water_mark(source: Config | Endpoint) -> int:
@@ -38,13 +58,18 @@ def router(ctx: zmq.Context, run_dir: RunDir, config: Config | Endpoint, *, max_
     s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     s.setsockopt(zmq.SNDHWM, high_water_mark(config))
     s.setsockopt(zmq.RCVHWM, high_water_mark(config))
+    if role == "frontend":
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a caller's fixed routing id follows its newest connection
     run_dir.secure_server(s, config, role)
     return s
 
 
 def dealer(ctx: zmq.Context, run_dir: RunDir, config: Config | Endpoint, *, role: str,
            identity: bytes | None = None, max_message_bytes: int | None = None) -> zmq.Socket:
-    """A DEALER for an agent (`role="agent"`) or a manager (`role="manager"`), not yet connected."""
+    """A DEALER for an agent (`role="agent"`) or a manager (`role="manager"`), not yet connected.
+    An agent's gets a fixed random routing id unless `identity` is given."""
+    if identity is None and role == "agent":
+        identity = caller_identity()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)

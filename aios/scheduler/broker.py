@@ -259,6 +259,11 @@ class Broker:
     # ----------------------------------------------------------- agent side
     def on_frontend(self, frames: list[bytes]) -> None:
         client = frames[0]
+        if client[:1] == BACKEND_CLIENT:
+            # callers choose their routing ids; this prefix marks calls between managers, whose
+            # replies go out on the backend: such a frame is dropped, never answered
+            self.rejects.add("agent", "routing id starting with '@' (reserved for managers' calls)")
+            return
         try:
             msg = self.codec.decode(frames)
             if len(msg.routing) != 1:

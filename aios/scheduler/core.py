@@ -16,6 +16,8 @@ objects that unit tests drive directly:
   reply cache that answers retried request ids, and the fate of a dead
   manager's work (re-queued when safe to repeat, at most `max_requeues`
   times, else a retryable MANAGER_DIED);
+- after a restart, runs its managers still hold are adopted by the callers'
+  re-sends instead of being run twice (`adoption.py`);
 - calls between managers: a handler's call is queued and charged like the
   agent's own, on behalf of the agent of the request it serves, within that
   request's deadline; a call that would wait on a service already waiting
@@ -47,6 +49,7 @@ from aios.messages import (
 )
 from aios.protocol import ErrorCode, Status, error_body, pack
 from aios.scheduler.admission import Admission, Decision, make_admission
+from aios.scheduler.adoption import Adoption
 from aios.scheduler.nesting import Refusal, place_call
 from aios.scheduler.policies import Policy, make_policy
 from aios.scheduler.registry import ManagerRecord, ManagerRegistry
@@ -114,6 +117,7 @@ class SchedulerCore:
         self.stopping = False
         self.started_at: float | None = None
         self._probed: dict[bytes, float] = {}
+        self.adoption = Adoption(self)
 
     # ------------------------------------------------------------ view (admission)
     def queued_by_agent(self, agent: str) -> int:
@@ -192,7 +196,8 @@ class SchedulerCore:
         req = Job(id=msg.id, client=client, agent=agent, service=service, op=op, body_raw=body_raw,
                       created=now, target=target, deadline=now + deadline if deadline is not None else None,
                       idempotent=bool(info and info.idempotent), preemptible=bool(info and info.preemptible),
-                      parent=parent, caller=caller.service if caller is not None else None)
+                      parent=parent, caller=caller.service if caller is not None else None,
+                      streamed=isinstance(msg, Request) and msg.streamed)
         decision = self.admission.admit(req, self)
         if decision.verdict == "deny":
             req.move(State.FAILED)
@@ -213,6 +218,7 @@ class SchedulerCore:
             log.info("request %s (%s.%s for %s) held: %s", req.id, service, op, agent, decision.message)
             return
         self._enqueue(req)
+        self.adoption.bind(req, now)
         self.dispatch(service, now)
 
     def unavailable_reason(self, service: str) -> str | None:
@@ -243,7 +249,7 @@ class SchedulerCore:
         if not q:
             return
         managers = self.registry.of(service)
-        if not managers:
+        if not managers or not self.adoption.settled(service, now):
             return
         pick = ManagerRegistry.pick
         while True:
@@ -265,6 +271,8 @@ class SchedulerCore:
         if info is not None:  # a request queued before its manager registered learns its op's nature here
             req.preemptible = info.preemptible
         req.idempotent = mgr.safe_to_repeat(req.op, req.target)
+        if req.streamed and not req.attempts:
+            self._reset_stream(req)  # the caller holds partials of a run from before a restart: starting over
         req.move(State.RUNNING)
         if req.started is None:
             req.started = now
@@ -288,6 +296,8 @@ class SchedulerCore:
         if isinstance(msg, Ready):
             return self.on_ready(identity, msg, now)
         if mgr is None:
+            if isinstance(msg, (Reply, Yield)):
+                self.adoption.untracked(identity, None, msg, body_raw, now)
             self.out.to_manager(identity, Reregister())
             return
         if isinstance(msg, Reply):
@@ -295,8 +305,11 @@ class SchedulerCore:
         elif isinstance(msg, Call):
             self.on_request(BACKEND_CLIENT + identity, msg, body_raw, now, caller=mgr)
         elif isinstance(msg, Heartbeat):
-            if msg.running is not None and mgr.report(msg.running):
-                self.dispatch(mgr.service, now)
+            if msg.running is not None:
+                freed = mgr.report(msg.running)
+                self.adoption.reported(mgr, now)
+                if freed:
+                    self.dispatch(mgr.service, now)
         elif isinstance(msg, Yield):
             self.on_yield(mgr, msg, now)
         elif isinstance(msg, Disconnect):
@@ -314,6 +327,7 @@ class SchedulerCore:
                     dict(msg.limits), msg.default
                 old.idempotent_targets = frozenset(msg.idempotent_targets)
                 old.report(msg.running)
+                self.adoption.reported(old, now)
                 self.dispatch(msg.service, now)
                 return
             self.manager_lost(old, f"replaced by incarnation {msg.incarnation}", now)
@@ -323,6 +337,7 @@ class SchedulerCore:
             self.manager_lost(same_name, f"replaced by incarnation {msg.incarnation}", now)
         mgr = ManagerRecord.from_ready(identity, msg, now)
         self.registry.add(mgr)
+        self.adoption.reported(mgr, now)
         self.expected_services.add(msg.service)
         self._refuse_unknown_targets(msg.service, now)
         log.info("manager %s ready: service=%s capacity=%d running=%d incarnation=%s%s", msg.name, msg.service,
@@ -347,40 +362,43 @@ class SchedulerCore:
         key = (msg.client, msg.id) if msg.client is not None and msg.id is not None else None
         req = mgr.inflight.get(key) if key is not None else None
         if req is None:
-            # late: timed out, cancelled or re-queued; a final one means that handler returned
-            if key is not None and msg.status != _PARTIAL and mgr.ghost_gone(key):
-                self.dispatch(mgr.service, now)
+            # late (timed out, cancelled or re-queued), or a run from before a scheduler restart
+            self.adoption.untracked(mgr.identity, mgr, msg, body_raw, now)
             return
         if msg.status == _PARTIAL:
             req.streamed = True
             self._reply(req.client, Reply(req.id, _PARTIAL), body_raw)
             return
         self._release(mgr, req, now, msg.tokens)
+        if self._finish(req, msg.status, body_raw, now) and msg.status != _ERROR:
+            mgr.completed += 1
+        self.dispatch(mgr.service, now)
+
+    def _finish(self, req: Job, status: str, body_raw: bytes, now: float) -> bool:
+        """Answer a running request with its final reply (it has left its manager's books)."""
         try:
             req.move(State.DONE)
         except IllegalTransition as exc:  # cannot happen for an in-flight request; never corrupt the books
             log.error("%s", exc)
-            return
+            return False
         req.finished = now
         stats = self.stats[req.service]
-        if msg.status == _ERROR:
+        if status == _ERROR:
             stats.errors += 1
         else:
             stats.completed += 1
-            mgr.completed += 1
         stats.wait_s_total += (req.finished - req.created) - req.run_s
         stats.turnaround_s_total += req.finished - req.created
-        reply = Reply(req.id, msg.status, timing=req.timing())
+        reply = Reply(req.id, status, timing=req.timing())
         self._forget(req, now)
         self._cache(req, reply, body_raw)
         self._reply(req.client, reply, body_raw)
-        self.dispatch(mgr.service, now)
+        return True
 
     def on_yield(self, mgr: ManagerRecord, msg: Yield, now: float) -> None:
         req = mgr.inflight.get((msg.client, msg.id))
         if req is None:
-            if mgr.ghost_gone((msg.client, msg.id)):
-                self.dispatch(mgr.service, now)
+            self.adoption.untracked(mgr.identity, mgr, msg, b"", now)
             return
         self._release(mgr, req, now, msg.tokens)
         req.preemptions += 1
@@ -542,6 +560,7 @@ class SchedulerCore:
         self._probe_callers(now)
         for req, decision in self.admission.poll(now):
             self._release_held(req, decision, now)
+        self.adoption.tick(now)
         self.expire_deadlines(now)
 
     def _probe_callers(self, now: float) -> None:
@@ -563,6 +582,7 @@ class SchedulerCore:
             return
         if decision.allowed:
             self._enqueue(req)
+            self.adoption.bind(req, now)
             self.dispatch(req.service, now)
         else:
             assert decision.code is not None

@@ -5,7 +5,10 @@ manager is running (the parent): it takes the parent's agent, never the
 caller's word, and at most the parent's time left. A call that would wait on
 a service already waiting for it (a cycle: each side's handler thread blocked
 on the other) is refused with CALL_CYCLE instead of deadlocking a thread
-pool, and so is a chain deeper than MAX_CALL_DEPTH.
+pool, and so is a chain deeper than MAX_CALL_DEPTH. Right after a scheduler
+restart, a call whose parent is a run the caller still holds, not yet adopted
+by the agent's re-send (`adoption.py`), is answered OVERLOADED: retried in a
+moment, it finds its parent adopted.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ class Refusal:
 def place_call(msg: Call, caller: ManagerRecord, now: float) -> tuple[Job, float | None] | Refusal:
     """(the parent request, the call's deadline in seconds from now), or why the call is refused."""
     parent = caller.inflight.get((msg.parent_client, msg.parent))
+    if parent is None and caller.adoptable((msg.parent_client, msg.parent)):
+        return Refusal(ErrorCode.OVERLOADED, f"the scheduler restarted and the request this call serves "
+                                             f"({msg.parent!r}) has not been re-sent to it yet; retry in a moment")
     if parent is None:
         return Refusal(ErrorCode.INVALID_ARGUMENT, "a call must be made while serving the request it is made for "
                                                    f"(request {msg.parent!r} is not running on {caller.name})")

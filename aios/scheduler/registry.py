@@ -10,6 +10,10 @@ and heartbeats list what it runs; whatever on that list the scheduler is not
 tracking is a ghost until a later report (or its late reply) shows it gone.
 So no capacity is lost after a restart, and none is double-booked while a
 cancelled handler winds down, per target limits included.
+
+A ghost this scheduler did not cancel is work from before its restart: when
+the caller re-sends that request, the scheduler adopts the run (`adopt`)
+instead of dispatching a copy (`aios.scheduler.adoption`).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class ManagerRecord:
     last_sent: float
     inflight: dict[tuple[bytes, str], Job] = field(default_factory=dict)
     ghosts: dict[tuple[bytes, str], str | None] = field(default_factory=dict)  # key -> target
+    cancelled: set[tuple[bytes, str]] = field(default_factory=set)  # ghosts this scheduler cancelled
     per_target: Counter[str] = field(default_factory=Counter)  # in flight and ghosts
     completed: int = 0
 
@@ -66,6 +71,8 @@ class ManagerRecord:
         self.ghosts = {(c, i): t for c, i, t in running if (c, i) not in self.inflight}
         for target in self.ghosts.values():
             self._count(target, +1)
+        if self.cancelled:
+            self.cancelled.intersection_update(self.ghosts)
         return len(self.ghosts) < before
 
     def ghost_gone(self, key: tuple[bytes, str]) -> bool:
@@ -73,7 +80,18 @@ class ManagerRecord:
         if key not in self.ghosts:
             return False
         self._count(self.ghosts.pop(key), -1)
+        self.cancelled.discard(key)
         return True
+
+    def adoptable(self, key: tuple[bytes, str]) -> bool:
+        """Whether `key` runs here from before this scheduler started (a ghost it did not cancel)."""
+        return key in self.ghosts and key not in self.cancelled
+
+    def adopt(self, req: Job) -> None:
+        """Track `req` as in flight here: it is the ghost of the same key, a run from before a restart."""
+        self._count(self.ghosts.pop(req.key, None), -1)
+        self.inflight[req.key] = req
+        self._count(req.target, +1)
 
     def _count(self, target: str | None, delta: int) -> None:
         if target is not None:
@@ -116,6 +134,7 @@ class ManagerRecord:
             return False
         if still_running:
             self.ghosts[req.key] = req.target
+            self.cancelled.add(req.key)
         else:
             self._count(req.target, -1)
         return True

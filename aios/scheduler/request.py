@@ -24,8 +24,9 @@ from aios.messages import Timing
 _arrivals = itertools.count()
 
 #: prefix of a client address on the backend socket (a manager making a call). Agents' addresses
-#: on the frontend are ZeroMQ's generated routing ids, which start with a zero byte, so the two
-#: never collide.
+#: on the frontend are the routing ids their sockets chose (`aios.sockets.caller_identity`) or
+#: ZeroMQ generated (a zero byte first); the broker drops frontend frames from an id with this
+#: prefix, so the two never collide.
 BACKEND_CLIENT = b"@"
 
 
@@ -89,7 +90,8 @@ class Job:
     preemptions: int = 0
     run_s: float = 0.0
     tokens: int = 0
-    streamed: bool = False            # partial replies already reached the caller
+    streamed: bool = False            # partial replies already reached the caller (from this run or,
+                                      # said by a re-send after a restart, from an earlier scheduler's)
     children: set["Job"] | None = None  # calls made by this request's handler, still pending
     queue_token: int = 0              # policies' lazy deletion: bumped whenever it leaves a queue
 

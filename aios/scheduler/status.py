@@ -19,6 +19,7 @@ class ServiceStats:
     completed: int = 0
     errors: int = 0
     requeued: int = 0
+    adopted: int = 0  # re-sent after a scheduler restart and bound to the run still going on
     preemptions: int = 0
     wait_s_total: float = 0.0
     turnaround_s_total: float = 0.0
@@ -26,7 +27,7 @@ class ServiceStats:
     def as_dict(self) -> dict[str, Any]:
         done = max(self.completed + self.errors, 1)
         return {"submitted": self.submitted, "completed": self.completed, "errors": self.errors,
-                "requeued": self.requeued, "preemptions": self.preemptions,
+                "requeued": self.requeued, "adopted": self.adopted, "preemptions": self.preemptions,
                 "wait_mean_s": round(self.wait_s_total / done, 6),
                 "turnaround_mean_s": round(self.turnaround_s_total / done, 6)}
 
@@ -48,5 +49,6 @@ def kernel_status(core: "SchedulerCore", now: float) -> dict[str, Any]:
         "services": {s: core.stats[s].as_dict() for s in services},
         "pending": len(core.pending),
         "reply_cache": {"entries": len(core.reply_cache), "bytes": core.reply_cache_bytes},
+        "unclaimed": core.adoption.figures(),
         **extra,
     }

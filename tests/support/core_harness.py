@@ -156,6 +156,7 @@ class CoreHarness:
             kwargs["process_state"] = lambda name, fresh=False: process_state(name)
         self.core = SchedulerCore(self.config, self.out, expected=expected, admission=admission, **kwargs)
         self.now = 0.0
+        self.core.started_at = self.now  # as the broker does: the scheduler starts at time 0
         self._seen = 0
         self._incarnations = 0
 
@@ -211,9 +212,11 @@ class CoreHarness:
 
     # -------------------------------------------------------------- from agents
     def request(self, client: bytes, rid: str, service: str, op: str, *, agent: str = "alice", body: Any = None,
-                deadline: float | None = None, target: str | None = None, now: float | None = None) -> None:
+                deadline: float | None = None, target: str | None = None, streamed: bool = False,
+                now: float | None = None) -> None:
+        """`streamed`: a re-send whose caller already holds partials of it."""
         header = messages.Request(id=rid, service=service, op=op, agent=agent, deadline=deadline,
-                                  target=target).to_header()
+                                  target=target, streamed=streamed).to_header()
         typed = messages.parse(header, messages.FROM_AGENT)
         assert isinstance(typed, messages.Request)
         self.core.on_request(client, typed, pack(body if body is not None else {}), self._t(now))

@@ -32,6 +32,11 @@ class SleepArgs(BaseModel):
     gate: str = Field(default="", max_length=4096)
 
 
+class TagArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tag: str = ""
+
+
 class CountArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int = Field(ge=0, le=1000)
@@ -51,6 +56,7 @@ class EchoManager(Manager):
         self._batch_ids = itertools.count(1)
         self._closed: dict[int, dict[str, Any]] = {}  # token -> what end_batch saw of its batch
         self._upkeep = {"after_batch": 0, "idle": 0, "fail": False}
+        self._sleeps: dict[str, int] = {}  # tag -> sleeps started with it (`sleeps`)
 
     def housekeeping(self, idle: bool) -> None:
         self._upkeep["idle" if idle else "after_batch"] += 1
@@ -104,6 +110,7 @@ class EchoManager(Manager):
     @op(SleepArgs, idempotent=True)
     def sleep(self, args: SleepArgs, ctx: RequestContext) -> dict:
         started = time.monotonic()
+        self._sleeps[args.tag] = self._sleeps.get(args.tag, 0) + 1
         wait_at_gate(args.gate, ctx.cancelled)
         end = time.monotonic() + args.seconds
         while time.monotonic() < end and not ctx.cancelled.is_set():
@@ -111,6 +118,11 @@ class EchoManager(Manager):
         # started/ended are CLOCK_MONOTONIC, comparable across processes on one host
         return {"slept": args.seconds, "tag": args.tag, "pid": os.getpid(), "attempt": ctx.attempt,
                 "started": started, "ended": time.monotonic(), "thread": threading.current_thread().name}
+
+    @op(TagArgs, idempotent=True, inline=True)
+    def sleeps(self, args: TagArgs, ctx: RequestContext) -> dict:
+        """How many `sleep` calls tagged `tag` this process has started (a copy run twice counts 2)."""
+        return {"started": self._sleeps.get(args.tag, 0)}
 
     @op(SleepArgs)
     def sleep_once(self, args: SleepArgs, ctx: RequestContext) -> dict:

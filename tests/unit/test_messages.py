@@ -33,6 +33,7 @@ LONG = "x" * (MAX_NAME + 1)
 SAMPLES: list[Any] = [
     Request(id="r1", service="llm", op="chat", agent="alice", deadline=2.5, target="gemma"),
     Request(id="r1", service="llm", op="chat", agent="alice"),
+    Request(id="r1", service="llm", op="chat", agent="alice", deadline=2.0, streamed=True),
     Call(id="c1", service="storage", op="write", parent="r1", parent_client=b"\x00abc", deadline=1.0,
          target="t"),
     Call(id="c1", service="storage", op="write", parent="r1", parent_client=b"\x00abc"),
@@ -122,6 +123,18 @@ def test_defaults_when_optional_fields_are_absent() -> None:
                                  "deadline": 3}).deadline == 3.0
 
 
+def test_a_request_says_whether_its_caller_holds_partials_only_when_it_does() -> None:
+    """`streamed` (a re-sent call whose caller already got partials) travels only when true, and the
+    fast path of a well-formed request never drops it."""
+    assert "streamed" not in Request(id="a", service="s", op="o", agent="g").to_header()
+    h = Request(id="a", service="s", op="o", agent="g", deadline=1.5, streamed=True).to_header()
+    assert h["streamed"] is True
+    assert Request.from_header(h).streamed is True
+    assert parse(h, messages.FROM_AGENT) == Request(id="a", service="s", op="o", agent="g", deadline=1.5,
+                                                    streamed=True)
+    assert Request.from_header({**h, "streamed": False}).streamed is False
+
+
 def test_ready_detail_is_truncated() -> None:
     r = Ready.from_header({"name": "n", "service": "s", "incarnation": "i", "detail": "d" * 5000})
     assert len(r.detail) == 1000
@@ -183,6 +196,7 @@ CASES: list[tuple[str, Any, str, list[Any]]] = [
     # (message class name, header builder, field, bad values)
     *[("Request", _request, f, NAME_BAD) for f in ("id", "service", "op", "agent")],
     ("Request", _request, "target", OPT_NAME_BAD),
+    ("Request", _request, "streamed", [1, "yes", 0.0]),
     *[("Call", _call, f, NAME_BAD) for f in ("id", "service", "op", "parent")],
     ("Call", _call, "parent_client", BYTES_BAD),
     ("Call", _call, "target", OPT_NAME_BAD),

@@ -286,6 +286,28 @@ def test_connection_lost_resends_an_idempotent_call_at_once() -> None:
     assert isinstance(call.step(1.6), Wait)
 
 
+def test_a_resend_says_whether_partials_arrived_so_the_scheduler_knows_to_reset_a_rerun() -> None:
+    """After a scheduler restart, the new scheduler adopts the call if it still runs (no reset) or runs
+    it again; in that case it must first reset what the caller was streamed, which only the caller
+    knows: the re-sent request says so. A retry under a new id starts with nothing streamed."""
+    call = new_call(idempotent=True, timeout=100.0)
+    first = sent(call.step(0.0))
+    assert "streamed" not in first.header
+    call.feed(reply(call.rid, "partial", {"tok": "Pa"}))
+    call.connection_lost(0.5)
+    again = sent(call.step(0.5))
+    assert again.header["id"] == first.header["id"] and again.header["streamed"] is True
+    assert messages.parse(again.header, messages.FROM_AGENT).streamed  # as the scheduler reads it
+    call.feed(reply(call.rid, "partial", {"reset": True}, reset=True))  # it ran again: nothing held now
+    call.connection_lost(0.7)
+    assert "streamed" not in sent(call.step(0.7)).header
+    call.feed(reply(call.rid, "partial", {"tok": "Pa"}))
+    call.feed(error(call.rid, ErrorCode.OVERLOADED))
+    assert isinstance(call.step(0.8), Wait)
+    retry = sent(call.step(2.0))
+    assert retry.header["id"] != first.header["id"] and "streamed" not in retry.header
+
+
 def test_connection_lost_before_anything_was_sent_changes_nothing() -> None:
     for idempotent in (True, False):
         call = new_call(idempotent=idempotent, now=0.0)

@@ -19,11 +19,18 @@ Received frames become typed replies in `decode` (through `aios.messages`); the
 driver routes only replies whose id is `call.rid` to `feed` (the id changes
 when the call is retried). `connection_lost()` is the driver's news
 that the kernel connection dropped (the scheduler restarted): idempotent
-calls are re-sent at once, and the others fail with a retryable error that
-says their outcome is unknown, instead of waiting for their timeout. A
-re-sent request says whether partials already arrived for it (`streamed`),
-so that the scheduler resets the stream only if it must run the call again;
-one still running on its manager it adopts instead (`aios.scheduler.adoption`).
+calls are re-sent at once, and the others fail at once with an error that
+says their outcome is unknown (not retryable: repeating them could do the
+work twice), instead of waiting for their timeout. A re-sent request says
+whether partials already arrived for it (`streamed`), so that the scheduler
+resets the stream only if it must run the call again; one still running on
+its manager it adopts instead (`aios.scheduler.adoption`).
+
+What cannot be sent fails here, before anything is sent, with `InvalidArgument`
+naming the argument: a value msgpack cannot carry (an object, an integer beyond
+64 bits, a string with a lone surrogate), or a request bigger than the kernel
+accepts (`[kernel] max_message_bytes`: the scheduler would drop the connection,
+which the caller would see as a restart).
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from aios import messages
-from aios.errors import AIOSError, KernelError, KernelTimeout, error_from_body
+from aios.errors import AIOSError, InvalidArgument, KernelError, KernelTimeout, error_from_body
 from aios.protocol import Codec, ErrorCode, Frame, ProtocolError, Status, new_request_id, pack
 
 log = logging.getLogger("aios.sdk")
@@ -110,10 +117,11 @@ class PendingCall:
 
     def __init__(self, codec: Codec, header: messages.Request | messages.Call, args: dict[str, Any], *,
                  timeout: float, idempotent: bool, now: float, resend_interval: float = 1.0,
-                 on_partial: PartialHandler | None = None, where: str = "the kernel") -> None:
+                 on_partial: PartialHandler | None = None, where: str = "the kernel",
+                 max_message_bytes: int | None = None) -> None:
         self.codec = codec
         self.header = header
-        self.body_raw = pack(args)
+        self.body_raw = pack_arguments(args, f"{header.service}.{header.op}", max_message_bytes)
         self.idempotent = idempotent
         self.on_partial = on_partial
         self.where = where
@@ -161,12 +169,17 @@ class PendingCall:
             if isinstance(self.header, messages.Request):
                 # a scheduler that must run it again from the start then resets the stream first
                 self.header.streamed = bool(self.partials)
+            try:
+                header_raw = pack(self.header.to_header())
+            except Exception as exc:  # a target (model or tool name) msgpack cannot carry
+                raise InvalidArgument(ErrorCode.INVALID_ARGUMENT.value,
+                                      f"{self.what}: {unsendable(self.header.to_header(), exc)}") from None
             if self.idempotent:
                 self._send_at = now + min(self._resend_every, remaining)
                 self._resend_every = min(self._resend_every * 2, MAX_RESEND_INTERVAL_S)
             else:
                 self._send_at = None
-            return Send(self.codec.encode_raw(pack(self.header.to_header()), self.body_raw))
+            return Send(self.codec.encode_raw(header_raw, self.body_raw))
         end = self.deadline + DEADLINE_GRACE_S
         if now >= end:
             raise self._timeout()
@@ -206,7 +219,69 @@ class PendingCall:
             self._error = KernelError(ErrorCode.UNAVAILABLE.value,
                                       f"{self.what}: the connection to {self.where} was lost while the call was in "
                                       "flight (the scheduler restarted or the kernel stopped); it may or may not "
-                                      "have taken effect", retryable=True)
+                                      "have taken effect", retryable=False)
+
+
+#: the integers msgpack carries
+_INT_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+#: how deep `unsendable` looks for the culprit (msgpack itself refuses deeper nesting)
+_MAX_DEPTH = 256
+
+
+def pack_arguments(args: dict[str, Any], what: str, max_bytes: int | None = None) -> bytes:
+    """A call's arguments packed for the wire, or `InvalidArgument` naming the argument that cannot be
+    sent (`what` is "service.op"), or saying the request is larger than the kernel accepts."""
+    try:
+        body_raw = pack(args)
+    except Exception as exc:  # msgpack raises TypeError, OverflowError, ValueError, UnicodeEncodeError
+        raise InvalidArgument(ErrorCode.INVALID_ARGUMENT.value, f"{what}: {unsendable(args, exc)}") from None
+    if max_bytes is not None and len(body_raw) > max_bytes:
+        raise InvalidArgument(ErrorCode.TOO_LARGE.value,
+                              f"{what}: the request's arguments are {len(body_raw)} bytes encoded; the kernel "
+                              f"accepts at most {max_bytes} bytes in one message ([kernel] max_message_bytes): "
+                              "send the data in parts (storage.append), or raise the limit")
+    return body_raw
+
+
+def unsendable(args: Any, exc: BaseException) -> str:
+    """Which argument msgpack could not pack, and why, for an error message (`exc` is what pack raised).
+    Called only after packing failed, so the common path pays nothing for it."""
+    found = _find_unsendable(args, "", 0)
+    return found if found is not None else f"the arguments cannot be sent ({type(exc).__name__}: {exc})"
+
+
+def _find_unsendable(value: Any, path: str, depth: int) -> str | None:
+    if depth > _MAX_DEPTH:
+        return f"argument {path!r} is nested more than {_MAX_DEPTH} levels deep"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            found = _find_unsendable(key, f"{where} (its name)", depth + 1) or _find_unsendable(item, where, depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _find_unsendable(item, f"{path}[{i}]", depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"argument {path!r} is not valid Unicode text: it holds a lone surrogate "
+                    f"(U+{ord(value[err.start]):04X} at position {err.start})")
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            return (f"argument {path!r} is the integer {value}, outside the range a call can carry "
+                    f"(-2**63 to 2**64-1)")
+        return None
+    if value is None or isinstance(value, (bool, float, bytes, bytearray, memoryview)):
+        return None
+    return (f"argument {path!r} is of type {type(value).__name__}, which a call cannot carry: arguments are "
+            "made of None, booleans, numbers, strings, bytes, lists and maps with string keys")
 
 
 def match_id(msg: Incoming | None) -> str | None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Union
 
+from aios.agent_names import agent_name_problem, good_agent_name
 from aios.protocol import ErrorCode, Kind, ProtocolError, Status
 
 #: longest string accepted in an identifying header field (ids, names, services, ops, targets)
@@ -125,6 +126,15 @@ def check_deadline(value: Any) -> float | None:
     return float(value)
 
 
+def _agent(h: dict[str, Any]) -> str:
+    """The agent a request names, which must follow the agent-name rule (`aios.agent_names`)."""
+    v = _name(h, "agent")
+    problem = agent_name_problem(v)
+    if problem is not None:
+        raise _bad(f"header field 'agent': {problem}", h)
+    return v
+
+
 def _deadline(h: dict[str, Any]) -> float | None:
     try:
         return check_deadline(h.get("deadline"))
@@ -172,11 +182,11 @@ class Request:
         deadline, target = h.get("deadline"), h.get("target")
         if (type(rid) is str and type(service) is str and type(op) is str and type(agent) is str
                 and 0 < len(rid) <= MAX_NAME and 0 < len(service) <= MAX_NAME and 0 < len(op) <= MAX_NAME
-                and 0 < len(agent) <= MAX_NAME and target is None and h.get("streamed") is None
+                and good_agent_name(agent) and target is None and h.get("streamed") is None
                 and (deadline is None or (type(deadline) is float and 0.0 < deadline <= MAX_DEADLINE_S))):
             return cls(rid, service, op, agent, deadline, None)
         return cls(id=_name(h, "id"), service=_name(h, "service"), op=_name(h, "op"),
-                   agent=_name(h, "agent"), deadline=_deadline(h), target=_opt_name(h, "target"),
+                   agent=_agent(h), deadline=_deadline(h), target=_opt_name(h, "target"),
                    streamed=_bool(h, "streamed"))
 
 

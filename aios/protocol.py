@@ -55,7 +55,11 @@ class Status(str, enum.Enum):
 
 
 class ErrorCode(str, enum.Enum):
-    """Error codes. `retryable` says whether the same call may succeed if repeated."""
+    """Error codes. `retryable` says whether the same call may be repeated and may then succeed.
+
+    It is the code's usual advice; one reply may override it (`error_body(..., retryable=)`): a
+    MANAGER_DIED for a call that is not safe to repeat and may have run is not retryable, since
+    repeating it could do the work twice."""
 
     BAD_FRAME = "BAD_FRAME"
     BAD_SIGNATURE = "BAD_SIGNATURE"
@@ -98,9 +102,11 @@ class ProtocolError(Exception):
         self.header = header
 
 
-def error_body(code: ErrorCode | str, message: str) -> dict[str, Any]:
+def error_body(code: ErrorCode | str, message: str, retryable: bool | None = None) -> dict[str, Any]:
+    """An error reply's body; `retryable` overrides the code's usual advice for this one reply."""
     code = ErrorCode(code)
-    return {"error": {"code": code.value, "message": message, "retryable": code.retryable}}
+    return {"error": {"code": code.value, "message": message,
+                      "retryable": code.retryable if retryable is None else retryable}}
 
 
 def new_key() -> bytes:

@@ -70,12 +70,14 @@ TEST_HOOKS_ENV = "AIOS_TEST_HOOKS"
 
 
 class OpError(Exception):
-    """Raise from a handler to answer with a specific error code."""
+    """Raise from a handler to answer with a specific error code (`retryable` overrides the code's
+    usual advice for this answer: see `ErrorCode`)."""
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, retryable: bool | None = None) -> None:
         super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)

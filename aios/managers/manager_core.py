@@ -240,7 +240,7 @@ class ManagerCore:
         try:
             return call()
         except OpError as exc:
-            return _Failed(error_body(exc.code, exc.message))
+            return _Failed(error_body(exc.code, exc.message, exc.retryable))
         except ValidationError as exc:
             return _Failed(error_body(ErrorCode.INVALID_ARGUMENT, describe_validation(exc)))
         except Exception as exc:
@@ -302,7 +302,7 @@ class ManagerCore:
                     step = call.step(time.monotonic())
                 except AIOSError as exc:
                     raise OpError(exc.code if exc.code in ErrorCode.__members__ else ErrorCode.DEADLINE_EXCEEDED,
-                                  f"{service}.{op_name}: {exc.message}") from None
+                                  f"{service}.{op_name}: {exc.message}", exc.retryable) from None
                 if isinstance(step, Send):
                     if call.rid != rid:
                         self.calls.pop(rid, None)

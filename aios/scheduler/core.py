@@ -15,7 +15,7 @@ objects that unit tests drive directly:
   preemption (yield and requeue), cancellation when a caller goes away, the
   reply cache that answers retried request ids, and the fate of a dead
   manager's work (re-queued when safe to repeat, at most `max_requeues`
-  times, else a retryable MANAGER_DIED);
+  times; else an error that is not retryable, since it may have run);
 - after a restart, runs its managers still hold are adopted by the callers'
   re-sends instead of being run twice (`adoption.py`);
 - calls between managers: a handler's call is queued and charged like the
@@ -138,9 +138,9 @@ class SchedulerCore:
         self.out.to_caller(client, msg, body_raw)
 
     def reply_error(self, client: bytes, rid: Any, code: ErrorCode, message: str,
-                    timing: Timing | None = None) -> None:
+                    timing: Timing | None = None, retryable: bool | None = None) -> None:
         rid = rid if isinstance(rid, str) else None
-        self._reply(client, Reply(rid, _ERROR, timing=timing), pack(error_body(code, message)))
+        self._reply(client, Reply(rid, _ERROR, timing=timing), pack(error_body(code, message, retryable)))
 
     # -------------------------------------------------------------------- intake
     def on_request(self, client: bytes, msg: Request | Call, body_raw: bytes, now: float,
@@ -444,16 +444,17 @@ class SchedulerCore:
                            f"the {req.service} manager died {req.failures} times while running this request "
                            f"(last: {mgr.name}, {why}); not re-queued again ([scheduler] max_requeues = {limit}): "
                            f"the request itself may be what kills it", now)
+            # not safe to repeat and it may have run: a retry could do it twice, so it is not retryable
             elif stopping:
                 self._fail(req, ErrorCode.SHUTTING_DOWN,
                            f"the {req.service} manager {mgr.name} was stopped while running this request (the "
                            f"kernel is stopping); it is not safe to repeat, so it was not re-run: it may or may not "
-                           f"have taken effect", now)
+                           f"have taken effect", now, retryable=False)
             else:
                 self._fail(req, ErrorCode.MANAGER_DIED,
                            f"the {req.service} manager {mgr.name} died while running this request ({why}); "
                            f"it is not safe to repeat, so it was not re-run: it may or may not have taken effect",
-                           now)
+                           now, retryable=False)
         # requests whose saved context lived there must start over elsewhere
         q = self.queues.get(mgr.service)
         if q is not None:
@@ -489,12 +490,12 @@ class SchedulerCore:
                                f"the request that made this call ({req.service}.{req.op}) has ended", now)
             req.children = None
 
-    def _fail(self, req: Job, code: ErrorCode, message: str, now: float) -> None:
+    def _fail(self, req: Job, code: ErrorCode, message: str, now: float, retryable: bool | None = None) -> None:
         """Answer a live request with an error, wherever it is (held, queued, running)."""
         if not req.live:
             return
         self._cancel_quietly(req, now)
-        self.reply_error(req.client, req.id, code, message, req.timing())
+        self.reply_error(req.client, req.id, code, message, req.timing(), retryable)
 
     def _cancel_on_manager(self, req: Job, now: float) -> None:
         """Tell the manager running the request (or keeping its saved context) to let go of it."""

@@ -18,9 +18,18 @@ scheduler drops. If the kernel is gone (its supervisor no longer runs), every
 call in flight and every new call fails at once with `KernelUnavailable`
 instead of waiting for its timeout. If only the scheduler restarted,
 idempotent calls are re-sent as soon as it is back and the others fail at
-once with a retryable UNAVAILABLE that says their outcome is unknown. Which
-ops are idempotent the client learns from the kernel (`kernel.ops`), so an
-op a manager declares safe to repeat is re-sent too.
+once with an UNAVAILABLE that says their outcome is unknown. Which ops are
+idempotent the client learns from the kernel (`kernel.ops`), so an op a
+manager declares safe to repeat is re-sent too.
+
+One deadline per call. A call's timeout covers everything it does: when the
+client must first ask the kernel which ops are idempotent, that question gets
+what is left of the call's own time, not a budget of its own.
+
+Bad input fails here, before anything is sent, with `InvalidArgument`: an
+agent name the kernel refuses (`aios.agent_names`) when the client is created;
+an argument a call cannot carry, or a request larger than the kernel accepts
+(`[kernel] max_message_bytes`), when the call is made.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from aios import messages
+from aios.agent_names import agent_name_problem
 from aios.endpoint import Endpoint
 from aios.rundir import RunDir
 from aios.calls import (
@@ -50,7 +60,7 @@ from aios.calls import (
     match_id,
 )
 from aios.protocol import ErrorCode
-from aios.sdk.errors import AIOSError, InvalidArgument, KernelUnavailable
+from aios.sdk.errors import AIOSError, InvalidArgument, KernelTimeout, KernelUnavailable
 from aios.sdk.services import KernelService, LLMService, MemoryService, StorageService, ToolsService
 from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
@@ -63,6 +73,8 @@ IDEMPOTENT_OPS = {("kernel", "ping"), ("kernel", "status"), ("kernel", "ops")}
 MONITOR_CHECK_S = 0.25
 #: how often the table of idempotent ops may be fetched again when it lacks an op
 OPS_REFRESH_S = 5.0
+#: the longest the `kernel.ops` fetch before a call may take (always within the call's own deadline)
+OPS_FETCH_MAX_S = 10.0
 _MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -111,6 +123,9 @@ class _ClientBase(abc.ABC):
                  timeout: float = DEFAULT_TIMEOUT_S, retry_interval: float = 1.0) -> None:
         _check_timeout(timeout, "client")
         self.agent = agent or f"agent-{os.getpid()}"
+        problem = agent_name_problem(self.agent)
+        if problem is not None:
+            raise InvalidArgument(ErrorCode.INVALID_ARGUMENT.value, f"client: {problem}")
         self.timeout = timeout
         self.retry_interval = retry_interval
         self._link = _Link(run_dir)
@@ -138,18 +153,34 @@ class _ClientBase(abc.ABC):
         self._idempotent = {(svc, op) for svc, ops in (table or {}).items() if isinstance(ops, dict)
                             for op, info in ops.items() if isinstance(info, dict) and info.get("idempotent")}
 
-    def _new_call(self, service: str, op: str, args: dict[str, Any] | None, timeout: float | None,
-                  idempotent: bool | None, target: str | None, on_partial: PartialHandler | None) -> PendingCall:
+    def _deadline(self, service: str, op: str, timeout: float | None) -> float:
+        """When the call must be over (monotonic): everything it does draws on this one deadline."""
         if timeout is None:
             timeout = self.timeout
         else:
             _check_timeout(timeout, f"{service}.{op}")
+        return time.monotonic() + timeout
+
+    @staticmethod
+    def _ops_fetch_timeout(until: float) -> float | None:
+        """The timeout of the `kernel.ops` fetch before a call due by `until`: what is left of the
+        call's own time (at most OPS_FETCH_MAX_S); None if nothing is left."""
+        left = until - time.monotonic()
+        return min(left, OPS_FETCH_MAX_S) if left > 0 else None
+
+    def _new_call(self, service: str, op: str, args: dict[str, Any] | None, until: float,
+                  idempotent: bool | None, target: str | None, on_partial: PartialHandler | None) -> PendingCall:
+        now = time.monotonic()
+        if now >= until:  # the kernel.ops fetch before it used up the call's time
+            raise KernelTimeout("TIMEOUT", f"{service}.{op}: no answer from the kernel at {self.run_dir.path} "
+                                           "within the timeout (asking which ops are safe to repeat took it all)")
         if idempotent is None:
             idempotent = bool(self._is_idempotent(service, op))
         header = messages.Request(id="", service=service, op=op, agent=self.agent, target=target)
-        return PendingCall(self._link.codec, header, args or {}, timeout=timeout, idempotent=idempotent,
-                           now=time.monotonic(), resend_interval=self.retry_interval, on_partial=on_partial,
-                           where=f"the kernel at {self.run_dir.path}")
+        return PendingCall(self._link.codec, header, args or {}, timeout=until - now, idempotent=idempotent,
+                           now=now, resend_interval=self.retry_interval, on_partial=on_partial,
+                           where=f"the kernel at {self.run_dir.path}",
+                           max_message_bytes=self._link.endpoint.max_message_bytes)
 
     @abc.abstractmethod
     def request(self, service: str, op: str, args: dict[str, Any] | None = None, *,
@@ -189,9 +220,10 @@ class Client(_ClientBase):
         and what was streamed so far should be discarded. Returns the `CallResult`
         (or `then(reply)`).
         """
+        until = self._deadline(service, op, timeout)
         if idempotent is None and self._is_idempotent(service, op) is None:
-            self._fetch_ops()
-        call = self._new_call(service, op, args, timeout, idempotent, target, on_partial)
+            self._fetch_ops(until)
+        call = self._new_call(service, op, args, until, idempotent, target, on_partial)
         codec = self._link.codec
         while True:
             step = call.step(time.monotonic())
@@ -213,9 +245,13 @@ class Client(_ClientBase):
             else:
                 return then(step) if then is not None else step
 
-    def _fetch_ops(self) -> None:
+    def _fetch_ops(self, until: float) -> None:
+        """Learn which ops are idempotent, within the time left to the call that needs to know (due by `until`)."""
+        timeout = self._ops_fetch_timeout(until)
+        if timeout is None:
+            return
         try:
-            self._learn_ops(self.request("kernel", "ops", {}, timeout=min(self.timeout, 10.0)).result)
+            self._learn_ops(self.request("kernel", "ops", {}, timeout=timeout).result)
         except AIOSError:
             self._learn_ops({})  # an older kernel, or none: only the built-in list applies
 
@@ -294,12 +330,10 @@ class AsyncClient(_ClientBase):
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read())
             self._watcher = asyncio.ensure_future(self._watch())
+        until = self._deadline(service, op, timeout)
         if idempotent is None and self._is_idempotent(service, op) is None:
-            try:
-                self._learn_ops((await self.request("kernel", "ops", {}, timeout=min(self.timeout, 10.0))).result)
-            except AIOSError:
-                self._learn_ops({})
-        call = self._new_call(service, op, args, timeout, idempotent, target, on_partial)
+            await self._fetch_ops(until)
+        call = self._new_call(service, op, args, until, idempotent, target, on_partial)
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         rid = ""
         try:
@@ -336,6 +370,16 @@ class AsyncClient(_ClientBase):
                     return await out if inspect.isawaitable(out) else out
         finally:
             self._waiters.pop(rid, None)
+
+    async def _fetch_ops(self, until: float) -> None:
+        """Async `Client._fetch_ops`: within the time left to the call that needs to know."""
+        timeout = self._ops_fetch_timeout(until)
+        if timeout is None:
+            return
+        try:
+            self._learn_ops((await self.request("kernel", "ops", {}, timeout=timeout)).result)
+        except AIOSError:
+            self._learn_ops({})
 
     async def _read(self) -> None:
         """Route every incoming reply to the task waiting for its id (decoded once, here)."""

@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable
 
 from aios.calls import PartialHandler, CallResult
+from aios.memory_ids import new_entry_id
 from aios.sdk.errors import AIOSError
 
 
@@ -294,9 +295,13 @@ class MemoryService(Service):
     service = "memory"
 
     def add(self, content: str, metadata: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
-        """Keep a new entry; returns {id, content, metadata, created, updated}."""
-        return self._result("add", {"content": content, "metadata": metadata or {}}, timeout=timeout,
-                            idempotent=False)
+        """Keep a new entry; returns {id, content, metadata, created, updated}.
+
+        The entry's id is made here, once per add, and sent with it: so the add is safe to repeat
+        (a re-run after the memory manager died, or a re-send after the scheduler restarted, finds
+        the entry instead of adding a copy), and it is re-sent and re-run like any idempotent call."""
+        return self._result("add", {"content": content, "metadata": metadata or {}, "id": new_entry_id()},
+                            timeout=timeout, idempotent=True)
 
     def get(self, entry_id: str) -> Any:
         return self._result("get", {"id": entry_id}, idempotent=True)

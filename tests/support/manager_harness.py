@@ -94,9 +94,10 @@ class ManagerHarness:
         self.core.handle(messages.parse(raw.header, messages.FROM_SCHEDULER_TO_MANAGER), raw)
 
     def dispatch(self, rid: str, op: str, body: Any = None, *, client: bytes = AGENT, agent: str = "alice",
-                 deadline: float | None = None, slice: int | None = None) -> None:
+                 deadline: float | None = None, slice: int | None = None, attempt: int = 1) -> None:
+        """`attempt` > 1: the scheduler runs the request again after its manager died under it."""
         self._deliver(messages.Dispatch(id=rid, client=client, agent=agent, service=self.manager.service, op=op,
-                                        slice=slice, deadline=deadline), body)
+                                        slice=slice, deadline=deadline, attempt=attempt), body)
 
     def cancel(self, rid: str, client: bytes = AGENT) -> None:
         self._deliver(messages.Cancel(rid, client))

@@ -294,6 +294,19 @@ def test_sdk_refuses_absurd_timeouts_at_the_caller(k: Kernel, timeout: float) ->
         sdk.connect(k.run_dir, agent="careless", timeout=timeout)
 
 
+@pytest.mark.parametrize("agent, why", [
+    ("a\x00b", "NUL"), ("*", "wildcard"), ("../alice", "path separator"), ("alice/bob", "path separator"),
+    ("..", "'.' and '..'"), ("kernel", "reserved"), (" alice", "white space"), ("al\u202eice", "U+202E"),
+    ("é" * 200, "at most 255 bytes"),
+])
+def test_an_agent_name_storage_could_not_key_is_refused_at_the_frontend(raw: Raw, agent: str, why: str) -> None:
+    """One agent-name rule, applied where requests come in: before, the frontend accepted names
+    (a NUL, '*', '../alice', 'kernel') that the storage service then refused or mis-keyed."""
+    h = good_header(agent=agent)
+    raw.send(raw.request(h, {"text": "x"}))
+    expect_error(raw, ErrorCode.BAD_FRAME, rid=h["id"], text=why)
+
+
 def test_bad_target(raw: Raw) -> None:
     h = good_header(target=42)
     raw.send(raw.request(h, {"text": "x"}))

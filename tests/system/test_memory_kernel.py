@@ -15,8 +15,9 @@ import psutil
 import pytest
 
 from aios import sdk
+from aios.memory_ids import new_entry_id
 from tests.support.kernel import Kernel
-from tests.support.waiting import wait_until
+from tests.support.waiting import in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -127,6 +128,60 @@ def test_kill9_of_memory_then_storage_under_load_loses_no_acknowledged_entry(ker
     k.stop()
     with sqlite3.connect(tmp_path / "storage.sqlite3") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_an_add_that_names_its_entry_is_the_same_add_when_repeated_even_after_a_restart(kernel,
+                                                                                          tmp_path: Path) -> None:
+    """memory.add is idempotent by the id its caller supplies: run again (in RAM, or by a restarted
+    manager that finds it in storage) it returns the entry it stored; it never adds a copy."""
+    k = memory_kernel(kernel, tmp_path)
+    with k.client("alice", timeout=30) as c:
+        entry_id = new_entry_id()
+
+        def add(content: str = "the boat leaves at nine") -> dict[str, Any]:
+            return c.call("memory", "add", content=content, metadata={"pier": 3}, id=entry_id)
+
+        first = add()
+        assert first["id"] == entry_id and add() == first
+        old = k.pid("memory")
+        os.kill(old, signal.SIGKILL)
+        k.wait_running("memory", other_than=old, timeout=20)
+        assert add() == first  # the new manager has nothing in RAM: it finds the entry in storage
+        assert c.memory.list()["total"] == 1
+        with pytest.raises(sdk.InvalidArgument) as info:
+            add("something else")
+        assert "already exists" in info.value.message
+        # the SDK names each add itself: two adds of the same text are two entries
+        assert c.memory.add("same text")["id"] != c.memory.add("same text")["id"]
+        assert c.memory.list()["total"] == 3
+
+
+def test_an_add_whose_manager_dies_under_it_is_run_again_and_stored_once(kernel, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: such an add was answered MANAGER_DIED, retryable, though it had often been stored, so the
+    agent's retry added a copy. Now the scheduler runs it again (the op is idempotent: the SDK named its
+    entry), and the re-run finds what the first run stored."""
+    monkeypatch.setenv("AIOS_TEST_HOOKS", "1")  # storage holds the add's write until the manager is gone
+    k = memory_kernel(kernel, tmp_path)
+    with k.client("alice", timeout=60) as c, k.client("alice", timeout=60) as adder:
+        c.memory.add("warm up")
+        # Storage keeps its next batch open until 3 dispatches are in it (or 10 s): the add's write
+        # waits there, uncommitted, while its manager is killed. (The add first asks storage whether
+        # its entry exists, answered at once; should the kill land then instead, nothing was stored
+        # and the re-run stores it: the outcome checked below is the same.)
+        assert c.call("storage", "test_hold_batch", n=3) == {"holding": 3}
+        t, out = in_thread(lambda: adder.memory.add("written once"))
+        wait_until(lambda: k.busy("storage") == 1, timeout=20, message="the add's write held at storage")
+        old = k.pid("memory")
+        os.kill(old, signal.SIGKILL)
+        t.join(60)
+        assert "error" not in out, out
+        entry = out["result"]
+        assert entry["content"] == "written once"
+        entries = c.memory.list()["entries"]
+        assert len(entries) == 2 and entry["id"] in [e["id"] for e in entries]
+        assert c.memory.get(entry["id"]) == entry
+    assert k.kernel_status()["services"]["memory"]["requeued"] == 1  # it ran again, once
 
 
 def test_bad_input_gets_a_clear_error_and_changes_nothing(kernel, tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def test_capacity_is_not_lost_after_a_scheduler_restart(kernel, gates) -> None:
 
 
 # ------------------------------------------------------- 2. calls in flight when the scheduler dies
-def test_a_non_idempotent_call_in_flight_gets_a_prompt_retryable_error(kernel, gates) -> None:
+def test_a_non_idempotent_call_in_flight_gets_a_prompt_error_saying_its_outcome_is_unknown(kernel, gates) -> None:
     k = kernel(kernel={"heartbeat_interval_s": 0.5})
     gate = gates.new()  # opened only at teardown: the call is surely in flight when the scheduler dies
     c = k.client("once", timeout=60)
@@ -70,7 +70,7 @@ def test_a_non_idempotent_call_in_flight_gets_a_prompt_retryable_error(kernel, g
     t.join(60)
     err = out.get("error")
     assert isinstance(err, sdk.KernelError), out
-    assert err.code == "UNAVAILABLE" and err.retryable
+    assert err.code == "UNAVAILABLE" and not err.retryable  # it may have run: repeating it could do it twice
     assert "may or may not have taken effect" in err.message
     assert out["elapsed"] < 30, "answered promptly, not at the 60 s timeout"
     k.wait_running("scheduler", other_than=old)

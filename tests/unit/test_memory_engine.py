@@ -18,6 +18,7 @@ from aios.bench.memory_backings import SqliteBacking
 from aios.bench.memory_workloads import conversation_logs, distinct_notes, templated_notes
 from aios.managers.base import OpError
 from aios.managers.memory.store import BUDGET_KEY, MemoryStore, MemoryRecord
+from aios.memory_ids import new_entry_id
 from aios.protocol import ErrorCode
 
 KIB = 1024
@@ -553,3 +554,77 @@ def test_concurrent_writers_and_readers_keep_every_entry_exact() -> None:
                 assert backing.records[(agent, entry_id)].content == expected
     assert store.accounted_bytes() <= store.high_bytes
     assert_accounting_consistent(store)
+
+
+# ----------------------------------------------------------- adds that name their entry
+@pytest.mark.parametrize("backed", [True, False])
+def test_an_add_naming_an_entry_it_already_stored_is_the_same_add(backed: bool) -> None:
+    """The SDK names each new entry, so a repeated add (its manager died under the first run, or it
+    was re-sent) finds the entry instead of adding a copy; reusing an id for other content is refused."""
+    backing = DictBacking() if backed else None
+    store = MemoryStore(1 << 20, backing=backing)
+    entry_id = new_entry_id()
+    first = store.add("a", "the boat leaves at nine", {"pier": 3}, entry_id=entry_id)
+    assert first.id == entry_id
+    assert store.add("a", "the boat leaves at nine", {"pier": 3}, entry_id=entry_id) == first
+    assert store.list("a")["total"] == 1
+    if backing is not None:
+        assert [c for c in backing.calls if c[0] == "put"] == [("put", entry_id)]  # stored once
+    err = op_error(ErrorCode.INVALID_ARGUMENT, store.add, "a", "something else", entry_id=entry_id)
+    assert "already exists" in err.message
+    op_error(ErrorCode.INVALID_ARGUMENT, store.add, "a", "x", entry_id="not an id!")
+    # the id names an entry of this agent only: another agent's add with it is its own entry
+    assert store.add("b", "bob's note", entry_id=entry_id).content == "bob's note"
+
+
+def test_an_add_repeated_by_a_new_manager_finds_the_entry_the_first_run_stored() -> None:
+    """The first run stored the entry in the backing and then its manager died: the re-run, in a
+    manager with nothing in RAM, returns the stored entry and writes nothing."""
+    backing = DictBacking()
+    entry_id = new_entry_id()
+    first = MemoryStore(1 << 20, backing=backing).add("a", "kept once", entry_id=entry_id)
+    again = MemoryStore(1 << 20, backing=backing)  # the restarted manager
+    backing.calls.clear()
+    assert again.add("a", "kept once", entry_id=entry_id) == first
+    assert backing.calls == [("get", entry_id)] and len(backing.records) == 1
+
+
+def test_concurrent_runs_of_the_same_add_store_it_once() -> None:
+    backing = DictBacking()
+    store = MemoryStore(1 << 20, backing=backing)
+    entry_id = new_entry_id()
+    backing.hold_get = threading.Event()
+    results: list[MemoryRecord] = []
+    runs = [threading.Thread(target=lambda: results.append(store.add("a", "once", entry_id=entry_id)))
+            for _ in range(2)]
+    for t in runs:
+        t.start()
+    assert backing.in_get.wait(10)
+    backing.hold_get.set()
+    for t in runs:
+        t.join(10)
+    assert len(results) == 2 and results[0] == results[1]
+    assert [c for c in backing.calls if c[0] == "put"] == [("put", entry_id)]
+
+
+def test_the_memory_manager_declares_add_safe_to_repeat_and_refuses_to_rerun_an_add_without_an_id() -> None:
+    """The scheduler re-runs an idempotent op whose manager died under it. An add that names its entry
+    is safe to run again; one that names none may have stored it before the death, so its re-run is
+    answered MANAGER_DIED, not retryable (the caller cannot tell whether it took effect)."""
+    from aios.managers.memory.manager import MemoryManager
+    from tests.support.manager_harness import ManagerHarness
+
+    h = ManagerHarness(MemoryManager, options=MemoryManager.Options(storage=False, semantic="off"))
+    try:
+        assert h.manager.ops["add"].idempotent
+        entry_id = new_entry_id()
+        h.dispatch("r1", "add", {"content": "kept", "id": entry_id}, attempt=2)
+        h.dispatch("r2", "add", {"content": "kept"}, attempt=2)
+        h.dispatch("r3", "add", {"content": "fresh"}, attempt=1)
+        answers = {a.msg.id: a for a in h.wait_for(3)}
+        assert answers["r1"].status == "ok" and answers["r1"].body["id"] == entry_id
+        err = answers["r2"].body["error"]
+        assert (err["code"], err["retryable"]) == ("MANAGER_DIED", False) and "may or may not" in err["message"]
+        assert answers["r3"].status == "ok" and answers["r3"].body["id"] != entry_id
+    finally:
+        h.close()

@@ -346,3 +346,35 @@ def test_request_id_of_names_only_readable_ids() -> None:
     assert messages.request_id_of({"id": "r1"}) == "r1"
     assert messages.request_id_of({"id": 5}) is None and messages.request_id_of(None) is None
     assert messages.request_id_of({"id": ""}) == ""  # refused, but still the caller's to match
+
+
+# ------------------------------------------------------------------ the agent-name rule
+BAD_AGENT_NAMES = [
+    ("a\x00b", "NUL"), ("*", "wildcard"), ("team*", "wildcard"), ("../alice", "path separator"),
+    ("alice/bob", "path separator"), ("a\\b", "path separator"), (".", "'.' and '..'"), ("..", "'.' and '..'"),
+    ("kernel", "reserved"), (" alice", "white space"), ("alice\t", "U+0009"), ("al\u200bice", "U+200B"),
+    ("al\u202eice", "U+202E"), ("a\ud800", "lone surrogate"), ("é" * 128, "at most 255 bytes"),
+]
+
+
+@pytest.mark.parametrize("name, why", BAD_AGENT_NAMES)
+def test_a_request_naming_an_agent_storage_could_not_key_is_bad_frame_naming_the_rule(name: str, why: str) -> None:
+    from aios.agent_names import agent_name_problem
+
+    problem = agent_name_problem(name)
+    assert problem is not None and why in problem
+    h = Request(id="r1", service="echo", op="echo", agent=name).to_header()
+    for header in (h, {**h, "target": "t"}):  # the common path, and the one through the field helpers
+        with pytest.raises(ProtocolError) as info:
+            Request.from_header(header)
+        assert info.value.code is ErrorCode.BAD_FRAME
+        assert info.value.message == f"header field 'agent': {problem}"
+
+
+@pytest.mark.parametrize("name", ["alice", "agent-1234", "bench-07", "Grüße", "日本語のエージェント", "a.b", "a..b",
+                                  "my agent", "kernel-helper", "x" * 255])
+def test_ordinary_agent_names_pass(name: str) -> None:
+    from aios.agent_names import agent_name_problem, good_agent_name
+
+    assert agent_name_problem(name) is None and good_agent_name(name) and good_agent_name(name)
+    assert Request.from_header(Request(id="r1", service="echo", op="echo", agent=name).to_header()).agent == name

@@ -314,6 +314,17 @@ def test_error_body_accepts_code_strings_and_rejects_unknown() -> None:
         error_body("NO_SUCH_CODE", "m")
 
 
+def test_one_reply_may_override_the_codes_retry_advice() -> None:
+    """A MANAGER_DIED for a call not safe to repeat, which may have run, is not retryable."""
+    from aios.sdk import errors
+    body = error_body(ErrorCode.MANAGER_DIED, "it may or may not have taken effect", retryable=False)
+    assert body["error"] == {"code": "MANAGER_DIED", "message": "it may or may not have taken effect",
+                             "retryable": False}
+    died = errors.error_from_body(unpack(pack(body)))
+    assert isinstance(died, errors.KernelError) and died.retryable is False
+    assert error_body(ErrorCode.DENIED, "m", retryable=None)["error"]["retryable"] is False
+
+
 def test_error_codes_round_trip_to_sdk_exceptions() -> None:
     from aios.sdk import errors
     assert isinstance(errors.error_from_body(error_body(ErrorCode.DEADLINE_EXCEEDED, "x")), errors.KernelTimeout)

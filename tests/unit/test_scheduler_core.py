@@ -384,7 +384,8 @@ def test_a_manager_missing_heartbeats_is_lost_and_its_work_requeued_or_failed() 
     d = one(ds)
     assert (d.id, d.to, d.msg.attempt) == ("get1", M2, 2)  # idempotent: re-run elsewhere
     r = one(rs)
-    assert (r.to, r.id, r.code, r.retryable) == (A, "put1", "MANAGER_DIED", True)
+    # not safe to repeat and it may have run: not retryable, whatever MANAGER_DIED usually advises
+    assert (r.to, r.id, r.code, r.retryable) == (A, "put1", "MANAGER_DIED", False)
     assert "m1" in r.message and "not safe to repeat" in r.message and "no heartbeat" in r.message
     assert h.core.stats["echo"].requeued == 1
 
@@ -397,7 +398,7 @@ def test_a_manager_that_disconnects_loses_its_work_the_same_way() -> None:
     ds, rs, _ = h.take()
     assert [(d.id, d.to, d.msg.attempt) for d in ds] == [("get1", M2, 2)]
     r = one(rs)
-    assert (r.id, r.code) == ("put1", "MANAGER_DIED") and "disconnected" in r.message
+    assert (r.id, r.code, r.retryable) == ("put1", "MANAGER_DIED", False) and "disconnected" in r.message
 
 
 def test_requeues_are_capped_by_max_requeues() -> None:

@@ -321,7 +321,8 @@ def test_connection_lost_fails_a_non_idempotent_call_in_flight_with_unavailable(
     call.connection_lost(2.0)
     with pytest.raises(KernelError) as info:
         call.step(2.0)
-    assert (info.value.code, info.value.retryable) == ("UNAVAILABLE", True)
+    # its outcome is unknown and it is not safe to repeat: not retryable (a retry could do it twice)
+    assert (info.value.code, info.value.retryable) == ("UNAVAILABLE", False)
     assert "echo.get" in info.value.message and "may or may not have taken effect" in info.value.message
 
 
@@ -361,3 +362,45 @@ def test_decode_drops_frames_it_cannot_trust() -> None:
     forged = Codec(b"z" * 32).encode({"kind": "reply", "id": "r1", "status": "ok"}, {"v": 1})
     assert decode(CODEC, forged) is None
     assert decode(CODEC, [b"garbage"]) is None
+
+
+# ------------------------------------------------- what cannot be sent fails before it is sent
+@pytest.mark.parametrize("args, named, why", [
+    ({"path": "notes/\ud800.md", "data": "x"}, "'path'", "lone surrogate (U+D800"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 64}, "'seed'", "-2**63 to 2**64-1"),
+    ({"seed": -(2 ** 63) - 1}, "'seed'", "outside the range"),
+    ({"text": object()}, "'text'", "of type object"),
+    ({"messages": [{"role": "user", "content": {1, 2}}]}, "'messages[0].content'", "of type set"),
+    ({"meta": {"\udc80": 1}}, "'meta.\\udc80 (its name)'", "lone surrogate"),
+])
+def test_an_argument_a_call_cannot_carry_is_invalid_and_named(args: dict[str, Any], named: str, why: str) -> None:
+    """Not a raw UnicodeEncodeError, OverflowError or TypeError from msgpack: InvalidArgument naming
+    the argument, raised when the call is made (nothing is sent)."""
+    with pytest.raises(InvalidArgument) as info:
+        new_call(idempotent=False, args=args)
+    assert info.value.code == "INVALID_ARGUMENT" and not info.value.retryable
+    assert info.value.message.startswith("echo.get: argument " + named) and why in info.value.message
+
+
+def test_a_target_a_call_cannot_carry_is_invalid_and_named() -> None:
+    header = messages.Request(id="", service="tools", op="call", agent="alice", target="calc\udcff")
+    call = PendingCall(CODEC, header, {}, timeout=10.0, idempotent=False, now=0.0)
+    with pytest.raises(InvalidArgument) as info:
+        call.step(0.0)
+    assert "argument 'target' is not valid Unicode text" in info.value.message
+
+
+def test_a_request_over_the_kernels_message_limit_is_refused_before_it_is_sent() -> None:
+    """The scheduler would drop the connection of a peer sending a frame over `[kernel]
+    max_message_bytes`, which the caller would take for a restart ("outcome unknown")."""
+    header = messages.Request(id="", service="storage", op="write", agent="alice")
+    args = {"path": "big.bin", "data": b"\0" * 5000}
+    with pytest.raises(InvalidArgument) as info:
+        PendingCall(CODEC, header, args, timeout=10.0, idempotent=False, now=0.0, max_message_bytes=4096)
+    err = info.value
+    assert err.code == "TOO_LARGE" and not err.retryable
+    assert "storage.write" in err.message and "4096 bytes" in err.message
+    assert "[kernel] max_message_bytes" in err.message
+    fits = PendingCall(CODEC, header, {"path": "big.bin", "data": b"\0" * 4000}, timeout=10.0, idempotent=False,
+                       now=0.0, max_message_bytes=4096)
+    assert isinstance(fits.step(0.0), Send)

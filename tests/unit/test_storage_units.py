@@ -101,6 +101,9 @@ def test_names_for_agents_owners_keys() -> None:
     invalid(P.agent_name, "", match="empty")
     invalid(P.agent_name, "a\x00", match="NUL")
     invalid(P.agent_name, 5, match="string")
+    # the kernel's one agent-name rule (aios.agent_names), the same the scheduler applies to requests
+    for name, why in (("*", "wildcard"), ("../alice", "path separator"), ("kernel", "reserved")):
+        invalid(P.agent_name, name, match=why)
     invalid(P.name, "k" * 1025, "key", P.MAX_KEY_BYTES, match="limit is 1024")
 
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +20,11 @@ import msgpack
 
 from aios.managers.base import OpError
 from aios.managers.memory.sizing import utf8_len
+from aios.memory_ids import ENTRY_ID
 from aios.protocol import ErrorCode
 
 BUDGET_KEY = "[memory] budget_mb"
 MIB = 1024 * 1024
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 64 - 1  # what msgpack (and SQLite, mostly) can carry
 
 
@@ -47,7 +46,7 @@ def check_agent(agent: str) -> None:
 
 
 def check_id(entry_id: str) -> None:
-    if not isinstance(entry_id, str) or not _ID.fullmatch(entry_id):
+    if not isinstance(entry_id, str) or not ENTRY_ID.fullmatch(entry_id):
         raise OpError(ErrorCode.INVALID_ARGUMENT,
                       "id must be 1 to 64 characters of letters, digits, '-' and '_'")
 

@@ -9,6 +9,9 @@ delete is first made durable in the storage service's records (a call through
 the scheduler, on behalf of the agent, like the agent's own calls) and only
 then applied in RAM and acknowledged. So a kill -9 of the memory manager loses
 nothing: the restarted manager reads entries back from storage on access.
+Nor is an add stored twice: the SDK names each new entry (`memory.add` sends
+an id it made), so an add run again after its manager died finds the entry
+the first run stored instead of adding a copy.
 Above 80% of the budget, the least valuable entries by LRU-K (K = 2) leave RAM
 until it is below 70%; since storage already holds them, eviction copies
 nothing, and a read or search that needs an evicted entry brings it back.
@@ -100,6 +103,9 @@ class _Args(BaseModel):
 class AddArgs(_Args):
     content: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: the new entry's id, made by the caller (the SDK makes one per add) so that running the add
+    #: again finds the entry instead of adding a copy
+    id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class IdArgs(_Args):
@@ -166,10 +172,20 @@ class MemoryManager(Manager):
         self._embeddings_seen: tuple[float, bool] = (-1e9, False)
         self.log.info("memory budget %.1f MB, %s", o.budget_mb, "write-through to storage" if o.storage else "RAM only")
 
-    @op(AddArgs)
+    @op(AddArgs, idempotent=True)
     def add(self, args: AddArgs, ctx: RequestContext) -> dict:
-        """Keep a new entry; returns it with its id (durable before this returns)."""
-        return self.store.add(ctx.agent, args.content, args.metadata, via=ctx).to_dict()
+        """Keep a new entry; returns it with its id (durable before this returns).
+
+        Safe to repeat when the caller names the entry (`id`, as the SDK does): a second run finds
+        the entry the first one stored, so the scheduler re-runs an add whose manager died. An add
+        without an id cannot be recognised: if its first run was lost with its manager, it may have
+        stored the entry, so it is answered MANAGER_DIED, not retryable, instead of run again."""
+        if args.id is None and ctx.attempt > 1:
+            raise OpError(ErrorCode.MANAGER_DIED,
+                          "the memory manager died while running this add, which names no entry id, so it was not "
+                          "run again: it may or may not have stored the entry (give adds an id, as the SDK does, "
+                          "to make them safe to repeat)", retryable=False)
+        return self.store.add(ctx.agent, args.content, args.metadata, entry_id=args.id, via=ctx).to_dict()
 
     @op(IdArgs, idempotent=True)
     def get(self, args: IdArgs, ctx: RequestContext) -> dict:

@@ -1,12 +1,11 @@
 """What a memory entry is to callers and to the storage behind the store: `MemoryRecord`, `Backing`, ids."""
 from __future__ import annotations
 
-import secrets
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aios.managers.memory.sizing import utf8_len
+from aios.memory_ids import new_entry_id
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,5 @@ class Backing(Protocol):
 
 
 def new_id() -> str:
-    """An entry id that is unguessable (84 random bits) and sorts by creation time (its first 11
-    characters are the milliseconds since 1970 in hex), so storage, which pages records by key,
-    lists an agent's entries oldest first. 25 characters."""
-    return f"{int(time.time() * 1000):011x}" + secrets.token_urlsafe(12)[:14]
+    """A new entry id (`aios.memory_ids.new_entry_id`: unguessable, sorting by creation time)."""
+    return new_entry_id()

@@ -163,13 +163,57 @@ class MemoryStore:
                          "searches_ram": 0, "searches_backing": 0, "backing_search_failures": 0}
 
     # ================================================================ ops
-    def add(self, agent: str, content: str, metadata: dict[str, Any] | None = None, *, via: Any = None) -> MemoryRecord:
-        """Store a new entry; return it (with its new id)."""
+    def add(self, agent: str, content: str, metadata: dict[str, Any] | None = None, *,
+            entry_id: str | None = None, via: Any = None) -> MemoryRecord:
+        """Store a new entry; return it (with its id).
+
+        `entry_id` names the new entry (the SDK makes one for each add; without one the store makes
+        one). An add naming an entry the agent already has is that same add run again (its manager
+        died under the first run, or the call was re-sent after a scheduler restart): it returns the
+        entry and stores nothing, so repeating an add never makes a copy. If that entry holds other
+        content or metadata, the id was reused for a different entry, and the add is refused.
+        """
         check_agent(agent)
         self._check_content(content)
         meta = pack_metadata(metadata, self.limits)
+        if entry_id is None:
+            record, victims = self._add(agent, new_id(), content, meta, via)
+            self._notify(victims)
+            return record
+        check_id(entry_id)
+        with self._stripe(agent, entry_id):  # one run of the same add at a time
+            stored = self._stored(agent, entry_id, via)
+            if stored is None:
+                record, victims = self._add(agent, entry_id, content, meta, via)
+        if stored is None:
+            self._notify(victims)
+            return record
+        if stored.content != content or stored.metadata != unpack(meta):
+            raise OpError(ErrorCode.INVALID_ARGUMENT,
+                          f"memory entry {entry_id!r} already exists with other content: an add's id must name "
+                          f"a new entry (leave the id out and one is made)")
+        return stored
+
+    def _stored(self, agent: str, entry_id: str, via: Any) -> MemoryRecord | None:
+        """The agent's entry `entry_id` if it exists, in RAM or in the backing (not brought into RAM)."""
+        with self._lock:
+            entry = self._find(agent, entry_id)
+            if entry is not None:
+                return self._record(entry)
+        if self._backing is None:
+            return None
+        try:
+            return self._load(agent, entry_id, via)
+        except OpError as exc:
+            if exc.code == ErrorCode.NOT_FOUND:
+                return None
+            raise
+
+    def _add(self, agent: str, entry_id: str, content: str, meta: bytes | None,
+             via: Any) -> tuple[MemoryRecord, list[tuple[str, str]]]:
+        """Store a new entry: in the backing, then in RAM. Returns it and what was evicted for it."""
         now = self._clock()
-        record = MemoryRecord(new_id(), content, unpack(meta), now, now)
+        record = MemoryRecord(entry_id, content, unpack(meta), now, now)
         if self._backing is not None:
             self._backing.put(agent, record, via)
         with self._lock:
@@ -177,11 +221,9 @@ class MemoryStore:
             self._writes += 1
             if self._lru is None:
                 self._enforce_budget(lambda: self._drop(entry))
-                return record
+                return record, []
             self._reference(entry)
-            victims = self._make_room(entry)
-        self._notify(victims)
-        return record
+            return record, self._make_room(entry)
 
     def get(self, agent: str, entry_id: str, *, via: Any = None) -> MemoryRecord:
         """The agent's entry, from RAM or (swap-in) from the backing."""

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import unicodedata
 
+from aios.agent_names import agent_name_problem
+
 from .errors import invalid as _invalid
 
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 1024
-MAX_AGENT_BYTES = 255
 MAX_OWNER_BYTES = 64
 MAX_KEY_BYTES = 1024
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
@@ -144,4 +145,8 @@ def name(value: object, what: str, limit: int) -> str:
 
 
 def agent_name(agent: object) -> str:
-    return name(agent, "agent", MAX_AGENT_BYTES)
+    """An agent's name, by the kernel's one agent-name rule (the scheduler applies the same to every request)."""
+    problem = agent_name_problem(agent)
+    if problem is not None:
+        raise _invalid(problem)
+    return agent  # type: ignore[return-value]  # a str: agent_name_problem said so

@@ -536,6 +536,45 @@ def test_a_streamed_request_requeued_after_its_manager_died_gets_a_reset() -> No
     assert [(d.id, d.to, d.msg.attempt) for d in h.take()[0]] == [("r1", M2, 2)]
 
 
+@pytest.mark.parametrize("policy", ["las", "rr"])
+def test_a_request_that_began_elsewhere_while_the_default_core_restarted_resumes_there(policy: str) -> None:
+    """Issue 17 item 6. A request naming no model runs on the default core (m0), which dies; with
+    no default registered it is re-run on another core (m1), where it yields with affinity after
+    the default's new incarnation has registered. It must resume on m1 (it holds its context), not
+    wait for a manager that is both the default and m1: there is none, so it stayed queued for good."""
+    h = CoreHarness(make_config(scheduler={"policy": policy, "time_slice_tokens": 8}))
+    M0, M0_AGAIN = b"m0", b"m0-again"
+    h.ready(M0, "llm", ops={"chat": PREEMPTIBLE}, targets=["gemma"], default=True, name="llm-0", now=0.0)
+    h.ready(M1, "llm", ops={"chat": PREEMPTIBLE}, targets=["gpt-a"], name="llm-1", now=0.0)
+    h.ready(M2, "llm", ops={"chat": PREEMPTIBLE}, targets=["gpt-b"], name="llm-2", now=0.0)
+    h.request(A, "r1", "llm", "chat", now=0.1)
+    d = one(h.take()[0])
+    assert (d.id, d.to) == ("r1", M0)
+    h.partial(M0, d, {"delta": "Par"}, now=0.2)
+    h.take()
+    # m0 is killed: silent; the others keep beating
+    for t in (1.0, 2.0, 3.0):
+        h.heartbeat(M1, now=t)
+        h.heartbeat(M2, now=t)
+    h.tick(now=3.5)
+    ds, rs, _ = h.take()
+    assert [(r.id, r.msg.reset) for r in rs] == [("r1", True)]
+    d = one(ds)
+    assert d.id == "r1" and d.to in (M1, M2) and not d.msg.resume  # no default left: any core serves it
+    core = d.to
+    h.ready(M0_AGAIN, "llm", ops={"chat": PREEMPTIBLE}, targets=["gemma"], default=True, name="llm-0", now=3.6)
+    assert h.take()[0] == []
+    h.yield_(core, d, affinity=True, tokens=8, now=3.7)
+    d = one(h.take()[0])
+    assert (d.id, d.to, d.msg.resume) == ("r1", core, True)
+    h.reply(core, d, tokens=3, now=3.8)
+    assert [r.id for r in h.take()[1]] == ["r1"]
+    assert h.core.queued("llm") == 0 and not h.core.pending
+    # new requests naming no model still go to the default core only
+    h.request(A, "r2", "llm", "chat", now=4.0)
+    assert [(d.id, d.to) for d in h.take()[0]] == [("r2", M0_AGAIN)]
+
+
 # ==================================================================== clients gone
 def test_a_client_gone_cancels_its_queued_and_running_work() -> None:
     h = CoreHarness()

@@ -1,0 +1,83 @@
+"""A kernel that cannot answer says so at once (issue 17, items 3, 4 and 6).
+
+- A FATAL scheduler is the kernel being down: the supervisor stops the tree (or keeps restarting
+  the scheduler, if configured), `aios status` says why, and clients get KernelUnavailable or
+  UNAVAILABLE, never a timeout.
+- A service whose processes are all FATAL is answered UNAVAILABLE at once, including calls already
+  queued or running when it went FATAL, however it got there.
+- A request that began on another LLM core while the default core restarted is never stranded in
+  the queue.
+
+Every bound below is a deadline for a failing test, never a speed check: the calls' own timeouts are
+far longer, and what is checked is that the call ended with the right error before them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from aios import sdk
+from tests.support.waiting import in_thread, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+# --------------------------------------------------- item 6: several LLM cores under las, one restarts
+def test_a_stream_that_moved_to_another_core_while_the_default_restarted_is_never_stranded(kernel) -> None:
+    """Three (labelled SIMULATED) cores under `las`, llm-0 the default. A streamed chat naming no
+    model runs on llm-0, which is killed with SIGKILL: the chat starts over (a reset) on another
+    core, since no default core is registered. When llm-0 is back, the chat's next time slice must
+    resume where its saved context is; before the fix, the default rule and the affinity rule
+    together left it queued for good while every core sat idle."""
+    cores = [{"name": f"llm-{i}", "backend": "sim", "model": f"sim-{i}", "sim_seconds_per_token": 0.005,
+              "n_ctx": 32768} for i in range(3)]
+    k = kernel(echo=False, llm=cores, scheduler={"policy": "las", "time_slice_tokens": 8},
+               kernel={"heartbeat_interval_s": 0.25}, supervisor={"backoff_initial_s": 0.05})
+    record: dict[str, Any] = {"pieces": [], "resets": 0, "stop": False}
+
+    class Stop(Exception):
+        """Raised from the token callback to end the (deliberately endless) chat."""
+
+    def on_partial(body: Any) -> None:
+        if record["stop"]:
+            raise Stop()
+        if body.get("reset"):
+            record["resets"] += 1
+        elif body.get("delta"):
+            record["pieces"].append(body["delta"])
+
+    def chat() -> Any:
+        from aios.sdk.services import chat_args
+        with k.client("streamer", timeout=60) as c:  # 20,000 tokens: it runs until stopped
+            return c.request("llm", "chat", chat_args("count", None, True, {"max_tokens": 20000}),
+                             idempotent=True, on_partial=on_partial)
+
+    t, out = in_thread(chat)
+    try:
+        wait_until(lambda: len(record["pieces"]) >= 20, timeout=30, message=lambda: f"the stream under way: {out}")
+        assert k.manager_info("llm-0")["busy"] == 1, "the chat runs on the default core"
+        old = k.pid("llm-0")
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: record["resets"] == 1, timeout=30, message="the chat restarted elsewhere")
+        new = k.wait_running("llm-0", other_than=old, timeout=30)
+        wait_until(lambda: (m := k.manager_info("llm-0")) is not None and m["pid"] == new, timeout=30,
+                   message="llm-0 registered again")
+        # the chat now runs on llm-1 or llm-2, yielding every 8 tokens; it must keep going
+        seen = len(record["pieces"])
+        wait_until(lambda: len(record["pieces"]) >= seen + 64, timeout=30,
+                   message=lambda: f"the stream to go on after llm-0 came back (stuck at {len(record['pieces'])} "
+                                   f"pieces; queues {k.kernel_status()['queues']})")
+        busy = {m["name"]: m["busy"] for m in k.kernel_status()["managers"]}
+        assert busy["llm-0"] == 0 and busy["llm-1"] + busy["llm-2"] <= 1, busy
+    finally:
+        record["stop"] = True  # ends the chat at its next piece (or at its deadline if stranded)
+        t.join(90)
+    assert isinstance(out.get("error"), Stop), out
+    assert record["resets"] == 1
+    # the abandoned chat is cancelled once its agent is gone: nothing queued or running is left
+    wait_until(lambda: (ks := k.kernel_status())["queues"]["llm"] == 0
+               and all(m["busy"] == 0 for m in ks["managers"]), timeout=30,
+               message=lambda: f"the chat cancelled: {k.kernel_status()['queues']}")

@@ -25,6 +25,47 @@ from tests.support.waiting import in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
+FADING = {"name": "fading", "target": "tests.support.crash_managers:FadingManager", "capacity": 2}
+
+
+# ------------------------------------------------------------- item 4: a service that went FATAL
+def test_calls_to_a_service_that_went_fatal_dying_after_each_start_are_answered_at_once(kernel) -> None:
+    """The manager comes up once; after `crash`, each restart says READY and dies about 0.3 s later,
+    well inside the heartbeat expiry, until the supervisor gives up (FATAL). A call that was running
+    at the crash is re-queued from incarnation to incarnation and must be answered when the service
+    goes FATAL; a call made after that must be answered at once, not sent to the last incarnation's
+    stale registration and left to its deadline ("still queued" after 60 s)."""
+    k = kernel(managers=[FADING], scheduler={"max_requeues": 20},
+               supervisor={"fast_crash_s": 30.0, "max_fast_crashes": 3, "backoff_initial_s": 0.05,
+                           "backoff_max_s": 0.2})
+    first = k.pid("fading")
+    holder = k.client("holder", timeout=60)
+    t, held = in_thread(lambda: holder.request("fading", "hold", {"seconds": 600}, idempotent=True))
+    wait_until(lambda: (m := k.manager_info("fading")) is not None and m["busy"] == 1, timeout=20,
+               message="the held call running")
+    with k.client("crasher", timeout=60) as c:
+        with pytest.raises(sdk.KernelError) as died:
+            c.call("fading", "crash")
+        assert died.value.code == "MANAGER_DIED"
+    wait_until(lambda: k.state("fading") == "FATAL", timeout=60,
+               message=lambda: f"fading FATAL: {k.processes().get('fading')}")
+    assert k.processes()["fading"]["restarts"] == 3 and k.pid("fading") is None and first is not None
+    t.join(30)
+    assert not t.is_alive(), "the call queued when the service went FATAL was left to its 60 s deadline"
+    err = held.get("error")
+    assert isinstance(err, sdk.KernelError) and err.code == "UNAVAILABLE" and err.retryable, held
+    assert "fading is FATAL" in err.message and "gave up" in err.message
+
+    with k.client("late", timeout=60) as c:
+        t0 = time.monotonic()
+        with pytest.raises(sdk.KernelError) as info:
+            c.request("fading", "ping", timeout=60.0, idempotent=True)
+        assert time.monotonic() - t0 < 30, "answered at once, not at the call's 60 s deadline"
+    assert info.value.code == "UNAVAILABLE" and "fading is FATAL" in info.value.message
+    assert k.kernel_status()["queues"]["fading"] == 0
+    assert k.state("scheduler") == "RUNNING"
+
+
 # --------------------------------------------------- item 6: several LLM cores under las, one restarts
 def test_a_stream_that_moved_to_another_core_while_the_default_restarted_is_never_stranded(kernel) -> None:
     """Three (labelled SIMULATED) cores under `las`, llm-0 the default. A streamed chat naming no

@@ -811,6 +811,65 @@ def test_a_service_whose_processes_are_all_fatal_is_unavailable_at_once() -> Non
     assert h.take() == ([], [], []) and h.core.queued("b") == 1
 
 
+def test_a_registration_whose_process_went_fatal_is_dropped_and_the_call_answered_at_once() -> None:
+    """Issue 17 item 4: a manager that dies soon after each start is still registered when the
+    supervisor gives up on it (the heartbeat expiry is longer than its life). A call must not be
+    sent to that registration and left to its deadline: the supervisor's table says it is gone."""
+    states = {"b1": ("RUNNING", "")}
+    h = CoreHarness(expected={"b1": "b"}, process_state=states.get)
+    h.ready(M1, "b", ops={"y": IDEMPOTENT}, name="b1", now=0.0)
+    states["b1"] = ("FATAL", "crashed 4 times within 5.0s of starting; gave up")
+    h.request(A, "r1", "b", "y", now=0.3)
+    ds, rs, _ = h.take()
+    assert ds == [] and h.core.registry.get(M1) is None
+    r = one(rs)
+    assert (r.id, r.code, r.retryable) == ("r1", "UNAVAILABLE", True)
+    assert "b1 is FATAL (crashed 4 times" in r.message
+
+
+def test_requests_queued_or_running_when_a_service_goes_fatal_are_answered_at_the_next_tick() -> None:
+    """Issue 17 item 4, work already there: a running request (its manager's registration still
+    looks alive), one queued behind it, and one queued for a service that never registered since
+    this scheduler started. Once the supervisor says FATAL, each is answered, none waits out its
+    deadline; a service still starting keeps its queue."""
+    states = {"b1": ("RUNNING", ""), "c1": ("STARTING", ""), "e1": ("STARTING", "")}
+    h = CoreHarness(make_config(scheduler={"max_requeues": 10}),
+                    expected={"b1": "b", "c1": "c", "e1": "e"}, process_state=states.get)
+    h.ready(M1, "b", ops={"y": IDEMPOTENT, "n": PLAIN}, name="b1", capacity=2, now=0.0)
+    h.request(A, "run-idem", "b", "y", deadline=60.0, now=0.1)
+    h.request(A, "run-plain", "b", "n", deadline=60.0, now=0.1)
+    h.request(A, "queued", "b", "y", deadline=60.0, now=0.1)
+    h.request(A, "never-registered", "c", "y", deadline=60.0, now=0.1)
+    h.request(A, "still-starting", "e", "y", deadline=60.0, now=0.1)
+    assert len(h.take()[0]) == 2
+    h.tick(now=0.5)
+    assert h.take()[1] == []  # nothing is FATAL yet: all wait
+    states["b1"] = ("FATAL", "gave up")
+    states["c1"] = ("FATAL", "gave up")
+    h.tick(now=1.0)  # well before the heartbeat expiry and every deadline
+    by_id = {r.id: r for r in h.take()[1]}
+    assert sorted(by_id) == ["never-registered", "queued", "run-idem", "run-plain"]
+    assert by_id["run-plain"].code == "MANAGER_DIED"  # it may have run: not safe to say otherwise
+    assert "its process is FATAL" in by_id["run-plain"].message
+    for rid in ("run-idem", "queued", "never-registered"):
+        assert by_id[rid].code == "UNAVAILABLE" and "is FATAL (gave up)" in by_id[rid].message
+    assert h.core.queued("b") == h.core.queued("c") == 0 and h.core.queued("e") == 1
+
+
+def test_a_stale_cached_backoff_does_not_drop_the_new_incarnation() -> None:
+    """`exited` confirms a cached BACKOFF with a fresh read of the supervisor's table: the cache may
+    predate the restart whose new incarnation is the registered one."""
+    from aios.scheduler.supervised import exited
+    h = CoreHarness()
+    h.ready(M1, "b", ops={"y": IDEMPOTENT}, name="b1")
+    mgr = h.core.registry.get(M1)
+    table = {"cached": ("BACKOFF", "exited with code 1"), "fresh": ("RUNNING", "")}
+    assert exited([mgr], lambda name, fresh=False: table["fresh" if fresh else "cached"]) == []
+    table["fresh"] = ("BACKOFF", "exited with code 1")
+    assert exited([mgr], lambda name, fresh=False: table["fresh" if fresh else "cached"]) == [(mgr, "BACKOFF")]
+    assert exited([mgr], lambda name, fresh=False: None) == []  # not a process the supervisor runs
+
+
 # ======================================================================= the cache
 def _serve(h: CoreHarness, rid: str, body: Any, client: bytes = A) -> None:
     h.request(client, rid, "echo", "get")

@@ -95,6 +95,8 @@ def status_main(args: argparse.Namespace) -> int:
     st = kernel.status(run_dir, verbose=args.verbose or human, details=args.verbose)
     if args.json:
         out = {k: st[k] for k in ("running", "run_dir", "supervisor_pid")}
+        if st.get("message"):
+            out["message"] = st["message"]
         out["processes"] = [{k: p.get(k) for k in ("name", "pid", "state", "restarts")} for p in st["processes"]]
         if args.verbose:
             out["kernel"] = st.get("kernel")
@@ -102,8 +104,10 @@ def status_main(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0 if st["running"] else 1
     if not st["running"]:
-        print(f"no kernel running in {run_dir.path}")
+        print(f"no kernel running in {run_dir.path}" + (f": {st['message']}" if st.get("message") else ""))
         return 1
+    if st.get("message"):
+        print(f"warning: {st['message']}")
     k = st.get("kernel") or {}
     sched = k.get("scheduler", {})
     print(f"kernel in {run_dir.path} (supervisor pid {st['supervisor_pid']}), "

@@ -28,6 +28,84 @@ pytestmark = pytest.mark.timeout(120)
 FADING = {"name": "fading", "target": "tests.support.crash_managers:FadingManager", "capacity": 2}
 
 
+# --------------------------------------------------------------- item 3: a FATAL scheduler
+def _kill_scheduler(k: Any) -> int:
+    old = k.pid("scheduler")
+    os.kill(old, signal.SIGKILL)
+    return old
+
+
+def test_a_fatal_scheduler_stops_the_kernel_and_clients_and_status_say_why(kernel) -> None:
+    """The scheduler is killed until the supervisor gives up on it. By default the whole kernel is
+    then stopped: a call in flight (safe to repeat, so it would wait for the scheduler) ends with
+    KernelUnavailable or UNAVAILABLE, not at its timeout; `aios status` says the kernel is not
+    running and why; a new client is refused at once, with the reason."""
+    k = kernel(supervisor={"fast_crash_s": 60.0, "max_fast_crashes": 2, "backoff_initial_s": 0.05,
+                           "backoff_max_s": 0.1})
+    c = k.client("survivor", timeout=60)
+    for _ in range(2):
+        k.wait_running("scheduler", other_than=_kill_scheduler(k), timeout=30)
+    t, out = in_thread(lambda: c.request("echo", "sleep", {"seconds": 30}, idempotent=True))
+    wait_until(lambda: k.busy("echo") == 1, timeout=20, message="the call running")
+    _kill_scheduler(k)  # the third fast crash: more than max_fast_crashes (2)
+    t.join(45)
+    assert not t.is_alive(), "the call waited out its 60 s timeout"
+    err = out.get("error")
+    assert isinstance(err, sdk.AIOSError) and err.code == "UNAVAILABLE" and err.retryable, out
+    assert out["elapsed"] < 45
+    assert "scheduler is FATAL" in err.message or "no kernel running" in err.message, err
+    wait_until(lambda: k.run_dir.supervisor_pid() is None, timeout=30,
+               message="the supervisor to stop the kernel")
+
+    st = k.status()  # `aios status --json`
+    assert st["running"] is False and st["processes"] == []
+    assert "the scheduler is FATAL" in st["message"] and "crashed 3 times" in st["message"]
+    assert 'on_scheduler_fatal = "stop"' in st["message"]
+    human = k.aios("status")
+    assert human.returncode == 1 and "no kernel running" in human.stdout and "scheduler is FATAL" in human.stdout
+    t0 = time.monotonic()
+    with pytest.raises(sdk.KernelUnavailable) as gone:
+        c.call("kernel", "ping")
+    assert time.monotonic() - t0 < 30
+    assert "no kernel running" in gone.value.message and "the scheduler is FATAL" in gone.value.message
+    with pytest.raises(sdk.KernelUnavailable):
+        sdk.connect(k.run_dir, agent="late")
+    c.close()
+
+
+def test_on_scheduler_fatal_restart_keeps_the_kernel_up(kernel) -> None:
+    """With `on_scheduler_fatal = "restart"` the scheduler is restarted past its fast-crash limit,
+    never FATAL, and the kernel answers again each time."""
+    k = kernel(supervisor={"fast_crash_s": 60.0, "max_fast_crashes": 1, "backoff_initial_s": 0.05,
+                           "backoff_max_s": 0.1, "on_scheduler_fatal": "restart"})
+    for _ in range(3):
+        k.wait_running("scheduler", other_than=_kill_scheduler(k), timeout=30)
+    row = k.processes()["scheduler"]
+    assert row["state"] == "RUNNING" and row["restarts"] == 3 and row["fast_crashes"] == 3
+    assert k.supervisor_pid is not None
+    with k.client("after", timeout=30) as c:
+        assert c.call("echo", "echo", text="still here")["text"] == "still here"
+
+
+def test_a_call_while_the_scheduler_waits_past_its_deadline_to_restart_is_unavailable_at_once(kernel) -> None:
+    """The scheduler is down and the supervisor restarts it only in 20 s: a call with a 5 s
+    timeout is answered UNAVAILABLE at once, saying when it comes back, not at its timeout."""
+    k = kernel(supervisor={"backoff_initial_s": 20.0, "backoff_max_s": 20.0})
+    c = k.client("waiting", timeout=30)
+    assert c.call("kernel", "ping") == {"pong": True}
+    _kill_scheduler(k)
+    wait_until(lambda: k.state("scheduler") == "BACKOFF", timeout=20, message="the scheduler in BACKOFF")
+    t0 = time.monotonic()
+    with pytest.raises(sdk.KernelError) as info:
+        c.request("echo", "echo", {"text": "x"}, timeout=5.0, idempotent=True)
+    assert time.monotonic() - t0 < 5.0, "answered before the call's own timeout"
+    assert info.value.code == "UNAVAILABLE" and info.value.retryable
+    assert "scheduler is down" in info.value.message and "after this call's deadline" in info.value.message
+    st = k.status()
+    assert st["running"] is True and "the scheduler is BACKOFF" in st["message"]
+    c.close()
+
+
 # ------------------------------------------------------------- item 4: a service that went FATAL
 def test_calls_to_a_service_that_went_fatal_dying_after_each_start_are_answered_at_once(kernel) -> None:
     """The manager comes up once; after `crash`, each restart says READY and dies about 0.3 s later,

@@ -13,6 +13,7 @@ far longer, and what is checked is that the call ended with the right error befo
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -101,6 +102,15 @@ def test_a_call_while_the_scheduler_waits_past_its_deadline_to_restart_is_unavai
     assert time.monotonic() - t0 < 5.0, "answered before the call's own timeout"
     assert info.value.code == "UNAVAILABLE" and info.value.retryable
     assert "scheduler is down" in info.value.message and "after this call's deadline" in info.value.message
+
+    async def async_call() -> Any:
+        async with sdk.connect_async(k.run_dir, agent="waiting-async", timeout=30) as ac:
+            return await ac.request("echo", "echo", {"text": "x"}, timeout=5.0, idempotent=True)
+
+    t0 = time.monotonic()
+    with pytest.raises(sdk.KernelError) as info:
+        asyncio.run(async_call())
+    assert time.monotonic() - t0 < 5.0 and info.value.code == "UNAVAILABLE"  # the asyncio client too
     st = k.status()
     assert st["running"] is True and "the scheduler is BACKOFF" in st["message"]
     c.close()

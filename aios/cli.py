@@ -125,6 +125,8 @@ def status_main(args: argparse.Namespace) -> int:
     st = kernel.status(run_dir, verbose=args.verbose or human, details=args.verbose)
     if args.json:
         out = {k: st[k] for k in ("running", "run_dir", "supervisor_pid")}
+        if st.get("message"):
+            out["message"] = st["message"]
         out["processes"] = [{k: p.get(k) for k in ("name", "pid", "state", "restarts", "message")}
                             for p in st["processes"]]
         if args.verbose:
@@ -133,9 +135,11 @@ def status_main(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0 if st["running"] else 1
     if not st["running"]:
-        print(f"no kernel running in {run_dir.path}")
+        print(f"no kernel running in {run_dir.path}" + (f": {st['message']}" if st.get("message") else ""))
         return 1
     from aios.status_view import header_line
+    if st.get("message"):
+        print(f"warning: {st['message']}")
     k = st.get("kernel") or {}
     print(header_line(st))
     managers = {m["name"]: m for m in k.get("managers", [])}

@@ -96,6 +96,9 @@ class SupervisorConfig(_Strict):
     backoff_max_s: float = Field(default=8.0, ge=0)
     fast_crash_s: float = Field(default=5.0, ge=0, description="a process that dies sooner than this counts as a fast crash")
     max_fast_crashes: int = Field(default=5, ge=1, description="consecutive fast crashes before the process is FATAL")
+    on_scheduler_fatal: Literal["stop", "restart"] = Field(
+        default="stop", description="when the scheduler crashes too often too fast: 'stop' the whole kernel (it "
+                                    "cannot answer anything), or keep 'restart'ing it with backoff up to 30 s")
 
 
 class ManagerConfig(_Strict):

@@ -171,8 +171,11 @@ def _kill_leftovers(rd: RunDir, pids: list[int]) -> None:
 
 def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False,
            details: bool = False) -> dict[str, Any]:
-    """{"running", "run_dir", "supervisor_pid", "processes": [{name, pid, state, restarts, message}], "kernel"?}.
+    """{"running", "run_dir", "supervisor_pid", "processes": [{name, pid, state, restarts, message}],
+    "message"?, "kernel"?}.
 
+    "message" says why a kernel cannot answer: it was stopped by its supervisor (a FATAL scheduler,
+    `[supervisor] on_scheduler_fatal = "stop"`), or it runs but its scheduler is down.
     With `verbose`, "kernel" holds the scheduler's own `kernel.status` (queues,
     managers, per-service counts) when it answers. With `details`, "details"
     holds, by process name, what each registered manager answers to the
@@ -181,12 +184,27 @@ def status(run_dir: RunDir | str | Path | None = None, *, verbose: bool = False,
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     pid = rd.supervisor_pid()
     running = pid is not None
-    state = rd.read_state() or {} if running else {}
+    state = rd.read_state() or {}
     out: dict[str, Any] = {"running": running, "run_dir": str(rd.path), "supervisor_pid": pid,
-                           "processes": state.get("processes", [])}
+                           "processes": state.get("processes", []) if running else []}
+    message = _why_not_answering(state, running)
+    if message:
+        out["message"] = message
     if running and (verbose or details):
         out.update(_kernel_status(rd, details))
     return out
+
+
+def _why_not_answering(state: dict[str, Any], running: bool) -> str | None:
+    """From the supervisor's table: why it stopped the kernel by itself, or why the scheduler of a
+    running kernel is not there to answer."""
+    sup = state.get("supervisor")
+    if not running:
+        return str(sup["message"]) if isinstance(sup, dict) and sup.get("message") else None
+    sched = next((p for p in state.get("processes", []) if isinstance(p, dict) and p.get("name") == "scheduler"), None)
+    if sched is None or sched.get("state") in ("RUNNING", "STARTING", "STOPPING"):
+        return None
+    return f"the scheduler is {sched.get('state')} ({sched.get('message') or 'no reason given'}): nothing can answer"
 
 
 def _kernel_status(rd: RunDir, details: bool) -> dict[str, Any]:

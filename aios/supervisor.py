@@ -13,6 +13,15 @@ Every change of state is a checked move along `PROCESS_MOVES` (see there).
   keeps dying within `fast_crash_s` of starting becomes FATAL.
 - A manager that is alive but silent (the scheduler dropped it for missed
   heartbeats and it did not come back) is killed and restarted.
+- A FATAL scheduler is the kernel being down: nothing can answer a call. By
+  default (`[supervisor] on_scheduler_fatal = "stop"`) the whole tree is
+  stopped and the reason is left in the process table's `supervisor.message`,
+  where `aios status` and the SDK's "no kernel" error find it; with
+  "restart" the scheduler is restarted forever, its backoff capped at
+  `SCHEDULER_BACKOFF_MAX_S` once it is past its fast-crash limit. Either way
+  a client gets an answer (KernelUnavailable, or UNAVAILABLE while the
+  scheduler is down past its call's deadline: the table's `restart_at`), never
+  its timeout.
 - Shutdown goes in reverse start order: ask (SIGINT), then SIGTERM, then
   SIGKILL to the process group; then the ipc files and the pid file go.
 - The process table is written to `processes.json` at every change; that is
@@ -55,6 +64,9 @@ log = logging.getLogger("aios.supervisor")
 
 #: how often the supervisor compares each process's resident memory with its limit
 MEMORY_CHECK_S = 0.5
+#: with `on_scheduler_fatal = "restart"`: the longest wait between restarts of a scheduler that is
+#: past its fast-crash limit (it would be FATAL otherwise)
+SCHEDULER_BACKOFF_MAX_S = 30.0
 
 
 class ProcessState(str, enum.Enum):
@@ -105,6 +117,7 @@ class Proc:
     memory_limit_mb: int | None = None
     kill_reason: str = ""
     last_exit: str = ""  # why it last stopped running (kept across restarts, for the scheduler's errors)
+    restart_at: float | None = None  # wall-clock time of its next start, while in BACKOFF
 
     @property
     def pid(self) -> int | None:
@@ -123,7 +136,8 @@ class Proc:
         return {"name": self.name, "service": self.service, "memory_limit_mb": self.memory_limit_mb,
                 "last_exit": self.last_exit, "fast_crashes": self.fast_crashes,
                 "pid": self.pid if self.state not in (ProcessState.STOPPED, ProcessState.FATAL, ProcessState.BACKOFF) else None,
-                "state": self.state.value, "restarts": self.restarts, "message": self.message}
+                "state": self.state.value, "restarts": self.restarts, "message": self.message,
+                "restart_at": self.restart_at if self.state == ProcessState.BACKOFF else None}
 
 
 class StartupError(Exception):
@@ -191,6 +205,7 @@ class Supervisor:
                             memory_limit_mb=r.spec.memory_limit_mb or r.cls.default_memory_limit_mb(r.options, config))
                        for r in resolve_managers(config)]
         self.stopping = False
+        self.stop_message = ""  # why the supervisor stopped the kernel by itself (a FATAL scheduler)
         self._probe: Probe | None = None
         self._last_probe = 0.0
         self._last_memory_check = 0.0
@@ -365,21 +380,41 @@ class Supervisor:
     def _crashed(self, proc: Proc, code: int, now: float) -> None:
         ran = now - proc.started_at
         fast_crashes = proc.fast_crashes + 1 if ran < self.cfg.fast_crash_s else 1
-        fatal = fast_crashes > self.cfg.max_fast_crashes
+        past_limit = fast_crashes > self.cfg.max_fast_crashes
+        is_scheduler = proc is self.procs[0]
+        keep_restarting = past_limit and is_scheduler and self.cfg.on_scheduler_fatal == "restart"
+        fatal = past_limit and not keep_restarting
         if not self._move(proc, ProcessState.FATAL if fatal else ProcessState.BACKOFF):
             return
         proc.fast_crashes = fast_crashes
+        why = proc.kill_reason or f"exited with code {code}"
+        proc.last_exit = f"{why} after {ran:.1f}s"
         if fatal:
             proc.message = f"crashed {proc.fast_crashes} times within {self.cfg.fast_crash_s}s of starting; gave up"
             log.error("%s is FATAL: %s", proc.name, proc.message)
+            if is_scheduler:
+                self._scheduler_fatal(proc)
         else:
-            delay = min(self.cfg.backoff_initial_s * 2 ** (proc.fast_crashes - 1), self.cfg.backoff_max_s)
+            cap = max(self.cfg.backoff_max_s, SCHEDULER_BACKOFF_MAX_S) if keep_restarting else self.cfg.backoff_max_s
+            delay = min(self.cfg.backoff_initial_s * 2 ** min(proc.fast_crashes - 1, 32), cap)
             proc.next_start = now + delay
-            why = proc.kill_reason or f"exited with code {code}"
-            proc.last_exit = f"{why} after {ran:.1f}s"
-            proc.message = f"{why} after {ran:.1f}s; restarting in {delay:.2f}s"
+            proc.restart_at = time.time() + delay
+            proc.message = f"{proc.last_exit}; restarting in {delay:.2f}s"
+            if keep_restarting:
+                proc.message = (f"crashed {proc.fast_crashes} times within {self.cfg.fast_crash_s}s of starting "
+                                f"(last: {proc.last_exit}); restarting in {delay:.2f}s "
+                                f'([supervisor] on_scheduler_fatal = "restart")')
             log.warning("%s %s", proc.name, proc.message)
         self.write_state()
+
+    def _scheduler_fatal(self, sched: Proc) -> None:
+        """Without a scheduler nothing can answer a call: stop the whole kernel, and say why where
+        `aios status` and the SDK look (`on_scheduler_fatal = "restart"` never gets here)."""
+        self.stop_message = (f"the scheduler is FATAL ({sched.message}; last: {sched.last_exit}), so the kernel "
+                             f'was stopped ([supervisor] on_scheduler_fatal = "stop"); see its log: '
+                             f"aios logs scheduler --run-dir {self.run_dir.path}")
+        log.error("%s", self.stop_message)
+        self.stopping = True
 
     # ------------------------------------------------------------ stopping
     def stop_all(self) -> None:
@@ -444,8 +479,11 @@ class Supervisor:
 
     # --------------------------------------------------------------- state
     def write_state(self) -> None:
+        supervisor: dict[str, Any] = {"pid": os.getpid(), "stopping": self.stopping}
+        if self.stop_message:
+            supervisor["message"] = self.stop_message
         write_atomic(self.run_dir.state_file, json.dumps({
-            "supervisor": {"pid": os.getpid(), "stopping": self.stopping},
+            "supervisor": supervisor,
             "processes": [p.row() for p in self.procs],
         }, indent=2))
 
@@ -507,6 +545,10 @@ def run_supervisor(run_dir: RunDir, config: Config, ready_fd: int | None = None,
         progress(f"warning: {w}")
     report(True, f"kernel ready in {run_dir.path}" + "".join(f"; warning: {w}" for w in warnings))
     sup.run_forever()
+    if sup.stop_message:
+        if not quiet:
+            print(f"[aios-start] stopped: {sup.stop_message}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -55,6 +55,7 @@ from aios.scheduler.policies import Policy, make_policy
 from aios.scheduler.registry import ManagerRecord, ManagerRegistry
 from aios.scheduler.request import BACKEND_CLIENT, IllegalTransition, Job, State
 from aios.scheduler.status import KERNEL, ServiceStats, kernel_status
+from aios.scheduler.supervised import WILL_NOT_SERVE, exited, service_down
 
 log = logging.getLogger("aios.scheduler")
 
@@ -159,6 +160,8 @@ class SchedulerCore:
         if self.stopping:
             return self.reply_error(client, msg.id, ErrorCode.SHUTTING_DOWN, "the kernel is shutting down")
         managers = self.registry.of(service)
+        if managers and self._drop_exited(managers, now):
+            managers = self.registry.of(service)
         if not managers:
             if service not in self.expected_services:
                 known = sorted(self.expected_services | self.registry.services())
@@ -223,12 +226,25 @@ class SchedulerCore:
 
     def unavailable_reason(self, service: str) -> str | None:
         """Why nothing can serve `service` now, if the supervisor says its processes are down for good."""
-        names = [n for n, s in self.expected.items() if s == service]
-        states = [(n, self.process_state(n)) for n in names]
-        if names and all(st is not None and st[0] in ("FATAL", "STOPPED", "CRASH-LOOPING") for _, st in states):
-            parts = [f"{n} is {st[0]}" + (f" ({st[1]})" if st and st[1] else "") for n, st in states if st]
-            return f"service {service!r} cannot serve: " + "; ".join(parts)
-        return None
+        return service_down(self.expected, self.process_state, service)
+
+    def _drop_exited(self, managers: list[ManagerRecord], now: float) -> bool:
+        """Forget registrations whose process has exited (`supervised.exited`); whether any was."""
+        gone = exited(managers, self.process_state)
+        for mgr, state in gone:
+            self.manager_lost(mgr, f"its process is {state}", now)
+        return bool(gone)
+
+    def _answer_unservable(self, now: float) -> None:
+        """Requests queued for a service that will not serve again (each of its processes FATAL or
+        stopped, however it got there) are answered UNAVAILABLE now, not at their deadline."""
+        for service, q in list(self.queues.items()):
+            if not q or self.registry.of(service):
+                continue
+            why = service_down(self.expected, self.process_state, service, WILL_NOT_SERVE)
+            if why:
+                for req in list(q):
+                    self._fail(req, ErrorCode.UNAVAILABLE, why, now)
 
     def _enqueue(self, req: Job, requeue: bool = False) -> None:
         req.move(State.QUEUED)
@@ -551,13 +567,16 @@ class SchedulerCore:
 
     # -------------------------------------------------------------------- timers
     def tick(self, now: float) -> None:
-        """Heartbeats, dead managers, deadlines and the admission step's verdicts."""
+        """Heartbeats, dead managers (silent, or exited by the supervisor's table), requests nothing
+        will serve, deadlines and the admission step's verdicts."""
         for mgr in list(self.registry):
             if now - mgr.last_seen > self.hb_expiry:
                 self.manager_lost(mgr, f"no heartbeat for {now - mgr.last_seen:.1f}s", now)
             elif now - mgr.last_sent >= self.hb_interval:
                 mgr.last_sent = now
                 self.out.to_manager(mgr.identity, Heartbeat())
+        self._drop_exited(list(self.registry), now)
+        self._answer_unservable(now)
         self._probe_callers(now)
         for req, decision in self.admission.poll(now):
             self._release_held(req, decision, now)

@@ -112,7 +112,11 @@ class ManagerRecord:
         if affinity is not None and affinity != self.identity:
             return False
         if target is None:
-            return self.default or not only_default
+            # A request naming no model goes to a default manager. One whose saved context is here
+            # (affinity) resumes here even so: it may have started here while the default manager
+            # was away (restarting), and no other manager can take it, so refusing it here would
+            # strand it in the queue for good.
+            return self.default or not only_default or affinity is not None
         if target not in self.targets:
             return False
         limit = self.limits.get(target)
@@ -197,7 +201,8 @@ class ManagerRegistry:
         """The manager with the most free capacity that may run a request of this placement now.
 
         A request that names no target goes to a default manager if the service has
-        one, even when only others are free: another model is not the same service."""
+        one, even when only others are free: another model is not the same service; except
+        a request resuming where its saved context is (see `ManagerRecord.can_run`)."""
         only_default = any(m.default for m in managers)
         best: ManagerRecord | None = None
         for m in managers:

@@ -14,13 +14,17 @@ only in how they wait. Service helpers (`kernel.llm.chat`, ...) are written
 once in `aios.sdk.services` and bound to both.
 
 Failing fast. A socket monitor tells the client when its connection to the
-scheduler drops. If the kernel is gone (its supervisor no longer runs), every
-call in flight and every new call fails at once with `KernelUnavailable`
-instead of waiting for its timeout. If only the scheduler restarted,
-idempotent calls are re-sent as soon as it is back and the others fail at
-once with an UNAVAILABLE that says their outcome is unknown. Which ops are
-idempotent the client learns from the kernel (`kernel.ops`), so an op a
-manager declares safe to repeat is re-sent too.
+scheduler drops. If the kernel is gone (its supervisor no longer runs, or it
+stopped the kernel because the scheduler was FATAL), every call in flight and
+every new call fails at once with `KernelUnavailable`, saying why, instead of
+waiting for its timeout. If only the scheduler restarted, idempotent calls are
+re-sent as soon as it is back and the others fail at once with an UNAVAILABLE
+that says their outcome is unknown; while it is down, a call whose deadline
+comes before the scheduler's next start (the supervisor's table says when)
+fails at once with UNAVAILABLE too. The client looks again every
+`MONITOR_CHECK_S` while it is not connected. Which ops are idempotent the
+client learns from the kernel (`kernel.ops`), so an op a manager declares
+safe to repeat is re-sent too.
 
 One deadline per call. A call's timeout covers everything it does: when the
 client must first ask the kernel which ops are idempotent, that question gets
@@ -60,7 +64,7 @@ from aios.calls import (
     match_id,
 )
 from aios.protocol import ErrorCode
-from aios.sdk.errors import AIOSError, InvalidArgument, KernelTimeout, KernelUnavailable
+from aios.sdk.errors import AIOSError, InvalidArgument, KernelError, KernelTimeout, KernelUnavailable
 from aios.sdk.services import KernelService, LLMService, MemoryService, StorageService, ToolsService
 from aios.sockets import dealer
 from aios.zmqio import recv_multipart, send_multipart
@@ -105,7 +109,35 @@ class _Link:
         return self.endpoint.transport == "ipc" and self.run_dir.supervisor_pid() is None
 
     def gone_message(self) -> str:
-        return f"no kernel running in {self.run_dir.path} (start one with: aios start --run-dir {self.run_dir.path})"
+        sup = self._state().get("supervisor") if self.endpoint.transport == "ipc" else None
+        why = sup.get("message") if isinstance(sup, dict) else None  # it stopped by itself: why
+        return (f"no kernel running in {self.run_dir.path}" + (f": {why}" if why else "")
+                + f" (start one with: aios start --run-dir {self.run_dir.path})")
+
+    def scheduler_down(self, remaining: float) -> str | None:
+        """Why the scheduler cannot answer within `remaining` seconds, from the supervisor's table
+        (this machine's kernel only): it is FATAL, or waiting to be restarted until after then."""
+        if self.endpoint.transport != "ipc":
+            return None
+        rows = self._state().get("processes")
+        row = next((r for r in rows if isinstance(r, dict) and r.get("name") == "scheduler"), None) \
+            if isinstance(rows, list) else None
+        if not isinstance(row, dict):
+            return None
+        state, message = row.get("state"), row.get("message") or ""
+        if state == "FATAL":
+            return f"the kernel's scheduler is FATAL ({message}); nothing can answer"
+        restart_at = row.get("restart_at")
+        if state == "BACKOFF" and isinstance(restart_at, (int, float)):
+            wait = restart_at - time.time()
+            if wait >= remaining:
+                return (f"the kernel's scheduler is down ({message}); it restarts in {max(wait, 0):.1f}s, after "
+                        f"this call's deadline")
+        return None
+
+    def _state(self) -> dict[str, Any]:
+        state = self.run_dir.read_state()
+        return state if isinstance(state, dict) else {}
 
 
 def _check_timeout(timeout: Any, what: str) -> None:
@@ -152,6 +184,15 @@ class _ClientBase(abc.ABC):
         self._ops_fetched = time.monotonic()
         self._idempotent = {(svc, op) for svc, ops in (table or {}).items() if isinstance(ops, dict)
                             for op, info in ops.items() if isinstance(info, dict) and info.get("idempotent")}
+
+    def _check_kernel(self, call: PendingCall) -> None:
+        """Not connected: fail at once if the kernel is gone, or if its scheduler will not be back
+        before the call's deadline (otherwise it is restarting: wait for it)."""
+        if self._link.kernel_gone():
+            raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._link.gone_message()}", retryable=True)
+        why = self._link.scheduler_down(call.deadline - time.monotonic())
+        if why:
+            raise KernelError(ErrorCode.UNAVAILABLE.value, f"{call.what}: {why}", retryable=True)
 
     def _deadline(self, service: str, op: str, timeout: float | None) -> float:
         """When the call must be over (monotonic): everything it does draws on this one deadline."""
@@ -239,8 +280,11 @@ class Client(_ClientBase):
                     msg = decode(codec, frames)
                     if match_id(msg) == call.rid:
                         call.feed(msg)  # type: ignore[arg-type]
-                elif self._connection_events():
+                    continue
+                lost = self._connection_events()
+                if lost or not self._connected:  # still down: the kernel may have gone meanwhile
                     self._check_kernel(call)
+                if lost:
                     call.connection_lost(time.monotonic())
             else:
                 return then(step) if then is not None else step
@@ -268,11 +312,6 @@ class Client(_ClientBase):
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._connected = False
                 lost = True
-
-    def _check_kernel(self, call: PendingCall) -> None:
-        """Not connected: fail at once if the kernel is gone (otherwise the scheduler is restarting)."""
-        if self._link.kernel_gone():
-            raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._link.gone_message()}", retryable=True)
 
     def _recv_until(self, until: float) -> list[bytes] | None:
         remaining_ms = int((until - time.monotonic()) * 1000)
@@ -340,9 +379,8 @@ class AsyncClient(_ClientBase):
             while True:
                 step = call.step(time.monotonic())
                 if type(step) is Send:
-                    if not self._connected and self._link.kernel_gone():
-                        raise KernelUnavailable("UNAVAILABLE", f"{call.what}: {self._link.gone_message()}",
-                                                retryable=True)
+                    if not self._connected:
+                        self._check_kernel(call)
                     if call.rid != rid:
                         self._waiters.pop(rid, None)
                         rid = call.rid
@@ -351,15 +389,15 @@ class AsyncClient(_ClientBase):
                 elif type(step) is Wait:
                     left = step.until - time.monotonic()
                     if left > 0:
-                        try:
-                            msg = await asyncio.wait_for(inbox.get(), left)
+                        try:  # while not connected, look at the kernel every MONITOR_CHECK_S
+                            msg = await asyncio.wait_for(inbox.get(), left if self._connected
+                                                         else min(left, MONITOR_CHECK_S))
                         except asyncio.TimeoutError:
+                            if not self._connected:
+                                self._check_kernel(call)
                             continue
                         if msg is _LOST:
-                            if self._link.kernel_gone():
-                                raise KernelUnavailable("UNAVAILABLE",
-                                                        f"{call.what}: {self._link.gone_message()}",
-                                                        retryable=True)
+                            self._check_kernel(call)
                             call.connection_lost(time.monotonic())
                         elif match_id(msg) == call.rid:
                             call.feed(msg)

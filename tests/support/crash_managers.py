@@ -68,3 +68,40 @@ class HogManager(Manager):
     @op(NoArgs, idempotent=True)
     def ping(self, args: NoArgs, ctx: RequestContext) -> dict:
         return {"pid": os.getpid()}
+
+
+class HoldArgs(BaseModel):
+    seconds: float
+
+
+class FadingManager(Manager):
+    """Starts fine once; every later incarnation says READY and dies about 0.3 s later.
+
+    So after `crash`, it is registered with the scheduler only briefly before each death (well
+    under the heartbeat expiry), and the supervisor gives up on it (FATAL) after a few restarts:
+    the case where the scheduler must learn of FATAL from the supervisor, not from a death it saw.
+    """
+
+    service = "fading"
+
+    def setup(self) -> None:
+        import threading
+        marker = self.run_dir.path / f"{self.name}.started"
+        if marker.exists():
+            threading.Timer(0.3, os._exit, (1,)).start()  # READY goes out now; death follows
+        else:
+            marker.write_text(str(os.getpid()))
+
+    @op(NoArgs)
+    def crash(self, args: NoArgs, ctx: RequestContext) -> dict:
+        os._exit(1)
+
+    @op(NoArgs, idempotent=True)
+    def ping(self, args: NoArgs, ctx: RequestContext) -> dict:
+        return {"pid": os.getpid()}
+
+    @op(HoldArgs, idempotent=True)
+    def hold(self, args: HoldArgs, ctx: RequestContext) -> dict:
+        """Runs until cancelled or `seconds` pass: a call in flight whenever its process dies."""
+        ctx.cancelled.wait(args.seconds)
+        return {"pid": os.getpid()}

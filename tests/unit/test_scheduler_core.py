@@ -537,6 +537,45 @@ def test_a_streamed_request_requeued_after_its_manager_died_gets_a_reset() -> No
     assert [(d.id, d.to, d.msg.attempt) for d in h.take()[0]] == [("r1", M2, 2)]
 
 
+@pytest.mark.parametrize("policy", ["las", "rr"])
+def test_a_request_that_began_elsewhere_while_the_default_core_restarted_resumes_there(policy: str) -> None:
+    """Issue 17 item 6. A request naming no model runs on the default core (m0), which dies; with
+    no default registered it is re-run on another core (m1), where it yields with affinity after
+    the default's new incarnation has registered. It must resume on m1 (it holds its context), not
+    wait for a manager that is both the default and m1: there is none, so it stayed queued for good."""
+    h = CoreHarness(make_config(scheduler={"policy": policy, "time_slice_tokens": 8}))
+    M0, M0_AGAIN = b"m0", b"m0-again"
+    h.ready(M0, "llm", ops={"chat": PREEMPTIBLE}, targets=["gemma"], default=True, name="llm-0", now=0.0)
+    h.ready(M1, "llm", ops={"chat": PREEMPTIBLE}, targets=["gpt-a"], name="llm-1", now=0.0)
+    h.ready(M2, "llm", ops={"chat": PREEMPTIBLE}, targets=["gpt-b"], name="llm-2", now=0.0)
+    h.request(A, "r1", "llm", "chat", now=0.1)
+    d = one(h.take()[0])
+    assert (d.id, d.to) == ("r1", M0)
+    h.partial(M0, d, {"delta": "Par"}, now=0.2)
+    h.take()
+    # m0 is killed: silent; the others keep beating
+    for t in (1.0, 2.0, 3.0):
+        h.heartbeat(M1, now=t)
+        h.heartbeat(M2, now=t)
+    h.tick(now=3.5)
+    ds, rs, _ = h.take()
+    assert [(r.id, r.msg.reset) for r in rs] == [("r1", True)]
+    d = one(ds)
+    assert d.id == "r1" and d.to in (M1, M2) and not d.msg.resume  # no default left: any core serves it
+    core = d.to
+    h.ready(M0_AGAIN, "llm", ops={"chat": PREEMPTIBLE}, targets=["gemma"], default=True, name="llm-0", now=3.6)
+    assert h.take()[0] == []
+    h.yield_(core, d, affinity=True, tokens=8, now=3.7)
+    d = one(h.take()[0])
+    assert (d.id, d.to, d.msg.resume) == ("r1", core, True)
+    h.reply(core, d, tokens=3, now=3.8)
+    assert [r.id for r in h.take()[1]] == ["r1"]
+    assert h.core.queued("llm") == 0 and not h.core.pending
+    # new requests naming no model still go to the default core only
+    h.request(A, "r2", "llm", "chat", now=4.0)
+    assert [(d.id, d.to) for d in h.take()[0]] == [("r2", M0_AGAIN)]
+
+
 # ==================================================================== clients gone
 def test_a_client_gone_cancels_its_queued_and_running_work() -> None:
     h = CoreHarness()
@@ -771,6 +810,65 @@ def test_a_service_whose_processes_are_all_fatal_is_unavailable_at_once() -> Non
     states["b2"] = ("STARTING", "")
     h.request(A, "r2", "b", "y", now=0.0)
     assert h.take() == ([], [], []) and h.core.queued("b") == 1
+
+
+def test_a_registration_whose_process_went_fatal_is_dropped_and_the_call_answered_at_once() -> None:
+    """Issue 17 item 4: a manager that dies soon after each start is still registered when the
+    supervisor gives up on it (the heartbeat expiry is longer than its life). A call must not be
+    sent to that registration and left to its deadline: the supervisor's table says it is gone."""
+    states = {"b1": ("RUNNING", "")}
+    h = CoreHarness(expected={"b1": "b"}, process_state=states.get)
+    h.ready(M1, "b", ops={"y": IDEMPOTENT}, name="b1", now=0.0)
+    states["b1"] = ("FATAL", "crashed 4 times within 5.0s of starting; gave up")
+    h.request(A, "r1", "b", "y", now=0.3)
+    ds, rs, _ = h.take()
+    assert ds == [] and h.core.registry.get(M1) is None
+    r = one(rs)
+    assert (r.id, r.code, r.retryable) == ("r1", "UNAVAILABLE", True)
+    assert "b1 is FATAL (crashed 4 times" in r.message
+
+
+def test_requests_queued_or_running_when_a_service_goes_fatal_are_answered_at_the_next_tick() -> None:
+    """Issue 17 item 4, work already there: a running request (its manager's registration still
+    looks alive), one queued behind it, and one queued for a service that never registered since
+    this scheduler started. Once the supervisor says FATAL, each is answered, none waits out its
+    deadline; a service still starting keeps its queue."""
+    states = {"b1": ("RUNNING", ""), "c1": ("STARTING", ""), "e1": ("STARTING", "")}
+    h = CoreHarness(make_config(scheduler={"max_requeues": 10}),
+                    expected={"b1": "b", "c1": "c", "e1": "e"}, process_state=states.get)
+    h.ready(M1, "b", ops={"y": IDEMPOTENT, "n": PLAIN}, name="b1", capacity=2, now=0.0)
+    h.request(A, "run-idem", "b", "y", deadline=60.0, now=0.1)
+    h.request(A, "run-plain", "b", "n", deadline=60.0, now=0.1)
+    h.request(A, "queued", "b", "y", deadline=60.0, now=0.1)
+    h.request(A, "never-registered", "c", "y", deadline=60.0, now=0.1)
+    h.request(A, "still-starting", "e", "y", deadline=60.0, now=0.1)
+    assert len(h.take()[0]) == 2
+    h.tick(now=0.5)
+    assert h.take()[1] == []  # nothing is FATAL yet: all wait
+    states["b1"] = ("FATAL", "gave up")
+    states["c1"] = ("FATAL", "gave up")
+    h.tick(now=1.0)  # well before the heartbeat expiry and every deadline
+    by_id = {r.id: r for r in h.take()[1]}
+    assert sorted(by_id) == ["never-registered", "queued", "run-idem", "run-plain"]
+    assert by_id["run-plain"].code == "MANAGER_DIED"  # it may have run: not safe to say otherwise
+    assert "its process is FATAL" in by_id["run-plain"].message
+    for rid in ("run-idem", "queued", "never-registered"):
+        assert by_id[rid].code == "UNAVAILABLE" and "is FATAL (gave up)" in by_id[rid].message
+    assert h.core.queued("b") == h.core.queued("c") == 0 and h.core.queued("e") == 1
+
+
+def test_a_stale_cached_backoff_does_not_drop_the_new_incarnation() -> None:
+    """`exited` confirms a cached BACKOFF with a fresh read of the supervisor's table: the cache may
+    predate the restart whose new incarnation is the registered one."""
+    from aios.scheduler.supervised import exited
+    h = CoreHarness()
+    h.ready(M1, "b", ops={"y": IDEMPOTENT}, name="b1")
+    mgr = h.core.registry.get(M1)
+    table = {"cached": ("BACKOFF", "exited with code 1"), "fresh": ("RUNNING", "")}
+    assert exited([mgr], lambda name, fresh=False: table["fresh" if fresh else "cached"]) == []
+    table["fresh"] = ("BACKOFF", "exited with code 1")
+    assert exited([mgr], lambda name, fresh=False: table["fresh" if fresh else "cached"]) == [(mgr, "BACKOFF")]
+    assert exited([mgr], lambda name, fresh=False: None) == []  # not a process the supervisor runs
 
 
 # ======================================================================= the cache

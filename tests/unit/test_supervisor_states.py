@@ -219,3 +219,57 @@ def test_an_illegal_move_is_logged_and_leaves_the_books_alone(tmp_path: Path, ca
     assert [r.getMessage() for r in caplog.records] == [
         "not starting steady: it is RUNNING", "process steady cannot go from RUNNING to STARTING"]
     sup.stop_all()
+
+
+# ------------------------------------------------------------- a FATAL scheduler (issue 17 item 3)
+def _crash_scheduler(sup: StandInSupervisor) -> Proc:
+    """The current scheduler dies; the supervisor sees it; a pending backoff is cut short, so the
+    next `watch_once` restarts it at once, however long its backoff."""
+    sched = sup.proc("scheduler")
+    sup.current("scheduler").exit(-9)
+    sup.watch_once()
+    return sched
+
+
+def test_a_fatal_scheduler_stops_the_kernel_and_says_why(tmp_path: Path) -> None:
+    sup = make_supervisor(tmp_path, max_fast_crashes=2)
+    sup.probe_stand_in.registered = {"crasher", "steady"}
+    sup.start_all()
+    for _ in range(2):
+        sched = _crash_scheduler(sup)
+        assert sched.state == S.BACKOFF and not sup.stopping
+        sup.watch_once()  # restarted (a 0 s backoff here) ...
+        sup.probe(force=True)  # ... and READY
+        assert sched.state == S.RUNNING
+    sched = _crash_scheduler(sup)  # the third fast crash: more than max_fast_crashes (2)
+    assert sched.state == S.FATAL and sup.stopping
+    assert "the scheduler is FATAL" in sup.stop_message and 'on_scheduler_fatal = "stop"' in sup.stop_message
+    assert "crashed 3 times" in sup.stop_message and "exited with code -9" in sup.stop_message
+    sup.stop_all()  # what run_forever does once `stopping` is set
+    state = json.loads(sup.run_dir.state_file.read_text())
+    assert state["supervisor"]["message"] == sup.stop_message
+    assert sup.table() == {"scheduler": "FATAL", "crasher": "STOPPED", "steady": "STOPPED"}
+
+
+def test_on_scheduler_fatal_restart_keeps_restarting_it_with_backoff_capped_at_30s(tmp_path: Path) -> None:
+    sup = make_supervisor(tmp_path, max_fast_crashes=1, backoff_initial_s=10.0, backoff_max_s=8.0,
+                          on_scheduler_fatal="restart")
+    sup.probe_stand_in.registered = {"crasher", "steady"}
+    sup.start_all()
+    delays = []
+    for crash in range(1, 6):
+        sched = _crash_scheduler(sup)
+        assert sched.state == S.BACKOFF and not sup.stopping and not sup.stop_message
+        delays.append(float(sched.message.split("restarting in ")[1].split("s")[0]))
+        assert ('on_scheduler_fatal = "restart"' in sched.message) == (crash > 1)  # past the limit: says so
+        row = json.loads(sup.run_dir.state_file.read_text())["processes"][0]
+        assert row["state"] == "BACKOFF" and row["restart_at"] is not None
+        sched.next_start = 0.0  # no waiting in a unit test
+        sup.watch_once()
+        sup.probe(force=True)
+        assert sched.state == S.RUNNING
+    # within the fast-crash limit the usual cap (backoff_max_s = 8); past it, up to 30 s
+    assert delays == [8.0, 20.0, 30.0, 30.0, 30.0]
+    assert len(sup.launched["scheduler"]) == 6
+    sup.stop_all()
+    assert "message" not in json.loads(sup.run_dir.state_file.read_text())["supervisor"]

@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +188,10 @@ class _CgroupHandle(LimitHandle):
         return self.exceeded
 
     def release(self) -> None:
+        """Remove the cgroup once the processes killed in it have left (rmdir fails while it is populated)."""
+        until = time.monotonic() + 2.0
+        while _events(self.path / "cgroup.events").get("populated") and time.monotonic() < until:
+            time.sleep(0.002)
         try:
             self.path.rmdir()
         except OSError as exc:

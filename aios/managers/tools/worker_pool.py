@@ -52,7 +52,7 @@ class WorkerPool:
         self._closed = False
         self._stop = threading.Event()
         self.stats = {"cold": 0, "warm": 0, "evicted": 0}
-        # Ending a worker (EOF, wait, SIGKILL, reap) takes milliseconds: done off the caller's path
+        # Ending a worker (kill its tree, reap it, release its files) takes about a millisecond: done off the caller's path
         self._to_close: queue.SimpleQueue[Worker | None] = queue.SimpleQueue()
         self._closer = threading.Thread(target=self._close_loop, name="tool-worker-closer", daemon=True)
         self._closer.start()

@@ -356,18 +356,33 @@ def test_max_workers_bounds_all_workers_and_a_new_agent_takes_an_idle_ones_place
 
 
 def test_at_the_bound_a_call_waits_for_a_busy_worker_within_its_deadline() -> None:
+    """One worker at most, held by a call that only ends when cancelled: another call times out naming
+    max_workers; a third, with time to spare, runs once the first is cancelled and its worker gone."""
     counter = WorkerCounter()
     with ToolRuntime([SUPPORT_TOOLS], {"shipped": False, "max_workers": 1}) as runtime:
-        results: list[object] = []
-        busy = threading.Thread(target=lambda: results.append(runtime.call("sleeper", {"seconds": 1.5}, agent="a")))
-        busy.start()
-        wait_until(lambda: len(runtime._pool._busy) == 1, timeout=20, message="the sleeper's worker to be busy")
+        cancel = threading.Event()
+        first: list[object] = []
+
+        def hold() -> None:
+            try:
+                runtime.call("forker", {"children": 1, "mb": 1, "hold_s": 25}, agent="a", cancelled=cancel)
+            except OpError as exc:
+                first.append(exc.code)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        wait_until(lambda: len(runtime._pool._busy) == 1, timeout=20, message="the first call's worker to be busy")
         err = op_error(runtime.call, "probe", {}, agent="b", timeout=0.3)
         assert err.code == ErrorCode.DEADLINE_EXCEEDED
         assert "all 1 are busy (tools max_workers)" in err.message
-        assert runtime.call("probe", {"x": 1}, agent="b", timeout=30)["args"] == {"x": 1}  # once the sleeper is done
-        busy.join(20)
-        assert results and isinstance(results[0], dict)
+        third: list[object] = []
+        waiter = threading.Thread(target=lambda: third.append(runtime.call("probe", {"x": 1}, agent="c", timeout=60)))
+        waiter.start()
+        cancel.set()
+        holder.join(20)
+        waiter.join(30)
+        assert first == [ErrorCode.CANCELLED]
+        assert len(third) == 1 and third[0]["args"] == {"x": 1}  # type: ignore[index]
     assert counter.stop() <= 1
 
 

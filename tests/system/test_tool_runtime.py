@@ -6,6 +6,7 @@ call must succeed: a bad tool never takes the runtime down.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -320,3 +321,117 @@ def test_workers_die_with_the_tool_manager(tmp_path: Path) -> None:
         return True
 
     wait_until(gone, timeout=30, message="the orphaned workers to exit")
+
+
+# ------------------------------------------------------------ the bound on workers
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class WorkerCounter:
+    """Samples, on a thread, the worker processes started since it was made (children of this test
+    process, zombies included: a worker counts until it is reaped) and keeps the largest count seen."""
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self.before = {p.pid for p in self.me.children()}
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def count(self) -> int:
+        return len([p for p in self.me.children() if p.pid not in self.before])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.count())
+            self._stop.wait(0.005)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return max(self.peak, self.count())
+
+
+def test_max_workers_bounds_all_workers_and_a_new_agent_takes_an_idle_ones_place() -> None:
+    counter = WorkerCounter()
+    with ToolRuntime([SUPPORT_TOOLS], {"shipped": False, "max_workers": 2, "warm_workers": 16}) as runtime:
+        for i in range(8):
+            assert runtime.call("probe", {"x": i}, agent=f"agent-{i}")["args"] == {"x": i}
+        stats = runtime.status()["workers"]
+        assert stats["live"] <= 2 and stats["max"] == 2
+        assert stats["cold"] == 8 and stats["evicted"] == 6  # each new agent took the oldest idle one's place
+    assert counter.stop() <= 2
+
+
+def test_at_the_bound_a_call_waits_for_a_busy_worker_within_its_deadline() -> None:
+    """One worker at most, held by a call that only ends when cancelled: another call times out naming
+    max_workers; a third, with time to spare, runs once the first is cancelled and its worker gone."""
+    counter = WorkerCounter()
+    with ToolRuntime([SUPPORT_TOOLS], {"shipped": False, "max_workers": 1}) as runtime:
+        cancel = threading.Event()
+        first: list[object] = []
+
+        def hold() -> None:
+            try:
+                runtime.call("forker", {"children": 1, "mb": 1, "hold_s": 25}, agent="a", cancelled=cancel)
+            except OpError as exc:
+                first.append(exc.code)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        wait_until(lambda: len(runtime._pool._busy) == 1, timeout=20, message="the first call's worker to be busy")
+        err = op_error(runtime.call, "probe", {}, agent="b", timeout=0.3)
+        assert err.code == ErrorCode.DEADLINE_EXCEEDED
+        assert "all 1 are busy (tools max_workers)" in err.message
+        third: list[object] = []
+        waiter = threading.Thread(target=lambda: third.append(runtime.call("probe", {"x": 1}, agent="c", timeout=60)))
+        waiter.start()
+        cancel.set()
+        holder.join(20)
+        waiter.join(30)
+        assert first == [ErrorCode.CANCELLED]
+        assert len(third) == 1 and third[0]["args"] == {"x": 1}  # type: ignore[index]
+    assert counter.stop() <= 1
+
+
+def test_descriptors_past_1023_do_not_break_calls() -> None:
+    """select() raised "filedescriptor out of range" once a worker's pipe got a number above 1023."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with ToolRuntime([SUPPORT_TOOLS], {"shipped": False}) as runtime:
+            assert runtime.call("probe", {"x": 2}, agent="fd")["args"] == {"x": 2}
+            worker = next(w for ws in runtime._pool._idle.values() for w in ws)
+            assert worker.proc.stdout.fileno() > 1023
+            assert runtime.call("probe", {"x": 3}, agent="fd")["args"] == {"x": 3}
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ------------------------------------------------------------------- limits per call
+def test_memory_mb_limits_the_whole_call_not_each_process(rt: ToolRuntime) -> None:
+    """30 forked children each well under the tool's 64 MB (each alone would pass its RLIMIT_AS) hold
+    far more together: the call fails naming the limit, and the worker's whole tree is gone."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    err = op_error(rt.call, "forker", {"children": 30, "mb": 16, "hold_s": 25}, agent="forks")
+    assert err.code == ErrorCode.QUOTA_EXCEEDED, err
+    assert "tool 'forker' exceeded its memory limit of 64 MB per call" in err.message
+    assert "manifest memory_mb" in err.message
+    left = [p for p in me.children(recursive=True) if p.pid not in before and running(p)]
+    assert left == [], "processes of the call outlived its error"
+    assert rt.call("forker", {"children": 2, "mb": 4, "hold_s": 0}, agent="forks") == {"children": 2, "held_mb": 8}
+    healthy(rt)
+    method = rt.status()["call_limits"]
+    assert method["method"] in ("cgroup v2", "process-tree accounting") and method["summary"]

@@ -24,7 +24,6 @@ import pytest
 
 from aios.managers.tools.runtime import ToolRuntime
 from tests.support.paths import REPO
-from tests.support.waiting import wait_until
 
 STRATEGIES = ["root", "userns"] if os.geteuid() == 0 else ["userns"]
 
@@ -191,27 +190,49 @@ def test_snippet_output_stdin_and_exit_code(rt: ToolRuntime) -> None:
     assert big["stdout_truncated"] and len(big["stdout"]) == 64 * 1024
 
 
-def test_processes_a_snippet_leaves_behind_are_killed(rt: ToolRuntime) -> None:
-    marker = f"aios-orphan-{uuid.uuid4().hex}"
-    code = f"""
+def processes_with(marker: str) -> list[int]:
+    """Live (not zombie) processes whose command line carries `marker`."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if marker in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p.pid)
+    return found
+
+
+def leave_behind(marker: str, hold_stdout: bool) -> str:
+    """A snippet that starts processes meant to outlive it: one in its own session (as a daemon would),
+    one that double-forks, and, with hold_stdout, one that keeps the snippet's stdout open."""
+    sleeper = f'[sys.executable, "-c", "import os, time; os.fork(); time.sleep(300)", "{marker}"]'
+    held = f"subprocess.Popen({sleeper})" if hold_stdout else ""
+    return textwrap.dedent(f"""
         import subprocess, sys
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "{marker}"], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen({sleeper}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        {held}
         print("started")
-    """
-    assert run_snippet(rt, code)["stdout"] == "started\n"
+    """)
 
-    def orphans() -> list[int]:
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if marker in (p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
-                    found.append(p.pid)
-            except psutil.NoSuchProcess:
-                pass
-        return found
 
-    wait_until(lambda: not orphans(), timeout=30, message="the snippet's background process to be gone")
+@pytest.mark.parametrize("hold_stdout", [False, True])
+def test_no_process_of_a_call_is_left_once_the_reply_has_arrived(rt: ToolRuntime, hold_stdout: bool) -> None:
+    """Issue 17: a background child holding stdout made an exiting snippet report timed_out after 10 s,
+    and one writing to /dev/null outlived the call by up to 27 s."""
+    marker = f"aios-orphan-{uuid.uuid4().hex}"
+    result = rt.call("python", {"code": leave_behind(marker, hold_stdout), "timeout_s": 20}, agent="orphans")
+    assert processes_with(marker) == []  # at once: the reply came after the call's processes ended
+    assert (result["exit_code"], result["stdout"], result["timed_out"]) == (0, "started\n", False), result
+    assert "error" not in result
+
+
+def test_without_a_pid_namespace_the_manager_ends_what_the_worker_cannot_see() -> None:
+    """Where the sandbox has a mount namespace (so /proc is hidden) but no pid namespace, the worker cannot
+    find the call's processes; the manager ends its tree from outside, before the reply."""
+    with ToolRuntime([], {}) as runtime:
+        runtime.isolation.pid = False  # the isolation this machine would give without pid namespaces
+        marker = f"aios-orphan-{uuid.uuid4().hex}"
+        result = runtime.call("python", {"code": leave_behind(marker, True)}, agent="nopid")
+        assert processes_with(marker) == []
+        assert result["sandbox"].startswith("no network, read-only filesystem with private /tmp, shared pid")
+        assert (result["exit_code"], result["timed_out"]) == (0, False)
 
 
 def test_sandbox_off_is_reported_as_reduced() -> None:
@@ -219,3 +240,6 @@ def test_sandbox_off_is_reported_as_reduced() -> None:
         assert "OFF" in runtime.isolation.summary(64)
         result = runtime.call("python", {"code": "print(1)"}, agent="off")
         assert result["stdout"] == "1\n" and result["sandbox"].startswith("REDUCED")
+        marker = f"aios-orphan-{uuid.uuid4().hex}"  # rlimits only: the worker, a subreaper, ends them itself
+        assert runtime.call("python", {"code": leave_behind(marker, True)}, agent="off")["timed_out"] is False
+        assert processes_with(marker) == []

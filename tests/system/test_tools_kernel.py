@@ -8,9 +8,11 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from aios import sdk
@@ -136,6 +138,36 @@ def test_the_python_tool_cannot_read_the_run_directorys_key(k: Kernel) -> None:
         out = c.tools.call("python", code=code)
     text = str(out)
     assert "REFUSED" in text and key.read_bytes().hex() not in text
+
+
+def test_a_tools_memory_limit_holds_for_the_whole_call_and_status_says_how(k: Kernel) -> None:
+    """30 forked children, each under the tool's 64 MB, together far over it: QUOTA_EXCEEDED naming the
+    limit (issue 17: the call used to succeed holding 1.82 GB). `aios status -v` says which method holds it."""
+    with k.client("forks", timeout=60) as c:
+        with pytest.raises(sdk.AIOSError) as info:
+            c.tools.call("forker", children=30, mb=16, hold_s=25)
+        assert info.value.code == "QUOTA_EXCEEDED", info.value
+        assert "exceeded its memory limit of 64 MB per call" in info.value.message
+        assert c.tools.call("calculator", expression="1+1")["value"] == 2
+    out = k.aios("status", "-v")
+    assert out.returncode == 0, out.stderr
+    assert "memory per call by process-tree accounting" in out.stdout or "memory.max, pids.max" in out.stdout
+    assert k.processes()["tools"]["restarts"] == 0
+
+
+def test_no_process_of_a_python_call_is_left_once_its_reply_has_arrived(k: Kernel) -> None:
+    marker = f"aios-orphan-{uuid.uuid4().hex}"
+    sleeper = f'[sys.executable, "-c", "import os, time; os.fork(); time.sleep(300)", "{marker}"]'
+    code = (f"import subprocess, sys\n"
+            f"subprocess.Popen({sleeper}, start_new_session=True, stdout=subprocess.DEVNULL)\n"
+            f"subprocess.Popen({sleeper})\n"  # holds the snippet's stdout open
+            f"print('started')\n")
+    with k.client("orphans", timeout=60) as c:
+        out = c.tools.call("python", code=code, timeout_s=20)
+        alive = [p.pid for p in psutil.process_iter(["cmdline", "status"])
+                 if marker in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    assert (out["exit_code"], out["stdout"], out["timed_out"]) == (0, "started\n", False), out
 
 
 @pytest.mark.timeout(120)

@@ -121,11 +121,13 @@ def test_the_tool_managers_line_shows_what_the_scheduler_says_is_in_use(tmp_path
 
     tools = ToolManager("tools", RunDir(tmp_path), Config())
     per_target = {"slow2": {"limit": 2, "running": 2, "queued": 5}, "calculator": {"limit": 4, "running": 0, "queued": 0}}
-    figures = {"isolation_complete": True, "workers": {"warm": 1, "idle": 0, "cold": 3}, "mcp": {}}
+    figures = {"isolation_complete": True, "workers": {"warm": 1, "idle": 0, "cold": 3, "live": 1, "max": 32},
+               "call_limits": {"summary": "memory per call by process-tree accounting"}, "mcp": {}}
     tools.status_figures = lambda: figures  # type: ignore[method-assign]
     reply = tools.status(Manager.StatusArgs(per_target=per_target), _ctx())
     assert reply["per_target"] == per_target
-    assert reply["summary"] == ("isolation complete; workers 1 warm, 0 idle, 3 cold starts; MCP servers: none; "
+    assert reply["summary"] == ("isolation complete; memory per call by process-tree accounting; workers 1/32 live, "
+                                "0 idle, 1 warm calls, 3 cold starts; MCP servers: none; "
                                 "in use: slow2 2/2 running, 5 queued")
 
 

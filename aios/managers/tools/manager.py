@@ -109,7 +109,7 @@ class ToolManager(Manager):
         return {"functions": out}
 
     def status_figures(self) -> dict[str, Any]:
-        """Isolation in force, tools that did not load, workers, MCP servers."""
+        """Isolation in force, per-call limits, tools that did not load, workers, MCP servers."""
         return self.runtime.status()
 
     def status_line(self, figures: dict[str, Any]) -> str:
@@ -119,5 +119,7 @@ class ToolManager(Manager):
         # per_target (limit, running, queued per tool) is the scheduler's view, passed in by `aios status`
         active = {t: c for t, c in d.get("per_target", {}).items() if c["running"] or c["queued"]}
         in_use = ", ".join(f"{t} {c['running']}/{c['limit']} running, {c['queued']} queued" for t, c in active.items())
-        return (f"isolation {isolation}; workers {w.get('warm', 0)} warm, {w.get('idle', 0)} idle, "
-                f"{w.get('cold', 0)} cold starts; MCP servers: {servers}; in use: {in_use or 'none'}")
+        limits = d.get("call_limits", {}).get("summary", "unknown")
+        return (f"isolation {isolation}; {limits}; workers {w.get('live', 0)}/{w.get('max', '?')} live, "
+                f"{w.get('idle', 0)} idle, {w.get('warm', 0)} warm calls, {w.get('cold', 0)} cold starts; "
+                f"MCP servers: {servers}; in use: {in_use or 'none'}")

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
+from aios.managers.tools.call_limits import detect_call_limits
 from aios.managers.tools.isolation import Isolation, JailPlanner, detect_isolation
 from aios.managers.tools.mcp_source import McpHub, McpServerConfig
 from aios.managers.tools.registry import ToolInfo, ToolProblem, RegisteredTool, discover, validate_arguments
@@ -71,6 +72,9 @@ class ToolRuntimeOptions(BaseModel):
     nproc: int = Field(default=256, ge=8, description="RLIMIT_NPROC of a sandboxed worker (processes per uid)")
     warm_workers: int = Field(default=16, ge=0, description="idle warm workers kept (each for one tool and one agent)")
     warm_idle_s: float = Field(default=60.0, gt=0, description="an idle warm worker is closed after this long")
+    max_workers: int = Field(default=32, ge=1, description="worker processes at most, busy and idle, across tools "
+                                                          "and agents; at the bound a call takes an idle worker's "
+                                                          "place or waits for a busy one")
     settings: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-tool settings, e.g. {web_fetch = {allow = ['https://example.org']}}")
     mcp: list[McpServerConfig] = Field(default_factory=list, description="MCP servers whose tools are mounted")
@@ -127,7 +131,10 @@ class ToolRuntime:
         self._specs, problems = discover(search)
         self.problems: list[ToolProblem] = list(problems)
         self._planner = JailPlanner(self.isolation, opts.hide_paths, opts.scratch_mb, opts.nproc)
-        self._pool = WorkerPool(self._planner, opts.warm_workers, opts.warm_idle_s, opts.max_result_bytes)
+        self.call_limits = detect_call_limits(opts.nproc)
+        log.info("tool calls: %s", self.call_limits.summary())
+        self._pool = WorkerPool(self._planner, opts.warm_workers, opts.warm_idle_s, opts.max_result_bytes,
+                                opts.max_workers, self.call_limits)
         self._builtins: dict[str, Callable[..., Any]] = {}
         self._builtin_lock = threading.Lock()
         self._slots: dict[str, threading.BoundedSemaphore] = {}
@@ -218,7 +225,7 @@ class ToolRuntime:
         try:
             remaining = deadline - time.monotonic()
             if spec.kind == "subprocess":
-                return self._call_subprocess(spec, args, agent, remaining, cancelled)
+                return self._call_subprocess(spec, args, agent, deadline, budget, cancelled)
             if spec.kind == "builtin":
                 return self._call_builtin(spec, args, agent, deadline, call_fn, cancelled)
             assert self._mcp is not None
@@ -234,11 +241,14 @@ class ToolRuntime:
                 slot = self._slots[spec.name] = threading.BoundedSemaphore(spec.limit)
             return slot
 
-    def _call_subprocess(self, spec: RegisteredTool, args: dict[str, Any], agent: str, timeout: float,
-                         cancelled: threading.Event | None) -> Any:
-        worker = self._pool.acquire(spec, agent)
+    def _call_subprocess(self, spec: RegisteredTool, args: dict[str, Any], agent: str, deadline: float,
+                         budget: float, cancelled: threading.Event | None) -> Any:
+        worker = self._pool.acquire(spec, agent, deadline, cancelled)
         try:
-            return worker.call(args, self.options.settings.get(spec.name, {}), timeout, cancelled)
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise OpError(ErrorCode.DEADLINE_EXCEEDED, f"tool {spec.name!r}: no time left once a worker was free")
+            return worker.call(args, self.options.settings.get(spec.name, {}), timeout, cancelled, budget)
         finally:
             self._pool.release(worker)
 
@@ -286,6 +296,7 @@ class ToolRuntime:
         if self._mcp is not None:
             self._mcp.close()
         self._pool.remove_scratch()
+        self.call_limits.close()
 
     def __enter__(self) -> "ToolRuntime":
         return self
@@ -304,6 +315,8 @@ class ToolRuntime:
         return {"isolation": self.isolation.summary(self.options.scratch_mb),
                 "isolation_complete": self.isolation.complete,
                 "problems": [{"path": p.path, "reason": p.reason} for p in self.all_problems()],
-                "workers": {**self.worker_stats, "idle": self._pool.idle_count()},
+                "call_limits": {"method": self.call_limits.method, "summary": self.call_limits.summary()},
+                "workers": {**self.worker_stats, "idle": self._pool.idle_count(), "live": self._pool.live_count(),
+                            "max": self.options.max_workers},
                 "mcp": {name: {"running": s.session is not None, "starts": s.starts}
                         for name, s in (self._mcp.servers.items() if self._mcp else [])}}

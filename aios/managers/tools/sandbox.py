@@ -3,12 +3,16 @@
 One call of a subprocess tool runs in a worker process (worker.py) confined by
 jail.py, as isolation.py planned it. The manager side here
 
-- spawns workers (plain Popen, new session so the whole process group can be
-  killed; no preexec_fn, since the tool manager is multi-threaded);
-- waits for a reply with the call's deadline and cancellation, killing the
-  process group when either fires, and turns every way a worker can fail into a
-  clear OpError (raised, crashed, exited, killed by a signal, out of memory,
-  result too large).
+- spawns workers (plain Popen, new session; no preexec_fn, since the tool
+  manager is multi-threaded) and puts each under its per-call limits
+  (call_limits.py) before it runs any tool code;
+- waits for a reply with the call's deadline and cancellation (poll(2): no
+  descriptor-number limit), killing the worker's whole process tree when either
+  fires, and turns every way a worker can fail into a clear OpError (raised,
+  crashed, exited, killed by a signal, out of memory, over its per-call limit,
+  result too large);
+- ends a worker by killing its tree at once: an idle worker holds no call, so
+  there is nothing to wait for, and ending must keep up with eviction.
 
 Warm workers are kept for reuse by worker_pool.py.
 """
@@ -29,6 +33,7 @@ from typing import Any, Callable
 
 from aios.managers.base import OpError
 from aios.managers.tools import worker as wire
+from aios.managers.tools.call_limits import CallLimits, LimitHandle
 from aios.managers.tools.isolation import WORKER_SCRIPT, kill_group, worker_env
 from aios.managers.tools.registry import RegisteredTool
 from aios.protocol import ErrorCode
@@ -48,7 +53,8 @@ class Worker:
     """One worker process serving one tool (for one agent, when reused)."""
 
     def __init__(self, spec: RegisteredTool, agent: str, jail: dict[str, Any] | None, rlimits: dict[str, Any],
-                 max_result_bytes: int, scratch_root: str | Callable[[], str], cpu_budget_s: int) -> None:
+                 max_result_bytes: int, scratch_root: str | Callable[[], str], cpu_budget_s: int,
+                 limits: CallLimits) -> None:
         self.spec = spec
         self.agent = agent
         self.max_result_bytes = max_result_bytes
@@ -78,6 +84,17 @@ class Worker:
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
         os.set_blocking(self._out, False)
+        self._poll = select.poll()
+        self._poll.register(self._out, select.POLLIN)
+        try:  # before the spec is sent: until then the worker only waits to read it, and has not forked
+            self.limit: LimitHandle = limits.admit(spec.name, self.proc.pid, spec.memory_mb,
+                                                   bool(jail and jail.get("pid")))
+        except OSError as exc:
+            kill_group(self.proc)
+            self.proc.wait()
+            self._release_files()
+            raise OpError(ErrorCode.UNAVAILABLE, f"tool {spec.name!r}: cannot put its worker under the per-call "
+                                                 f"limits ({limits.method}): {exc}") from None
         wire.write_frame(self._in, {
             "tool": {"name": spec.name, "dir": str(spec.folder), "entry": spec.entry},
             "jail": jail, "rlimits": rlimits, "work_dir": self.work_dir, "max_result_bytes": max_result_bytes,
@@ -97,8 +114,7 @@ class Worker:
             wait = 0.05 if cancelled is not None else 1.0
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            ready, _, _ = select.select([self._out], [], [], max(0.0, wait))
-            if not ready:
+            if not self._poll.poll(max(0.0, wait) * 1000):
                 continue
             try:
                 chunk = os.read(self._out, min(need - len(buf), 1 << 20))
@@ -156,14 +172,16 @@ class Worker:
 
     # -------------------------------------------------------------- calls
     def call(self, args: dict[str, Any], settings: dict[str, Any], timeout_s: float,
-             cancelled: threading.Event | None) -> Any:
-        """Run one call; on any failure the worker is marked broken (killed) and OpError raised."""
+             cancelled: threading.Event | None, budget_s: float | None = None) -> Any:
+        """Run one call within timeout_s (what is left of the call's budget_s once a worker was found);
+        on any failure the worker is marked broken (killed) and OpError raised."""
         self.calls += 1
         try:
             self._stderr_mark = os.fstat(self._stderr.fileno()).st_size
         except ValueError:
             raise OpError(ErrorCode.SHUTTING_DOWN, "the tool runtime is closing") from None
         deadline = time.monotonic() + timeout_s
+        self.limit.begin_call()
         try:
             if not self.isolation:
                 self.wait_ready(deadline, cancelled)
@@ -172,7 +190,7 @@ class Worker:
         except _TimedOut:
             self.kill()
             raise OpError(ErrorCode.DEADLINE_EXCEEDED,
-                          f"tool {self.spec.name!r} did not finish within {timeout_s:.3g} s and was killed "
+                          f"tool {self.spec.name!r} did not finish within {budget_s or timeout_s:.3g} s and was killed "
                           f"(its manifest timeout_s is {self.spec.timeout_s:g}){self._tail_note()}") from None
         except _Cancelled:
             self.kill()
@@ -183,6 +201,10 @@ class Worker:
                                                f"result limit of {self.max_result_bytes} bytes (tools max_result_bytes)") from None
         except (_Exited, BrokenPipeError):
             raise OpError(*self._death_error("before replying")) from None
+        finally:
+            self.limit.end_call()
+        if reply.get("strays"):
+            self.kill()  # the call left processes the worker could not reach (no pid namespace, /proc hidden)
         self.last_used = time.monotonic()
         self.cpu_used = float(reply.get("cpu_s") or 0.0)
         if reply.get("ok"):
@@ -201,11 +223,15 @@ class Worker:
         return (f"tool {self.spec.name!r} exceeded its memory limit of {self.spec.memory_mb} MB "
                 f"(manifest memory_mb)")
 
+    def _limit_message(self) -> str:
+        """The per-call limit's own account when it ended the call, else the per-process one."""
+        return self.limit.limit_error() or self._memory_message()
+
     def _tool_error(self, err: dict[str, Any]) -> tuple[ErrorCode, str]:
         name = self.spec.name
         kind = err.get("kind")
         if kind == "memory":
-            return ErrorCode.QUOTA_EXCEEDED, self._memory_message()
+            return ErrorCode.QUOTA_EXCEEDED, self._limit_message()
         if kind == "too_large":
             return ErrorCode.TOO_LARGE, (f"tool {name!r}: {err.get('message')} (tools max_result_bytes)")
         if kind == "bad_result":
@@ -229,12 +255,16 @@ class Worker:
                                          f"{err.get('type')}: {err.get('message')}")
 
     def _death_error(self, when: str) -> tuple[ErrorCode, str]:
+        self.limit.end_call()  # before the reap: from then on its pid may name another process
         try:
             code = self.proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
             self.kill()
             code = self.proc.wait()
         self.broken = True
+        over = self.limit.limit_error()
+        if over:
+            return ErrorCode.QUOTA_EXCEEDED, over
         tail = self.stderr_tail()
         name = self.spec.name
         memoryish = any(s in tail for s in ("MemoryError", "Cannot allocate memory", "bad_alloc", "out of memory"))
@@ -266,25 +296,30 @@ class Worker:
                 and self.cpu_used < self.cpu_budget_s / 2)
 
     def kill(self) -> None:
+        """End the worker and every process of its call (its tree, or its cgroup), now."""
         self.broken = True
+        if self.proc.returncode is None:
+            self.limit.kill()
         kill_group(self.proc)
 
     def close(self) -> None:
-        """End the worker (EOF first, then SIGKILL to its group) and release its files. Idempotent."""
+        """End the worker (its whole tree, at once), reap it and release its files. Idempotent.
+
+        No grace period: a worker is closed only when idle (its call, and the call's processes, are over)
+        or broken. Waiting for it to exit on EOF cost up to 0.5 s per worker, and one closing thread then
+        fell behind eviction: 30 agents left hundreds of workers alive (issue 17)."""
         if self._closed:
             return
         self._closed = True
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # type: ignore[union-attr]
-                self.proc.wait(timeout=0.5)
-            except (subprocess.TimeoutExpired, OSError):
-                pass
-        kill_group(self.proc)
+        self.kill()
         try:
             self.proc.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
             log.warning("tool worker %d (%s) did not exit after SIGKILL", self.proc.pid, self.spec.name)
+        self.limit.release()
+        self._release_files()
+
+    def _release_files(self) -> None:
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f is not None:

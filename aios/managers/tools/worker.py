@@ -17,7 +17,12 @@ then needs no third-party import.
                         | {"ready": false, "error": {...}}             (once)
     manager -> worker   {"args": {...}, "settings": {...}, "timeout_s": float}
     worker  -> manager  {"ok": true, "result": ..., "ms": float} | {"ok": false, "error": {...}}
+                        (+ "strays": true when the call left processes the worker could not end)
     ... more calls on a warm worker; EOF on stdin ends it.
+
+A call's processes end with the call: before each reply the worker ends every
+process the call left behind (proctree.end_call_processes: it is pid 1 of its
+pid namespace, or a child subreaper), so no process of a call outlives its reply.
 
 The frames travel on private copies of the original stdin/stdout (close-on-exec,
 so a tool's own subprocesses never inherit them); fd 0 becomes /dev/null and
@@ -181,13 +186,25 @@ def _private_fds() -> tuple[int, int]:
     return fd_in, fd_out
 
 
-def _load_jail() -> Any:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
-    spec = importlib.util.spec_from_file_location("_aios_tool_jail", path)
+def _load_sibling(name: str) -> Any:
+    """A stdlib-only module of this folder (jail.py, proctree.py), loaded by path: no AIOS import."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_aios_tool_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_jail() -> Any:
+    return _load_sibling("jail")
+
+
+def _with_strays(frame: bytes) -> bytes:
+    """Flag a reply: the call left processes this worker cannot see, for the manager to end."""
+    reply = json.loads(frame[_HEADER.size:])
+    reply["strays"] = True
+    return encode_frame(reply)
 
 
 def _confine(jail: Any, spec: dict[str, Any], manager_pid: int) -> dict[str, Any]:
@@ -212,6 +229,8 @@ def serve(manager_pid: int) -> int:
         write_frame(fd_out, {"ready": False, "error": {"kind": "jail", "type": "JailError", "step": exc.step,
                                                        "message": str(exc)}})
         return 3
+    tree = _load_sibling("proctree")
+    tree.become_subreaper()
     tool = spec["tool"]
     work_dir = "/tmp" if isolation.get("fs") else spec.get("work_dir") or os.getcwd()
     os.chdir(work_dir)
@@ -248,6 +267,8 @@ def serve(manager_pid: int) -> int:
             frame = encode_frame({"ok": False, "error": describe_exception(exc)})
         except BaseException as exc:  # noqa: BLE001 - SystemExit from a tool is an error too
             frame = encode_frame({"ok": False, "error": describe_exception(exc), "cpu_s": cpu_seconds()})
+        if tree.end_call_processes() == "unreachable":
+            frame = _with_strays(frame)
         write_bytes(fd_out, frame)
 
 

@@ -13,7 +13,7 @@ result so nobody mistakes a reduced sandbox for a full one.
 from __future__ import annotations
 
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -22,6 +22,7 @@ import time
 OUTPUT_LIMIT = 64 * 1024  # per stream: what an agent can use; more is cut and flagged
 DEFAULT_TIMEOUT_S = 10.0
 MARGIN_S = 1.0  # leave the worker time to report before the manager's own deadline
+DRAIN_READS = 64  # reads of what a stream still holds once the snippet has exited (a pipe holds 64 KB)
 
 
 def run(args: dict, ctx) -> dict:
@@ -57,60 +58,108 @@ def run(args: dict, ctx) -> dict:
         result["error"] = f"the snippet was killed by {sig}" + (
             " (CPU-time limit)" if sig == "SIGXCPU" else "")
     elif "MemoryError" in result["stderr"]:
-        result["error"] = "the snippet ran out of memory (limit per process: the tool's memory_mb)"
+        result["error"] = "the snippet ran out of memory (limit: the tool's memory_mb, for each process and for all together)"
     return result
 
 
 def _communicate(proc: subprocess.Popen, stdin: bytes, deadline: float) -> tuple[tuple[bytes, bool], tuple[bytes, bool], bool]:
-    """Feed stdin, collect at most OUTPUT_LIMIT bytes per stream (draining the rest), stop at deadline."""
+    """Feed stdin, collect at most OUTPUT_LIMIT bytes per stream (draining the rest), stop at deadline.
+
+    The call ends when the snippet's process does, not when its output pipes close: a background
+    child may hold them open for ever. What is already in the pipes is read; the worker then ends
+    every process the snippet left (worker.py), before the reply.
+    """
     bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     cut = {fd: False for fd in bufs}
-    open_fds = set(bufs)
     pending = memoryview(stdin)
-    wfd = proc.stdin.fileno()
     if not pending:
         proc.stdin.close()
-        wfd = None
+    exited = _exit_watch(proc)
     timed_out = False
-    while open_fds or wfd is not None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            timed_out = True
-            break
-        writers = [wfd] if wfd is not None else []
-        r, w, _ = select.select(list(open_fds), writers, [], min(left, 0.5))
-        for fd in r:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                open_fds.discard(fd)
-                continue
-            room = OUTPUT_LIMIT - len(bufs[fd])
-            if room > 0:
-                bufs[fd] += chunk[:room]
-            if len(chunk) > room:
-                cut[fd] = True
-        if w:
-            try:
-                n = os.write(wfd, pending[:65536])
-                pending = pending[n:]
-            except BrokenPipeError:
-                pending = pending[:0]
-            if not pending:
-                proc.stdin.close()
-                wfd = None
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            sel.register(fd, selectors.EVENT_READ)
+        if pending:
+            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+        if exited is not None:
+            sel.register(exited, selectors.EVENT_READ)
+        while proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(min(left, 0.5 if exited is not None else 0.05)):
+                if key.fd in bufs:
+                    if not _read_into(key.fd, bufs, cut):
+                        sel.unregister(key.fd)
+                elif key.fd != exited:
+                    pending = _feed(proc, pending)
+                    if not pending:
+                        sel.unregister(key.fd)
+                        _close_stdin(proc)
+        # the snippet is over (or out of time): take what its pipes already hold, without waiting for EOF
+        for fd in bufs:
+            if fd in sel.get_map():
+                os.set_blocking(fd, False)
+                for _ in range(DRAIN_READS):  # bounded: a background child may write for ever
+                    if not _read_into(fd, bufs, cut):
+                        break
+    if exited is not None:
+        os.close(exited)
+    _close_stdin(proc)
     if timed_out:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     try:
-        proc.wait(timeout=max(0.1, deadline - time.monotonic()) if not timed_out else 5)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         timed_out = True
     fo, fe = proc.stdout.fileno(), proc.stderr.fileno()
     return (bytes(bufs[fo]), cut[fo]), (bytes(bufs[fe]), cut[fe]), timed_out
+
+
+def _exit_watch(proc: subprocess.Popen) -> int | None:
+    """A descriptor readable once the snippet's process exits (pidfd, Linux 5.3+); None: poll for it."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _read_into(fd: int, bufs: dict, cut: dict) -> bool:
+    """Read one chunk into the stream's buffer (what passes OUTPUT_LIMIT is dropped); False at EOF or when
+    a non-blocking read finds nothing more."""
+    try:
+        chunk = os.read(fd, 65536)
+    except BlockingIOError:
+        return False
+    if not chunk:
+        return False
+    room = OUTPUT_LIMIT - len(bufs[fd])
+    if room > 0:
+        bufs[fd] += chunk[:room]
+    if len(chunk) > room:
+        cut[fd] = True
+    return True
+
+
+def _feed(proc: subprocess.Popen, pending: memoryview) -> memoryview:
+    try:
+        n = os.write(proc.stdin.fileno(), pending[:65536])
+        return pending[n:]
+    except BrokenPipeError:
+        return pending[:0]
+
+
+def _close_stdin(proc: subprocess.Popen) -> None:
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
 
 
 def _describe(iso: dict) -> str:

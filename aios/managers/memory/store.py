@@ -302,14 +302,7 @@ class MemoryStore:
         ("storage" or "ram"). "complete" is False when only the entries in RAM could
         be ranked although others exist (the backing could not search)."""
         check_agent(agent)
-        if not isinstance(query, str) or not query.strip():
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "query must be a non-empty string")
-        if len(query) > self.limits.max_query_chars:
-            raise OpError(ErrorCode.TOO_LARGE, f"query is {len(query)} characters; the limit is "
-                                               f"{self.limits.max_query_chars}")
-        terms = query_terms(query)
-        if not terms:
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "query has no words to search for")
+        terms = self.check_query(query)
         check_limit(limit, self.limits.max_search_limit, "limit")
         note: str | None = None
         if self._backing is not None:
@@ -354,6 +347,18 @@ class MemoryStore:
         if note:
             result["note"] = note
         return result
+
+    def check_query(self, query: str) -> tuple[str, ...]:
+        """A search query is a string of at most `max_query_chars` with a word in it; its terms."""
+        if not isinstance(query, str) or not query.strip():
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "query must be a non-empty string")
+        if len(query) > self.limits.max_query_chars:
+            raise OpError(ErrorCode.TOO_LARGE, f"query is {len(query)} characters; the limit is "
+                                               f"{self.limits.max_query_chars}")
+        terms = query_terms(query)
+        if not terms:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "query has no words to search for")
+        return terms
 
     def stats(self, agent: str | None = None) -> dict[str, Any]:
         """Figures for the whole store, or for one agent's entries in RAM."""

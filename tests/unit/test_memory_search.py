@@ -262,3 +262,13 @@ def test_empty_content_is_refused() -> None:
         store.update("a", e.id, content="")
     assert err.value.code is ErrorCode.INVALID_ARGUMENT
     assert store.get("a", e.id).content == "kept"
+
+
+def test_a_keyword_hit_must_share_more_than_function_words_with_the_query() -> None:
+    """A question is full of "what", "is", "the": sharing only those is no match (it was, before)."""
+    store = MemoryStore(1 << 20)
+    ids = [store.add("a", text).id for text in ["The harbour opens at dawn.", "What is the tide table for today?",
+                                                 "Paris is the capital of France."]]
+    assert store.search("a", "What is the name of the ship?")["hits"] == []
+    assert [h["id"] for h in store.search("a", "What is the capital of France?")["hits"]] == [ids[2]]
+    assert {h["id"] for h in store.search("a", "What is the")["hits"]} == set(ids)  # only function words: kept

@@ -1,12 +1,15 @@
 """Merging the keyword ranking (BM25) and the ranking by meaning: the more confident one leads.
 
 Reciprocal rank fusion (summing 1 / (60 + rank) over the rankings), used here
-before, did worse than its better input whenever the two differ in quality:
-on aios/bench/recall_set.py with the default model and the same floors it
-gave recall@5 0.79 where meaning alone gave 0.875 (in process; and on a public
-conversation benchmark it fell below keywords alone). A ranking that returns
-junk for a query pulls the other ranking's right answer down, because rank
-fusion cannot see that the junk is junk.
+before, did worse than its better input when one ranking returns junk for a
+query: the junk pulls the other ranking's right answer down, because rank
+fusion cannot see that it is junk. On aios/bench/recall_set.py (in process,
+default model) it gave recall@5 0.79 where meaning alone gave 0.875, while
+keywords still matched on function words; on a public conversation benchmark
+it fell below keywords alone. The floors (store.py for keywords, meaning.py
+for meaning) remove most junk, and with them rank fusion ties here (0.875),
+but it still offers no guarantee: it lost a question to meaning alone when
+the vectors were slightly degraded with noise, where this scheme did not.
 
 So each ranking says how sure it is for this query, on a scale that means the
 same from one query to the next, and the surer one leads: its hits come first,
@@ -17,25 +20,29 @@ places from it. A hit listed by both says so.
 - Keyword confidence: the best BM25 score over `BM25_SURE` (capped at 1). A
   BM25 score adds up the query terms an entry contains, each weighted by how
   rare it is (idf = ln(N / df), roughly): a word found in one entry of
-  thousands is worth 6 to 8; words that most entries share ("what", "my") are
-  worth little, and so is a match on them alone. 12 is "a rare word or two"
-  (on the recall set: keyword questions' best hit scored 7 to 17, paraphrased
-  questions' 3 to 5.5). N is every record in storage's index, so in a store
-  of a few dozen entries no word is rare enough to make keywords sure and
-  meaning leads whenever it found something above its floor.
+  thousands is worth 6 to 8, a word most entries share little (and function
+  words do not count at all: store.py). 12 is "a rare word or two" (on the
+  recall set the best keyword hit scored 5 to 13 for questions that share a
+  word with their answer, 3.4 to 5 for paraphrased ones, whose hits are
+  coincidences). N is every record in storage's index, so in a store of a
+  few dozen entries no word is rare enough to make keywords sure and meaning
+  leads whenever it found something above its floor.
 - Meaning confidence: how far the best hit's z-score (meaning.py) is above
   the floor, over the distance from the floor to `MEANING_SURE_Z` (capped at 1).
 - Ties go to the keyword ranking: a shared rare word is evidence one can check.
 
 Measured through the kernel (`aios bench recall`, default model, 808 turns,
-160 questions): recall@5 keywords 0.656, meaning 0.875, fused 0.875 (keywords
-led 52 searches, meaning 108): equal to the better input, which is what
-"following the surer ranking" can promise where one input is better on nearly
-every question. With the meaning vectors degraded by added noise until the
-two inputs are close, fused beats both (0.74 against 0.70 and 0.65, in
-process on the same set); it falls below keywords alone only when the vectors
-are close to random (meaning then still finds "hits" above the floor and
-sometimes leads). Deterministic: the same hits in, the same list out, whatever
+160 questions): recall@5 keywords 0.500, meaning 0.875, fused 0.875 (keywords
+led 29 searches, meaning 131): equal to the better input, which is what
+following the surer ranking can promise where one input is at least as good
+on nearly every question (here meaning: 1.0 on the questions sharing a word
+with their answer, like keywords, and 0.75 on the paraphrased ones, where
+keywords find nothing). With the meaning vectors degraded by added noise
+(in process, same set), fused stays at or above the better input and beats
+both where they are close (0.74 against 0.70 and 0.50); it falls below
+keywords alone only when the vectors are close to random (meaning then still
+finds "hits" above its floor and sometimes leads; rank fusion does better
+there). Deterministic: the same hits in, the same list out, whatever
 the order they arrived in (ties within a ranking are broken by id).
 """
 from __future__ import annotations

@@ -62,3 +62,5 @@ def add_bench_parser(sub: Any) -> None:
     add_storage_parser(kinds)
     from aios.bench.memory import add_parser as add_memory_parser
     add_memory_parser(kinds)
+    from aios.bench.recall import add_parser as add_recall_parser
+    add_recall_parser(kinds)

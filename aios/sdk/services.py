@@ -322,9 +322,13 @@ class MemoryService(Service):
         """{"entries": [summaries, oldest first], "total", "offset"} (no content: `get` an entry for it)."""
         return self._result("list", {"offset": offset, "limit": limit}, idempotent=True)
 
-    def search(self, query: str, *, limit: int = 10) -> Any:
-        """Ranked entries: [{id, content, metadata, score, ranking, source}, ...]."""
-        return self._request("search", {"query": query, "limit": limit}, idempotent=True, then=_field("hits"))
+    def search(self, query: str, *, limit: int = 10, rankings: list[str] | None = None) -> Any:
+        """Ranked entries: [{id, content, metadata, score, ranking, source}, ...], by keywords and by
+        meaning merged, or by the rankings named (["bm25"] or ["embedding"])."""
+        args: dict[str, Any] = {"query": query, "limit": limit}
+        if rankings is not None:
+            args["rankings"] = rankings
+        return self._request("search", args, idempotent=True, then=_field("hits"))
 
     def stats(self) -> Any:
         return self._result("stats", {}, idempotent=True)

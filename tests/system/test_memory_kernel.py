@@ -194,6 +194,9 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(kernel, tmp_path: Path
             (lambda: c.call("memory", "add", content="x", metadata={"k": [1, 2]}), sdk.InvalidArgument, "metadata"),
             (lambda: c.memory.add("x" * (2 * 1024 * 1024)), sdk.InvalidArgument, "budget_mb"),
             (lambda: c.memory.search(""), sdk.InvalidArgument, "query"),
+            (lambda: c.memory.add(""), sdk.InvalidArgument, "empty"),
+            (lambda: c.memory.add(" \n "), sdk.InvalidArgument, "empty"),
+            (lambda: c.memory.update(kept["id"], content=""), sdk.InvalidArgument, "empty"),
         ]
         for fn, exc_type, needle in cases:
             with pytest.raises(exc_type) as info:
@@ -227,20 +230,37 @@ def test_aios_memory_command(kernel, tmp_path: Path) -> None:
 @pytest.mark.model
 def test_search_by_meaning_is_merged_and_says_which_ranking_found_each_hit(kernel, tmp_path: Path) -> None:
     """With the embedded model's LLM core (which offers `llm.embed`), search ranks by keywords and by
-    meaning and merges them; each hit names the rankings that produced it."""
+    meaning and merges them; each hit names the rankings that produced it; a hit by meaning must be
+    closer to the query than generic text is, so a query about nothing stored finds nothing."""
     k = kernel(echo=False, llm=[{"name": "llm-0", "backend": "llamacpp", "n_ctx": 1024}],
                builtins={"storage": {"path": str(tmp_path / "storage.sqlite3")}, "memory": {}})
     with k.client("semantic", timeout=60) as c:
-        texts = ["The rocket launched into orbit carrying a satellite.", "Grandma's apple pie needs cinnamon.",
+        texts = ["Our tabby kitten Mochi sleeps on the radiator all afternoon and purrs like an engine.",
+                 "The rocket launched into orbit carrying a satellite.",
                  "The stock market fell sharply on Tuesday.", "I need to buy milk and eggs at the grocery store."]
         ids = [c.memory.add(t)["id"] for t in texts]
-        reply = c.call("memory", "search", query="space travel", limit=4)
-        both = c.call("memory", "search", query="grocery shopping", limit=4)
+        reply = c.call("memory", "search", query="Which feline pet do I have?", limit=4)
+        both = c.call("memory", "search", query="buy milk and eggs", limit=4)
+        by_keyword = c.call("memory", "search", query="feline pet", limit=4, rankings=["bm25"])
+        again = [c.call("memory", "search", query="buy milk and eggs", limit=4) for _ in range(2)]
+        off_topic = c.call("memory", "search", query="What is the capital of France?", limit=4)
+    with k.client("unrelated", timeout=60) as c:
+        for text in [texts[1], texts[2], "The harbour opens at dawn."]:
+            c.memory.add(text)
+        # nothing is about peanuts: no hit, by either ranking (every entry was a hit by meaning before)
+        peanut = c.call("memory", "search", query="peanut", limit=4)
+        peanut_by_meaning = c.call("memory", "search", query="peanut", limit=4, rankings=["embedding"])
+    assert peanut["hits"] == [] and peanut_by_meaning["hits"] == []
+    assert peanut_by_meaning["rankings"] == ["embedding"] and peanut_by_meaning["compared_by_meaning"] == 3
+    assert off_topic["hits"] == []
+    assert by_keyword["rankings"] == ["bm25"] and by_keyword["hits"] == []  # no note says "feline" or "pet"
+    assert all(a["hits"] == both["hits"] for a in again)  # the same search, the same answer
     assert reply["rankings"] == ["bm25", "embedding"]
     assert reply["compared_by_meaning"] == reply["candidates_by_meaning"] == 4
-    # no note contains "space" or "travel": the rocket note is found by meaning alone, and first
+    # no note says "feline" or "pet": the kitten note is found by meaning alone, and first
     assert reply["hits"][0]["id"] == ids[0] and reply["hits"][0]["ranking"] == "embedding"
-    assert all(set(h["rankings"]) == {"embedding"} for h in reply["hits"])
+    assert reply["led_by"] == "embedding" and reply["hits"][0]["rankings"]["embedding"]["z"] >= 2.0
+    assert ids[1] not in {h["id"] for h in reply["hits"]}  # the rocket is not a pet, by any ranking
     by_id = {h["id"]: h for h in both["hits"]}
     assert by_id[ids[3]]["ranking"] == "bm25+embedding" and both["hits"][0]["id"] == ids[3]  # found both ways
     assert all(h["rankings"][name]["rank"] >= 1 for h in both["hits"] for name in h["rankings"])
@@ -248,7 +268,7 @@ def test_search_by_meaning_is_merged_and_says_which_ranking_found_each_hit(kerne
     lines = {line.split(":")[0]: line for line in k.aios("status", "-v").stdout.splitlines() if ": " in line}
     assert "llamacpp gemma3-270m" in lines["llm-0"] and "prefix cache" in lines["llm-0"]
     assert "embeddings" in lines["llm-0"]
-    assert lines["memory"].startswith("memory: write-through, 4 entries in RAM for 1 agents")
+    assert lines["memory"].startswith("memory: write-through, 7 entries in RAM for 2 agents")
 
 
 def test_without_embeddings_search_says_it_ranked_by_keywords_only(kernel, tmp_path: Path) -> None:
@@ -256,4 +276,26 @@ def test_without_embeddings_search_says_it_ranked_by_keywords_only(kernel, tmp_p
     with k.client("plain", timeout=30) as c:
         c.memory.add("fishing boats at dawn")
         reply = c.call("memory", "search", query="fishing")
+        with pytest.raises(sdk.AIOSError) as info:
+            c.memory.search("fishing", rankings=["embedding"])
     assert reply["rankings"] == ["bm25"] and reply["hits"][0]["ranking"] == "bm25"
+    assert info.value.code == "UNAVAILABLE" and "embeddings" in info.value.message
+
+
+def test_keyword_hits_with_equal_scores_come_in_the_same_order_every_time(kernel, tmp_path: Path) -> None:
+    """Entries that score the same are listed in id order (creation order): the same data gives the same
+    list on every search, and after storage and memory restart."""
+    k = memory_kernel(kernel, tmp_path)
+    with k.client("ties", timeout=30) as c:
+        ids = [c.memory.add(text)["id"] for text in ["tide table", "tide table", "tide table", "low tide table",
+                                                     "tide table", "tide table"]]
+        first = [h["id"] for h in c.memory.search("tide", limit=10)]
+        assert sorted(first) == sorted(ids) and [i for i in first if i != ids[3]] == sorted(set(ids) - {ids[3]})
+        assert [h["id"] for h in c.memory.search("tide", limit=10)] == first
+        assert [h["id"] for h in c.memory.search("tide", limit=3)] == first[:3]
+    for name in ("storage", "memory"):
+        pid = k.wait_running(name)
+        os.kill(pid, signal.SIGKILL)
+        k.wait_running(name, other_than=pid, timeout=30)
+    with k.client("ties", timeout=30) as c:
+        assert [h["id"] for h in c.memory.search("tide", limit=10)] == first

@@ -104,7 +104,7 @@ def push_out(store: MemoryStore, agent: str, entry_id: str) -> None:
 
 
 # ------------------------------------------------------------------ basic ops
-TEXTS = ["", "plain text", "Grüße 日本語 😀👍🏽 e\u0301", "nul\x00byte", "line\nbreaks\r\n\ttabs", "x" * 20000]
+TEXTS = ["  padded with white space  ", "plain text", "Grüße 日本語 😀👍🏽 e\u0301", "nul\x00byte", "line\nbreaks\r\n\ttabs", "x" * 20000]
 
 
 def test_entries_round_trip_exactly_with_metadata_and_timestamps() -> None:

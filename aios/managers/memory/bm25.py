@@ -56,6 +56,25 @@ def query_terms(query: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(tokenize(query)))
 
 
+#: English function words: a question is full of them ("What is the capital of France?") and an entry
+#: that shares only these with it does not match it. BM25's idf alone cannot tell: in a memory of a
+#: few entries "the" is as rare as "france". (The usual English stop list, as Lucene's and NLTK's.)
+FUNCTION_WORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between both
+but by can could did do does doing down during each few for from further had has have having he her here hers
+herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on
+once only or other our ours ourselves out over own same she should so some such than that the their theirs them
+themselves then there these they this those through to too under until up very was we were what when where which
+while who whom why will with would you your yours yourself yourselves s t d ll m re ve don didn doesn isn wasn
+""".split())
+
+
+def keyword_terms(terms: Sequence[str]) -> tuple[str, ...]:
+    """The terms a keyword hit must contain one of: the query's terms less its function words
+    (all of them, if the query has nothing else: "the who" still searches for what it says)."""
+    return tuple(t for t in terms if t not in FUNCTION_WORDS) or tuple(terms)
+
+
 # A node's state while folding the tree: (term frequencies of the query terms in the
 # text so far, number of terms closed so far, the unfinished word at the end).
 _State = tuple[tuple[int, ...], int, str]

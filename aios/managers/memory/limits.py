@@ -1,6 +1,7 @@
 """What a memory entry may hold, checked before anything is written.
 
-- content: a string of at most min(1 MiB, budget/16) UTF-8 bytes. An entry is a
+- content: a string with something besides white space (else no search could
+  find it), of at most min(1 MiB, budget/16) UTF-8 bytes. An entry is a
   note or a transcript, not a file (files go to storage). Reading an entry makes
   transient copies outside the budget (the rebuilt string, the reply frame), and
   one entry should not flush the cache: 1/16 of the budget keeps both small.
@@ -60,6 +61,9 @@ def check_content(content: str, max_bytes: int, limits: Limits, budget_bytes: in
     """`content` is text of at most `max_bytes` UTF-8 bytes (the error explains where the bound comes from)."""
     if not isinstance(content, str):
         raise OpError(ErrorCode.INVALID_ARGUMENT, "content must be a string")
+    if not content.strip():
+        raise OpError(ErrorCode.INVALID_ARGUMENT, "content is empty: an entry must hold some text (white space "
+                                                  "alone cannot be found by any search)")
     try:
         size = utf8_len(content) if content.isascii() else len(content.encode("utf-8"))
     except UnicodeEncodeError:

@@ -20,21 +20,21 @@ Search: ranked keyword search (BM25) over all of an agent's entries, done by
 storage's full-text index (it holds every entry, hot or cold). When an LLM
 core offers embeddings (`llm.embed`), search also ranks by meaning: the query
 and the agent's most recent entries (`[memory] semantic_candidates`) are
-embedded (entries' vectors are cached in RAM by version, at most
+embedded (entries' vectors are cached in RAM by version and model, at most
 `semantic_batch` new ones per search, so a search never waits on embedding a
-whole history), compared by cosine similarity, and the two rankings are merged
-by reciprocal rank fusion. Every hit says which rankings produced it, at what
-rank and score ("rankings": {"bm25": ..., "embedding": ...}), and the reply
-says how many entries were compared by meaning. Without a storage service
-(`[memory] storage = false`) memory is RAM-only: the budget is a hard limit
-and search ranks the entries in RAM.
+whole history) and compared after calibration against generic text, which
+also sets the floor a hit by meaning must clear (meaning.py). The two rankings
+are merged by letting the more confident one lead (fusion.py). Every hit says
+which rankings produced it, at what rank and score ("rankings": {"bm25": ...,
+"embedding": ...}), and the reply says how many entries were compared by
+meaning and which ranking led. `rankings` in the request asks for one ranking
+alone. Without a storage service (`[memory] storage = false`) memory is
+RAM-only: the budget is a hard limit and search ranks the entries in RAM.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
-from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aios.config import Config, ManagerSpec
 from aios.managers.base import Manager, OpError, RequestContext, op
 from aios.managers.memory.fusion import fuse
+from aios.managers.memory.meaning import BACKGROUND, Calibration, VectorCache
 from aios.managers.memory.store import MemoryStore, MemoryRecord
 from aios.protocol import ErrorCode
 from aios.status_view import mb
@@ -125,6 +126,7 @@ class ListArgs(_Args):
 class SearchArgs(_Args):
     query: str = Field(min_length=1, max_length=1000)
     limit: int = Field(default=10, ge=1, le=100)
+    rankings: list[Literal["bm25", "embedding"]] | None = Field(default=None, min_length=1, max_length=2)
 
 
 class NoArgs(_Args):
@@ -169,6 +171,9 @@ class MemoryManager(Manager):
                                  correlated_period=o.correlated_period_s,
                                  backing=StorageBacking() if o.storage else None)
         self.vectors = VectorCache(int(o.semantic_cache_mb * MiB))
+        self._calibrations: dict[str, Calibration] = {}  # by embedding model
+        self._calibration_lock = threading.Lock()
+        self._model: str | None = None  # the embedding model the last search used
         self._embeddings_seen: tuple[float, bool] = (-1e9, False)
         self.log.info("memory budget %.1f MB, %s", o.budget_mb, "write-through to storage" if o.storage else "RAM only")
 
@@ -208,23 +213,41 @@ class MemoryManager(Manager):
 
     @op(SearchArgs, idempotent=True)
     def search(self, args: SearchArgs, ctx: RequestContext) -> dict:
-        """Ranked search of the agent's entries (by keywords, and by meaning when an LLM core offers
-        embeddings); each hit says which rankings produced it."""
-        keyword = self.store.search(ctx.agent, args.query, limit=args.limit, via=ctx)
-        if not self._embeddings_offered(ctx):
+        """Ranked search of the agent's entries, by keywords and by meaning (when an LLM core offers
+        embeddings) merged, or by the one ranking asked for (`rankings`); each hit says which
+        rankings produced it. A hit always clears its ranking's floor: a keyword hit contains a
+        query word, a hit by meaning is more similar to the query than generic text is (meaning.py)."""
+        wanted = [name for name in ("bm25", "embedding") if name in (args.rankings or ("bm25", "embedding"))]
+        self.store.check_query(args.query)
+        offered = self._embeddings_offered(ctx)
+        if wanted == ["embedding"] and not offered:
+            raise OpError(ErrorCode.UNAVAILABLE, "no LLM core offers embeddings (llm.embed) now, so memory cannot "
+                                                 "search by meaning: configure one, or search with rankings "
+                                                 "[\"bm25\"]")
+        keyword = self.store.search(ctx.agent, args.query, limit=args.limit, via=ctx) if "bm25" in wanted else None
+        if keyword is not None and (not offered or "embedding" not in wanted):
             return {**keyword, "rankings": ["bm25"]}
         try:
             semantic, compared, candidates = self._semantic(args.query, args.limit, ctx)
         except OpError as exc:  # the LLM core could not embed now: say so, keep the keyword ranking
+            if keyword is None:
+                raise
             return {**keyword, "rankings": ["bm25"], "note": f"search by meaning failed: {exc.message}"}
-        hits = fuse({"bm25": keyword["hits"], "embedding": semantic}, args.limit)
-        for h in hits:
-            h["ranking"] = "+".join(h["rankings"])  # "bm25", "embedding" or "bm25+embedding"
-        out = {"hits": hits, "complete": keyword.get("complete", True), "rankings": ["bm25", "embedding"],
-               "compared_by_meaning": compared, "candidates_by_meaning": candidates}
+        out: dict[str, Any] = {"complete": True, "rankings": wanted, "compared_by_meaning": compared,
+                               "candidates_by_meaning": candidates}
+        if keyword is None:
+            out["hits"] = [{**{k: v for k, v in h.items() if k != "z"},
+                            "rankings": {"embedding": {"rank": i, "score": h["score"], "z": h["z"]}}}
+                           for i, h in enumerate(semantic, start=1)]
+        else:
+            out["hits"], how = fuse(keyword["hits"], semantic, args.limit)
+            out.update(how, complete=keyword.get("complete", True))
+        for h in out["hits"]:
+            h["ranking"] = "+".join(name for name in ("bm25", "embedding") if name in h["rankings"])
         if compared < candidates:
-            out["note"] = (f"{candidates - compared} recent entries were not yet embedded and were ranked by "
-                           f"keywords only; later searches embed them")
+            out["note"] = (f"{candidates - compared} recent entries were not yet embedded and were "
+                           f"{'ranked by keywords only' if keyword is not None else 'left out'}; later searches "
+                           f"embed them")
         return out
 
     def _embeddings_offered(self, ctx: RequestContext) -> bool:
@@ -240,34 +263,56 @@ class MemoryManager(Manager):
         self._embeddings_seen = (time.monotonic(), offered)
         return offered
 
+    def _calibration(self, model: str, ctx: RequestContext) -> Calibration:
+        """The model's calibration (meaning.py), made on first use from the background sentences."""
+        with self._calibration_lock:
+            found = self._calibrations.get(model)
+        if found is not None:
+            return found
+        reply = ctx.call("llm", "embed", texts=list(BACKGROUND), idempotent=True)
+        if reply.get("model") != model:
+            raise OpError(ErrorCode.UNAVAILABLE, f"LLM cores with different embedding models answered "
+                                                 f"({model!r}, then {reply.get('model')!r}); search by meaning "
+                                                 f"needs one model for a query and its entries")
+        calibration = Calibration(model, reply["vectors"])
+        with self._calibration_lock:
+            return self._calibrations.setdefault(model, calibration)
+
     def _semantic(self, query: str, limit: int, ctx: RequestContext) -> tuple[list[dict[str, Any]], int, int]:
-        """Cosine ranking of the agent's most recent entries against the query."""
+        """The agent's most recent entries that clear the floor by meaning, most similar first."""
         o = self.options
         listing = self.store.list(ctx.agent, offset=0, limit=min(o.semantic_candidates, 1000), via=ctx)
         entries = listing["entries"]
         if listing["total"] > len(entries):  # the most recent ones: the listing is oldest first
             entries = self.store.list(ctx.agent, offset=listing["total"] - len(entries), limit=len(entries),
                                       via=ctx)["entries"]
-        missing = [e for e in reversed(entries) if self.vectors.get(ctx.agent, e["id"], e["updated"]) is None]
+        model = self._model
+        missing = [e for e in reversed(entries)
+                   if model is None or self.vectors.get(ctx.agent, e["id"], e["updated"], model) is None]
         to_embed = missing[:o.semantic_batch]
         texts = [self.store.get(ctx.agent, e["id"], via=ctx).content for e in to_embed]
-        q_vec, *vecs = ctx.call("llm", "embed", texts=[query, *texts], idempotent=True)["vectors"]
-        for e, vec in zip(to_embed, vecs):
-            self.vectors.put(ctx.agent, e["id"], e["updated"], vec)
-        scored = []
-        for e in entries:
-            vec = self.vectors.get(ctx.agent, e["id"], e["updated"])
-            if vec is not None:
-                scored.append((_cosine(q_vec, vec), e))
-        scored.sort(key=lambda x: -x[0])
+        reply = ctx.call("llm", "embed", texts=[query, *texts], idempotent=True)
+        model = str(reply.get("model") or "?")
+        calibration = self._calibration(model, ctx)
+        q_vec, *vecs = reply["vectors"]
+        try:
+            for e, vec in zip(to_embed, vecs):
+                self.vectors.put(ctx.agent, e["id"], e["updated"], model, calibration.project(vec))
+            self._model = model
+            candidates = [(e["id"], vec) for e in entries
+                          if (vec := self.vectors.get(ctx.agent, e["id"], e["updated"], model)) is not None]
+            ranked = calibration.rank(q_vec, candidates, limit)
+        except ValueError as exc:  # the core's vectors changed dimensions under the same model name
+            raise OpError(ErrorCode.UNAVAILABLE, f"the embeddings of {model!r} do not match: {exc}") from None
         hits = []
-        for score, e in scored[:limit]:
+        for hit in ranked:
             try:
-                record = self.store.get(ctx.agent, e["id"], via=ctx)
+                record = self.store.get(ctx.agent, str(hit.key), via=ctx)
             except OpError:
                 continue  # deleted meanwhile
-            hits.append({**record.to_dict(), "score": round(score, 6), "ranking": "embedding", "source": "memory"})
-        return hits, len(scored), len(entries)
+            hits.append({**record.to_dict(), "score": hit.similarity, "z": hit.z, "ranking": "embedding",
+                         "source": "memory"})
+        return hits, len(candidates), len(entries)
 
     @op(NoArgs, idempotent=True)
     def stats(self, args: NoArgs, ctx: RequestContext) -> dict:
@@ -291,46 +336,3 @@ class MemoryManager(Manager):
                 f"({f'{ratio}x' if ratio else 'no entries'}), {mb(d.get('accounted_bytes'))} of "
                 f"{mb(d.get('budget_bytes'))} budget, {d.get('evictions', 0)} evictions, "
                 f"{d.get('swap_ins', 0)} swap-ins")
-
-
-def _cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    na = math.sqrt(sum(x * x for x in a))
-    nb = math.sqrt(sum(y * y for y in b))
-    return dot / (na * nb) if na and nb else 0.0
-
-
-class VectorCache:
-    """Entry vectors by (agent, id, updated) in RAM, least recently used out beyond `budget_bytes`
-    (a vector is recomputed when its entry changes, or after it left the cache)."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        from array import array
-        self._array = array
-        self.budget = budget_bytes
-        self.bytes = 0
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
-
-    def get(self, agent: str, entry_id: str, updated: float) -> list[float] | None:
-        with self._lock:
-            item = self._items.get((agent, entry_id))
-            if item is None or item[0] != updated:
-                return None
-            self._items.move_to_end((agent, entry_id))
-            return item[1].tolist()
-
-    def put(self, agent: str, entry_id: str, updated: float, vec: list[float]) -> None:
-        packed = self._array("f", vec)  # float32: a quarter of a list of Python floats
-        size = packed.itemsize * len(packed) + 120
-        with self._lock:
-            old = self._items.pop((agent, entry_id), None)
-            if old is not None:
-                self.bytes -= old[1].itemsize * len(old[1]) + 120
-            if size > self.budget:
-                return
-            self._items[(agent, entry_id)] = (updated, packed)
-            self.bytes += size
-            while self.bytes > self.budget:
-                _, (_, gone) = self._items.popitem(last=False)
-                self.bytes -= gone.itemsize * len(gone) + 120

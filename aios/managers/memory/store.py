@@ -60,7 +60,7 @@ import time
 from typing import Any, Callable
 
 from aios.managers.base import OpError
-from aios.managers.memory.bm25 import BM25, count_in_tree, query_terms
+from aios.managers.memory.bm25 import BM25, count_in_tree, keyword_terms, query_terms
 from aios.managers.memory.limits import (BUDGET_KEY, MIB, Limits, check_agent, check_content, check_id, check_limit,
                                          pack_loaded, pack_metadata, unpack)
 from aios.managers.memory.lruk import LRUK, Ghosts
@@ -338,20 +338,17 @@ class MemoryStore:
         return {"entries": page, "total": len(items), "offset": offset}
 
     def search(self, agent: str, query: str, *, limit: int = 10, via: Any = None) -> dict[str, Any]:
-        """Keyword search: {"hits": [...], "complete": bool, "note"?: str}.
+        """Keyword search: {"hits": [...], "complete": bool, "note"?: str}. A hit contains a query
+        word other than a function word ("the", "what": bm25.FUNCTION_WORDS), unless the query has
+        only those.
 
         Each hit is an entry (to_dict) plus "score", "ranking" ("bm25") and "source"
         ("storage" or "ram"). "complete" is False when only the entries in RAM could
         be ranked although others exist (the backing could not search)."""
         check_agent(agent)
-        if not isinstance(query, str) or not query.strip():
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "query must be a non-empty string")
-        if len(query) > self.limits.max_query_chars:
-            raise OpError(ErrorCode.TOO_LARGE, f"query is {len(query)} characters; the limit is "
-                                               f"{self.limits.max_query_chars}")
-        terms = query_terms(query)
-        if not terms:
-            raise OpError(ErrorCode.INVALID_ARGUMENT, "query has no words to search for")
+        terms = keyword_terms(self.check_query(query))
+        if '"' not in query and "*" not in query:  # else the caller wrote storage's query syntax: leave it
+            query = " ".join(terms)
         check_limit(limit, self.limits.max_search_limit, "limit")
         note: str | None = None
         if self._backing is not None:
@@ -396,6 +393,18 @@ class MemoryStore:
         if note:
             result["note"] = note
         return result
+
+    def check_query(self, query: str) -> tuple[str, ...]:
+        """A search query is a string of at most `max_query_chars` with a word in it; its terms."""
+        if not isinstance(query, str) or not query.strip():
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "query must be a non-empty string")
+        if len(query) > self.limits.max_query_chars:
+            raise OpError(ErrorCode.TOO_LARGE, f"query is {len(query)} characters; the limit is "
+                                               f"{self.limits.max_query_chars}")
+        terms = query_terms(query)
+        if not terms:
+            raise OpError(ErrorCode.INVALID_ARGUMENT, "query has no words to search for")
+        return terms
 
     def stats(self, agent: str | None = None) -> dict[str, Any]:
         """Figures for the whole store, or for one agent's entries in RAM."""

@@ -150,7 +150,8 @@ class RecordsMixin:
 
     def record_search(self, owner: str, agent: str, query: str, limit: int = 10, *,
                       match: str = "all", full: bool = False) -> list[RecordHit]:
-        """Records whose text matches `query` (see query.py), best first (score = -bm25); with
+        """Records whose text matches `query` (see query.py), best first (score = -bm25; equal
+        scores in key order, so the same data gives the same list every time); with
         `full`, each hit carries the record itself (so the caller needs no second round trip)."""
         owner = P.name(owner, "owner", P.MAX_OWNER_BYTES)
         agent = P.agent_name(agent)
@@ -167,7 +168,7 @@ class RecordsMixin:
                     f"{'r.text, r.meta, r.size, r.updated_ns' if full else 'NULL, NULL, NULL, NULL'} "
                     "FROM records_fts JOIN records AS r ON r.id = records_fts.rowid "
                     "WHERE records_fts MATCH ? AND records_fts.rank MATCH 'bm25(0.0, 1.0)' "
-                    "AND r.owner = ? AND r.agent_id = ? ORDER BY records_fts.rank LIMIT ?",
+                    "AND r.owner = ? AND r.agent_id = ? ORDER BY records_fts.rank, r.key LIMIT ?",
                     (expr, owner, found[0], limit)).fetchall()
             except sqlite3.OperationalError as exc:
                 raise invalid(f"query {query!r} cannot be searched: {exc}") from None

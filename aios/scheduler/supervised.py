@@ -32,6 +32,11 @@ def service_down(expected: dict[str, str], process_state: ProcessState, service:
     found = [(n, process_state(n)) for n in names]
     if not names or not all(st is not None and st[0] in states for _, st in found):
         return None
+    # confirmed with a fresh read before refusing, and worded from it: the cached table may be half a
+    # second old (a process seen CRASH-LOOPING there may be FATAL by now, or restarted)
+    found = [(n, process_state(n, fresh=True)) for n in names]
+    if not all(st is not None and st[0] in states for _, st in found):
+        return None
     parts = [f"{n} is {st[0]}" + (f" ({st[1]})" if st[1] else "") for n, st in found if st]
     return f"service {service!r} cannot serve: " + "; ".join(parts)
 

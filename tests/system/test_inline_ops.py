@@ -90,11 +90,6 @@ def test_an_inline_op_cannot_call_another_service(kernel) -> None:
         assert c.call("echo", "echo", text="after")["text"] == "after"
 
 
-def test_an_inline_op_cannot_be_preemptible() -> None:
-    with pytest.raises(ValueError, match="inline op cannot be preemptible"):
-        op(None, inline=True, preemptible=True)
-
-
 def test_pool_threads_bound_the_pool_not_the_requests_in_hand(kernel, gates) -> None:
     """A manager may hold more requests than it has pool threads (its common ops run inline): the
     scheduler hands it all six, and they run two at a time on its two threads. The sleeps wait at a
